@@ -1,0 +1,276 @@
+//! The contract between Ambit's eBPF programs and its userspace: map names, keys, values and
+//! constants. Every type is `#[repr(C)]` with explicit padding, so that both sides agree on the
+//! layout byte for byte and `bpftool map dump` prints named fields (the maps carry BTF).
+//!
+//! Addresses are stored as 16 bytes in network byte order; IPv4 addresses are IPv4-mapped IPv6
+//! (`::ffff:a.b.c.d`), so that one key type serves both families and a v4-mapped `connect()` on
+//! an IPv6 socket finds the same entry as a plain IPv4 one.
+#![no_std]
+
+/// Bumped whenever a map's key, value or type changes. Maps are pinned under a directory named
+/// after it, so that a new Ambit never adopts a pinned map whose layout it does not understand.
+pub const ABI_VERSION: u32 = 1;
+
+/// Map names, as the eBPF object declares them and as they are pinned.
+pub mod map_names {
+    pub const ENROLLED_NETNS: &str = "ENROLLED_NETNS";
+    pub const MESH_DESTINATIONS: &str = "MESH_DESTINATIONS";
+    pub const PENDING_CONNECTS: &str = "PENDING_CONNECTS";
+    pub const ORIGINAL_DESTINATIONS: &str = "ORIGINAL_DESTINATIONS";
+    pub const INBOUND_PODS: &str = "INBOUND_PODS";
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const ALL: [&str; 7] = [
+        ENROLLED_NETNS,
+        MESH_DESTINATIONS,
+        PENDING_CONNECTS,
+        ORIGINAL_DESTINATIONS,
+        INBOUND_PODS,
+        INBOUND_LISTENERS,
+        COUNTERS,
+    ];
+}
+
+/// Program names (function names in the eBPF object; `bpftool prog show` shows the first 15
+/// characters).
+pub mod program_names {
+    pub const CONNECT4: &str = "ambit_connect4";
+    pub const CONNECT6: &str = "ambit_connect6";
+    pub const SOCKOPS: &str = "ambit_sockops";
+    pub const SK_LOOKUP: &str = "ambit_sk_lookup";
+}
+
+/// Map sizes. Large enough for a busy node; hash maps only use memory for live entries.
+pub const MAX_ENROLLED_PODS: usize = 1024;
+pub const MAX_MESH_DESTINATIONS: usize = 65536;
+pub const MAX_TRACKED_CONNECTIONS: usize = 65536;
+
+/// Ports of a ztunnel-compatible node, inside each enrolled pod's netns.
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+pub const HBONE_PORT: u16 = 15008;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// An IP address: 16 bytes in network order, IPv4 as IPv4-mapped IPv6. Stored as four `u32`
+/// words because the kernel's `user_ip6`/`local_ip6` context fields are `u32[4]` in network order
+/// and must be read with 4-byte loads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpKey {
+    pub words: [u32; 4],
+}
+
+impl IpKey {
+    /// The third word of an IPv4-mapped address: bytes `00 00 ff ff` in memory.
+    pub const V4_MAPPED_MARKER: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+    /// `ip4` is the address as the kernel stores it: network-order bytes in a `u32`.
+    #[inline(always)]
+    pub const fn from_v4_raw(ip4: u32) -> Self {
+        Self {
+            words: [0, 0, Self::V4_MAPPED_MARKER, ip4],
+        }
+    }
+
+    #[inline(always)]
+    pub const fn from_v6_raw(words: [u32; 4]) -> Self {
+        Self { words }
+    }
+
+    #[inline(always)]
+    pub const fn is_v4_mapped(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == Self::V4_MAPPED_MARKER
+    }
+
+    pub fn octets(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = self.words[i].to_ne_bytes();
+            out[i * 4] = b[0];
+            out[i * 4 + 1] = b[1];
+            out[i * 4 + 2] = b[2];
+            out[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        out
+    }
+
+    pub fn from_octets(o: [u8; 16]) -> Self {
+        let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+        Self {
+            words: [w(0), w(4), w(8), w(12)],
+        }
+    }
+}
+
+/// `ENROLLED_NETNS`: netns cookie → what the capture programs need to know about the pod.
+/// Written by the agent as the last step of enrollment (capture is off until it exists) and
+/// removed as the first step of un-enrollment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EnrolledPod {
+    /// Port of the tunnel's outbound listener on loopback in the pod's netns.
+    pub outbound_port: u16,
+    /// `POD_FLAG_*` bits.
+    pub flags: u16,
+    pub _pad: u32,
+}
+
+/// Capture every TCP destination, not only mesh destinations.
+pub const POD_FLAG_CAPTURE_ALL: u16 = 1;
+
+/// `MESH_DESTINATIONS` key: a workload IP (port 0 = every port) or a service VIP and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DestinationKey {
+    pub ip: IpKey,
+    /// Host byte order; 0 matches every port of a workload IP.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MeshDestination {
+    /// `DESTINATION_KIND_*`.
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+pub const DESTINATION_KIND_WORKLOAD: u32 = 1;
+pub const DESTINATION_KIND_SERVICE: u32 = 2;
+
+/// Where an application meant to connect before `connect4`/`connect6` rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OriginalDestination {
+    pub ip: IpKey,
+    /// Host byte order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6` of the application's socket.
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// `PENDING_CONNECTS`: socket cookie → the rewritten connect, until the socket is established
+/// (then it moves to `ORIGINAL_DESTINATIONS`) or closed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PendingConnect {
+    pub original: OriginalDestination,
+    pub netns_cookie: u64,
+}
+
+/// `ORIGINAL_DESTINATIONS` key: what the tunnel sees of an accepted outbound connection —
+/// the netns its listener lives in, and the application's address and port (its peer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnectionKey {
+    pub netns_cookie: u64,
+    pub ip: IpKey,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// `INBOUND_PODS`: an enrolled pod's IP → inbound capture settings. `INBOUND_LISTENERS` (a
+/// sockhash with the same key) holds the tunnel's plaintext listener for that pod. A pod in
+/// `INBOUND_PODS` whose listener is missing (tunnel down) has its inbound connections refused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct InboundPod {
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Indices of the per-CPU `COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect() to a mesh destination rewritten to the tunnel.
+    OutboundCaptured = 0,
+    /// connect() from an enrolled pod to a destination outside the mesh, left alone.
+    OutboundPassed = 1,
+    /// Original destination recorded for an established captured connection.
+    OriginalDestinationRecorded = 2,
+    /// A map update failed in a program (map full?): the connection was refused.
+    Errors = 3,
+    /// Inbound plaintext connection steered to the tunnel's listener.
+    InboundCaptured = 4,
+    /// Inbound connection to an enrolled pod refused because its listener is missing.
+    InboundRefused = 5,
+    /// Inbound connection left alone (tunnel port, or from inside the pod itself).
+    InboundPassed = 6,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 7;
+    pub const ALL: [Counter; 7] = [
+        Counter::OutboundCaptured,
+        Counter::OutboundPassed,
+        Counter::OriginalDestinationRecorded,
+        Counter::Errors,
+        Counter::InboundCaptured,
+        Counter::InboundRefused,
+        Counter::InboundPassed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::OutboundCaptured => "outbound_captured",
+            Counter::OutboundPassed => "outbound_passed",
+            Counter::OriginalDestinationRecorded => "original_destination_recorded",
+            Counter::Errors => "errors",
+            Counter::InboundCaptured => "inbound_captured",
+            Counter::InboundRefused => "inbound_refused",
+            Counter::InboundPassed => "inbound_passed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all types are #[repr(C)], made only of integers, with explicit padding.
+    unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::EnrolledPod {}
+    unsafe impl aya::Pod for super::DestinationKey {}
+    unsafe impl aya::Pod for super::MeshDestination {}
+    unsafe impl aya::Pod for super::OriginalDestination {}
+    unsafe impl aya::Pod for super::PendingConnect {}
+    unsafe impl aya::Pod for super::ConnectionKey {}
+    unsafe impl aya::Pod for super::InboundPod {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<IpKey>(), 16);
+        assert_eq!(size_of::<EnrolledPod>(), 8);
+        assert_eq!(size_of::<DestinationKey>(), 20);
+        assert_eq!(size_of::<MeshDestination>(), 8);
+        assert_eq!(size_of::<OriginalDestination>(), 24);
+        assert_eq!(size_of::<PendingConnect>(), 32);
+        assert_eq!(size_of::<ConnectionKey>(), 32);
+        assert_eq!(size_of::<InboundPod>(), 8);
+    }
+
+    #[test]
+    fn v4_mapped_round_trip() {
+        // 10.1.2.3 as the kernel stores it: network-order bytes.
+        let raw = u32::from_ne_bytes([10, 1, 2, 3]);
+        let key = IpKey::from_v4_raw(raw);
+        assert!(key.is_v4_mapped());
+        assert_eq!(
+            key.octets(),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3]
+        );
+        assert_eq!(IpKey::from_octets(key.octets()), key);
+    }
+}

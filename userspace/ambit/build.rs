@@ -1,0 +1,28 @@
+//! Builds the eBPF programs (ebpf/ambit-ebpf) for bpfel-unknown-none with the nightly toolchain
+//! and bpf-linker, so that a plain `cargo build` builds everything. The object is embedded in
+//! the `ambit` binary (see src/datapath/loader.rs).
+use anyhow::{anyhow, Context as _};
+
+fn main() -> anyhow::Result<()> {
+    let metadata = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("cargo metadata")?;
+    let ebpf = metadata
+        .packages
+        .iter()
+        .find(|p| p.name.as_str() == "ambit-ebpf")
+        .ok_or_else(|| anyhow!("package ambit-ebpf not found in the workspace"))?;
+    let root_dir = ebpf
+        .manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("ambit-ebpf manifest has no parent directory"))?;
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: ebpf.name.as_str(),
+            root_dir: root_dir.as_str(),
+            ..Default::default()
+        }],
+        aya_build::Toolchain::default(),
+    )
+}

@@ -1,0 +1,204 @@
+//! The agent keeps the kernel and the tunnel in step with the desired state.
+//!
+//! Enrollment of a pod, in this order (un-enrollment is the reverse):
+//! netns handle → netns cookie → listeners opened in the netns → programs attached to the pod's
+//! cgroup and netns → maps written (capture is on from that last write).
+
+pub mod source;
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use ambit_abi::{EnrolledPod, OUTBOUND_PORT};
+use anyhow::{Context as _, Result};
+use tracing::{error, info, warn};
+
+use crate::{
+    cgroup,
+    datapath::{self, Datapath},
+    netns::Netns,
+    proxy::{PodListeners, PodTunnel, ProxyContext},
+    state::{EnrolledPodSpec, PodKey, State},
+};
+
+/// A pod this node has enrolled, and what it holds for it.
+struct Enrolled {
+    spec: EnrolledPodSpec,
+    netns: Arc<Netns>,
+    _tunnel: PodTunnel,
+}
+
+pub struct Agent {
+    datapath: Datapath,
+    cgroup_root: PathBuf,
+    proxy: Arc<ProxyContext>,
+    pods: BTreeMap<PodKey, Enrolled>,
+    /// Pods that should be enrolled but could not be (netns not there yet, ...): retried.
+    failed: BTreeMap<PodKey, String>,
+}
+
+impl Agent {
+    pub fn new(datapath: Datapath, cgroup_root: PathBuf, proxy: Arc<ProxyContext>) -> Self {
+        Self {
+            datapath,
+            cgroup_root,
+            proxy,
+            pods: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        }
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.datapath
+    }
+
+    pub fn has_failed_pods(&self) -> bool {
+        !self.failed.is_empty()
+    }
+
+    /// Brings kernel and tunnel to `state`. Errors for one pod do not stop the others; they are
+    /// logged and the pod is retried on the next call.
+    pub fn apply(&mut self, state: &State) -> Result<()> {
+        // Un-enroll what is no longer wanted, or wanted differently.
+        let stale: Vec<PodKey> = self
+            .pods
+            .iter()
+            .filter(|(key, pod)| state.enrolled.get(*key) != Some(&pod.spec))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            self.unenroll(&key);
+        }
+
+        self.datapath
+            .sync_mesh_destinations(&state.mesh_destinations())
+            .context("syncing mesh destinations")?;
+
+        self.failed.clear();
+        for (key, spec) in &state.enrolled {
+            if self.pods.contains_key(key) {
+                continue;
+            }
+            match self.enroll(spec) {
+                Ok(pod) => {
+                    info!(pod = %key, netns = %spec.netns.display(), cookie = pod.netns.cookie(), "pod enrolled");
+                    self.pods.insert(key.clone(), pod);
+                }
+                Err(e) => {
+                    error!(pod = %key, "enrollment failed (will retry): {e:#}");
+                    // Leave nothing half-done behind.
+                    let _ = self.datapath.detach_pod(key);
+                    self.failed.insert(key.clone(), format!("{e:#}"));
+                }
+            }
+        }
+        self.remove_orphans()
+    }
+
+    fn enroll(&mut self, spec: &EnrolledPodSpec) -> Result<Enrolled> {
+        let netns = Arc::new(Netns::open(&spec.netns)?);
+        let cgroup_path = cgroup::resolve(&self.cgroup_root, &spec.cgroup);
+        let cgroup_dir = cgroup::open_dir(&cgroup_path)?;
+
+        let listeners = PodListeners::open(&netns)?;
+        let inbound: Vec<(IpAddr, i32)> = spec
+            .ips
+            .iter()
+            .filter_map(|ip| {
+                let listener = if ip.is_ipv4() {
+                    listeners.inbound_v4.as_ref()
+                } else {
+                    listeners.inbound_v6.as_ref()
+                }?;
+                Some((*ip, listener.as_raw_fd()))
+            })
+            .collect();
+
+        self.datapath.attach_pod(&spec.key, &cgroup_dir, &netns)?;
+        for (ip, fd) in &inbound {
+            self.datapath.enroll_inbound(*ip, &Fd(*fd))?;
+        }
+        let tunnel = PodTunnel::start(self.proxy.clone(), spec.key.clone(), netns.clone(), listeners);
+        self.datapath.enroll_netns(
+            netns.cookie(),
+            EnrolledPod {
+                outbound_port: OUTBOUND_PORT,
+                flags: 0,
+                _pad: 0,
+            },
+        )?;
+        Ok(Enrolled {
+            spec: spec.clone(),
+            netns,
+            _tunnel: tunnel,
+        })
+    }
+
+    fn unenroll(&mut self, key: &str) {
+        let Some(pod) = self.pods.remove(key) else {
+            return;
+        };
+        let steps = [
+            self.datapath.unenroll_netns(pod.netns.cookie()),
+            pod.spec
+                .ips
+                .iter()
+                .try_for_each(|ip| self.datapath.unenroll_inbound(*ip)),
+            self.datapath.detach_pod(key),
+        ];
+        for step in steps {
+            if let Err(e) = step {
+                warn!(pod = %key, "un-enrollment step failed: {e:#}");
+            }
+        }
+        // Dropping `pod` closes its listeners and the netns handle.
+        info!(pod = %key, "pod un-enrolled");
+    }
+
+    /// Map entries and pins that no enrolled pod owns: left by an earlier node process for pods
+    /// that are gone or no longer enrolled.
+    fn remove_orphans(&mut self) -> Result<()> {
+        for pod in self.datapath.pins().pinned_pods()? {
+            if !self.pods.contains_key(&pod) {
+                info!(pod = %pod, "detaching programs left from an earlier run");
+                self.datapath.detach_pod(&pod)?;
+            }
+        }
+        let cookies: Vec<u64> = self.pods.values().map(|p| p.netns.cookie()).collect();
+        for cookie in self.datapath.enrolled_netns()? {
+            if !cookies.contains(&cookie) {
+                self.datapath.unenroll_netns(cookie)?;
+            }
+        }
+        let ips: Vec<IpAddr> = self.pods.values().flat_map(|p| p.spec.ips.clone()).collect();
+        for key in self.datapath.inbound_pods()? {
+            let ip = datapath::ip_from_key(key);
+            if !ips.contains(&ip) {
+                self.datapath.unenroll_inbound(ip)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Un-enrolls every pod: used by `--detach-on-exit`.
+    pub fn unenroll_all(&mut self) {
+        let keys: Vec<PodKey> = self.pods.keys().cloned().collect();
+        for key in keys {
+            self.unenroll(&key);
+        }
+    }
+}
+
+/// A borrowed raw fd, for handing a listener to the sockhash.
+struct Fd(i32);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> i32 {
+        self.0
+    }
+}

@@ -1,0 +1,84 @@
+//! cgroup v2: where it is mounted (it differs between a pure v2 host, `/sys/fs/cgroup`, and a
+//! hybrid one, `/sys/fs/cgroup/unified`), and opening a pod's cgroup directory.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// The cgroup2 mount point, from `/proc/self/mountinfo`.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    find_cgroup2(&mountinfo).context("no cgroup2 filesystem is mounted (Ambit needs cgroup v2)")
+}
+
+/// mountinfo lines: `id parent major:minor root mountpoint options [optional...] - fstype ...`.
+pub fn find_cgroup2(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        if fstype != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// Resolves a pod's cgroup from the config: absolute, or relative to the cgroup2 mount.
+pub fn resolve(root: &Path, cgroup: &Path) -> PathBuf {
+    if cgroup.starts_with(root) {
+        cgroup.to_owned()
+    } else {
+        root.join(cgroup.strip_prefix("/").unwrap_or(cgroup))
+    }
+}
+
+pub fn open_dir(path: &Path) -> Result<File> {
+    if !path.join("cgroup.procs").exists() {
+        bail!("{} is not a cgroup v2 directory", path.display());
+    }
+    File::open(path).with_context(|| format!("opening cgroup {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_a_hybrid_layout() {
+        let mountinfo = "\
+30 24 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
+32 30 0:28 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd
+";
+        assert_eq!(find_cgroup2(mountinfo), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+    }
+
+    #[test]
+    fn finds_cgroup2_in_a_unified_layout_and_none_without() {
+        let unified = "29 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_cgroup2(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        let v1_only = "32 30 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        assert_eq!(find_cgroup2(v1_only), None);
+    }
+
+    #[test]
+    fn resolves_relative_and_absolute_pod_cgroups() {
+        let root = Path::new("/sys/fs/cgroup/unified");
+        assert_eq!(
+            resolve(root, Path::new("ambit-lab/a")),
+            PathBuf::from("/sys/fs/cgroup/unified/ambit-lab/a")
+        );
+        assert_eq!(
+            resolve(root, Path::new("/ambit-lab/a")),
+            PathBuf::from("/sys/fs/cgroup/unified/ambit-lab/a")
+        );
+        assert_eq!(
+            resolve(root, Path::new("/sys/fs/cgroup/unified/x")),
+            PathBuf::from("/sys/fs/cgroup/unified/x")
+        );
+    }
+}

@@ -1,0 +1,237 @@
+//! The file source's format: ztunnel's local config (`workloads`, `services`, `policies`, in
+//! camelCase; see `shared/reference/ztunnel-local-config.yaml`), plus one Ambit section, `ambit`,
+//! that says where each local pod's netns and cgroup are and whether it is enrolled. ztunnel's
+//! own fields that Ambit does not use yet are accepted and ignored, so a ztunnel file loads as is.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalConfig {
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+    /// Authorization policies; enforced from issue 4 on. Kept verbatim until then.
+    #[serde(default)]
+    pub policies: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    pub ambit: AmbitSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    #[serde(default)]
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    #[serde(default)]
+    pub workload_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub network: String,
+    /// `"<namespace>/<hostname>"` → service port → target port.
+    #[serde(default)]
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+}
+
+fn default_service_account() -> String {
+    "default".into()
+}
+
+/// How a workload receives mesh traffic: HBONE (through its node's tunnel) or plain TCP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "HBONE")]
+    Hbone,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    /// `"<network>/<ip>"`, as ztunnel writes them.
+    #[serde(default)]
+    pub vips: Vec<String>,
+    /// Service port → target port.
+    #[serde(default)]
+    pub ports: BTreeMap<u16, u16>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+}
+
+/// Ambit's own section: the lab (or any file-driven node) says here where its pods live.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AmbitSection {
+    #[serde(default)]
+    pub pods: Vec<LocalPod>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalPod {
+    /// `"<namespace>/<name>"` of a workload; the workload's `node` says which node runs it.
+    pub workload: String,
+    /// The pod's network namespace, e.g. `/run/netns/<name>`.
+    pub netns: PathBuf,
+    /// The pod's cgroup, absolute or relative to the cgroup2 mount.
+    pub cgroup: PathBuf,
+    /// As Istio's `istio.io/dataplane-mode` label: `ambient` enrolls, `none` opts out.
+    #[serde(default)]
+    pub dataplane_mode: DataplaneMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneMode {
+    #[default]
+    Ambient,
+    None,
+}
+
+impl Service {
+    /// The VIPs' IP addresses (the network prefix is dropped: Ambit has one network).
+    pub fn vip_addrs(&self) -> Result<Vec<IpAddr>> {
+        self.vips
+            .iter()
+            .map(|vip| {
+                let ip = vip.rsplit_once('/').map_or(vip.as_str(), |(_, ip)| ip);
+                ip.parse::<IpAddr>().with_context(|| {
+                    format!(
+                        "service {}/{}: vip {vip:?} is not \"<network>/<ip>\"",
+                        self.namespace, self.name
+                    )
+                })
+            })
+            .collect()
+    }
+
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+impl LocalConfig {
+    /// Parses and validates; errors name the source (file) and, for YAML errors, line and field.
+    pub fn parse(text: &str, source: &str) -> Result<Self> {
+        let config: LocalConfig = serde_yaml::from_str(text).map_err(|e| {
+            let at = e
+                .location()
+                .map(|l| format!(":{}:{}", l.line(), l.column()))
+                .unwrap_or_default();
+            anyhow::anyhow!("{source}{at}: {e}")
+        })?;
+        config.validate().with_context(|| format!("{source}: invalid config"))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let mut ips = BTreeMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            if w.name.is_empty() || w.namespace.is_empty() {
+                bail!("workloads[{i}]: name and namespace must not be empty");
+            }
+            for ip in &w.workload_ips {
+                if let Some(other) = ips.insert(*ip, format!("{}/{}", w.namespace, w.name)) {
+                    bail!(
+                        "workloads[{i}] ({}/{}): workloadIps: {ip} is also the address of {other}",
+                        w.namespace,
+                        w.name
+                    );
+                }
+            }
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            s.vip_addrs().with_context(|| format!("services[{i}]"))?;
+        }
+        let mut seen = BTreeMap::new();
+        for (i, pod) in self.ambit.pods.iter().enumerate() {
+            let Some(w) = self.workload(&pod.workload) else {
+                bail!(
+                    "ambit.pods[{i}]: workload {:?} is not in workloads (expected \"<namespace>/<name>\")",
+                    pod.workload
+                );
+            };
+            if w.workload_ips.is_empty() {
+                bail!("ambit.pods[{i}]: workload {:?} has no workloadIps", pod.workload);
+            }
+            if seen.insert(pod.workload.clone(), i).is_some() {
+                bail!("ambit.pods[{i}]: workload {:?} is listed twice", pod.workload);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn workload(&self, namespaced_name: &str) -> Option<&Workload> {
+        let (ns, name) = namespaced_name.split_once('/')?;
+        self.workloads
+            .iter()
+            .find(|w| w.namespace == ns && w.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ZTUNNEL_EXAMPLE: &str =
+        include_str!("../../testdata/ztunnel-localhost.yaml");
+
+    #[test]
+    fn reads_ztunnels_own_example() {
+        let config = LocalConfig::parse(ZTUNNEL_EXAMPLE, "example.yaml").unwrap();
+        assert_eq!(config.workloads.len(), 2);
+        assert_eq!(config.workloads[0].protocol, Protocol::Hbone);
+        assert_eq!(config.workloads[1].protocol, Protocol::Tcp);
+        assert_eq!(
+            config.workloads[0].services["default/example.com"][&80],
+            8080
+        );
+        assert_eq!(config.services[1].vip_addrs().unwrap(), vec!["127.10.0.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(config.policies.len(), 1);
+    }
+
+    #[test]
+    fn a_yaml_error_names_file_line_and_field() {
+        let bad = "workloads:\n- name: a\n  namespace: default\n  protocol: HBONEE\n";
+        let err = format!("{:#}", LocalConfig::parse(bad, "lab.yaml").unwrap_err());
+        assert!(err.starts_with("lab.yaml:4:"), "{err}");
+        assert!(err.contains("HBONEE"), "{err}");
+    }
+
+    #[test]
+    fn a_pod_must_name_a_known_workload() {
+        let bad = "workloads: []\nambit:\n  pods:\n  - workload: default/ghost\n    netns: /run/netns/x\n    cgroup: x\n";
+        let err = format!("{:#}", LocalConfig::parse(bad, "lab.yaml").unwrap_err());
+        assert!(err.contains("ambit.pods[0]") && err.contains("default/ghost"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_ambit_field_is_an_error() {
+        let bad = "ambit:\n  pods:\n  - workload: default/a\n    netns: /x\n    cgroup: x\n    dataplaneMod: none\n";
+        let err = format!("{:#}", LocalConfig::parse(bad, "lab.yaml").unwrap_err());
+        assert!(err.contains("dataplaneMod"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_workload_ips_are_rejected() {
+        let bad = "workloads:\n- {name: a, namespace: d, workloadIps: [10.0.0.1]}\n- {name: b, namespace: d, workloadIps: [10.0.0.1]}\n";
+        let err = format!("{:#}", LocalConfig::parse(bad, "lab.yaml").unwrap_err());
+        assert!(err.contains("10.0.0.1") && err.contains("d/a"), "{err}");
+    }
+}

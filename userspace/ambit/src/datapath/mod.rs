@@ -1,0 +1,401 @@
+//! Userspace side of the kernel data path: loads the eBPF object (embedded in the binary),
+//! adopts or creates the node's pinned maps, attaches the programs to one pod at a time, and
+//! keeps the maps' contents equal to the desired state.
+
+pub mod pins;
+
+use std::{
+    collections::BTreeSet,
+    fs::{self, File},
+    io::ErrorKind,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    path::Path,
+    sync::Arc,
+};
+
+use ambit_abi::{
+    map_names as m, program_names as p, ConnectionKey, Counter, DestinationKey, EnrolledPod,
+    InboundPod, IpKey, MeshDestination as AbiMeshDestination, OriginalDestination,
+    PendingConnect, DESTINATION_KIND_SERVICE, DESTINATION_KIND_WORKLOAD,
+};
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps},
+    Ebpf, EbpfLoader,
+};
+use tracing::{debug, info};
+
+use crate::{netns::Netns, state::MeshDestination};
+pub use pins::PinLayout;
+
+/// cgroup programs attach through bpf_link (5.7+), and bpf_links on a cgroup always coexist
+/// with other programs there (multi-attach is implied); the kernel rejects link_create with
+/// the BPF_F_ALLOW_MULTI flag (EINVAL), so the mode passed to aya must be the flag-less one.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// The compiled eBPF object, built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: PinLayout,
+    enrolled: HashMap<MapData, u64, EnrolledPod>,
+    mesh: HashMap<MapData, DestinationKey, AbiMeshDestination>,
+    inbound_pods: HashMap<MapData, IpKey, InboundPod>,
+    inbound_listeners: SockHash<MapData, IpKey>,
+    original_destinations: OriginalDestinations,
+    counters: Counters,
+}
+
+impl Datapath {
+    /// Loads the programs into the kernel and adopts (or creates and pins) the node's maps.
+    pub fn open(bpffs: &Path, node: &str) -> Result<Self> {
+        if !pins::is_bpffs(bpffs) {
+            bail!(
+                "{} is not a bpf filesystem; mount it first: mount -t bpf bpf {}",
+                bpffs.display(),
+                bpffs.display()
+            );
+        }
+        let pins = PinLayout::new(bpffs, node)?;
+        fs::create_dir_all(pins.pods_dir())
+            .with_context(|| format!("creating {}", pins.pods_dir().display()))?;
+        check_pinned_maps(&pins)?;
+
+        let paths: Vec<(&str, std::path::PathBuf)> =
+            m::ALL.iter().map(|name| (*name, pins.map(name))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
+        for name in [p::CONNECT4, p::CONNECT6] {
+            program::<CgroupSockAddr>(&mut ebpf, name)?
+                .load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+        }
+        program::<SockOps>(&mut ebpf, p::SOCKOPS)?
+            .load()
+            .with_context(|| format!("verifier rejected {}", p::SOCKOPS))?;
+        program::<SkLookup>(&mut ebpf, p::SK_LOOKUP)?
+            .load()
+            .with_context(|| format!("verifier rejected {}", p::SK_LOOKUP))?;
+
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        };
+        let enrolled = HashMap::try_from(take(m::ENROLLED_NETNS)?)?;
+        let mesh = HashMap::try_from(take(m::MESH_DESTINATIONS)?)?;
+        let inbound_pods = HashMap::try_from(take(m::INBOUND_PODS)?)?;
+        let inbound_listeners = SockHash::try_from(take(m::INBOUND_LISTENERS)?)?;
+        let original_destinations =
+            OriginalDestinations(Arc::new(HashMap::try_from(take(m::ORIGINAL_DESTINATIONS)?)?));
+        let counters = Counters(Arc::new(PerCpuArray::try_from(take(m::COUNTERS)?)?));
+        info!(pins = %pins.root().display(), "eBPF programs loaded");
+        Ok(Self {
+            ebpf,
+            pins,
+            enrolled,
+            mesh,
+            inbound_pods,
+            inbound_listeners,
+            original_destinations,
+            counters,
+        })
+    }
+
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
+    pub fn original_destinations(&self) -> OriginalDestinations {
+        self.original_destinations.clone()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters.clone()
+    }
+
+    /// Attaches the capture programs to a pod's cgroup and netns and pins the links.
+    ///
+    /// Make-before-break: a link pinned by an earlier node process is replaced only after the
+    /// new one is attached, so capture never has a gap. (For a moment both run; the second sees
+    /// an already-rewritten destination, which is not a mesh destination, and passes.)
+    pub fn attach_pod(&mut self, pod: &str, cgroup: &File, netns: &Netns) -> Result<()> {
+        let dir = self.pins.pod_dir(pod);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for name in [p::CONNECT4, p::CONNECT6] {
+            let prog = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(cgroup, LINK_MODE)
+                .with_context(|| format!("attaching {name} to the cgroup of {pod}"))?;
+            let link = FdLink::try_from(prog.take_link(id)?)
+                .map_err(|e| anyhow!("{name}: no bpf_link (kernel older than 5.7?): {e}"))?;
+            replace_pin(&dir, name, link)?;
+        }
+        let prog = program::<SockOps>(&mut self.ebpf, p::SOCKOPS)?;
+        let id = prog
+            .attach(cgroup, LINK_MODE)
+            .with_context(|| format!("attaching {} to the cgroup of {pod}", p::SOCKOPS))?;
+        let link = FdLink::try_from(prog.take_link(id)?)
+            .map_err(|e| anyhow!("{}: no bpf_link: {e}", p::SOCKOPS))?;
+        replace_pin(&dir, p::SOCKOPS, link)?;
+
+        let prog = program::<SkLookup>(&mut self.ebpf, p::SK_LOOKUP)?;
+        let id = prog
+            .attach(netns)
+            .with_context(|| format!("attaching {} to the netns of {pod}", p::SK_LOOKUP))?;
+        let link: FdLink = prog.take_link(id)?.into();
+        replace_pin(&dir, p::SK_LOOKUP, link)?;
+        debug!(pod, "programs attached");
+        Ok(())
+    }
+
+    /// Detaches a pod's programs by removing their pins (the links have no other owner).
+    pub fn detach_pod(&mut self, pod: &str) -> Result<()> {
+        let dir = self.pins.pod_dir(pod);
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", dir.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Turns capture on for a netns: the last step of enrollment.
+    pub fn enroll_netns(&mut self, cookie: u64, pod: EnrolledPod) -> Result<()> {
+        self.enrolled
+            .insert(cookie, pod, 0)
+            .context("writing ENROLLED_NETNS")
+    }
+
+    /// Turns capture off for a netns: the first step of un-enrollment.
+    pub fn unenroll_netns(&mut self, cookie: u64) -> Result<()> {
+        ignore_missing(self.enrolled.remove(&cookie)).context("removing from ENROLLED_NETNS")
+    }
+
+    pub fn enrolled_netns(&self) -> Result<Vec<u64>> {
+        Ok(self.enrolled.keys().collect::<Result<_, _>>()?)
+    }
+
+    /// Registers a pod IP for inbound capture, with the tunnel's plaintext listener for it.
+    pub fn enroll_inbound(&mut self, ip: IpAddr, listener: &impl AsRawFd) -> Result<()> {
+        let key = ip_key(ip);
+        self.inbound_listeners
+            .insert(key, listener.as_raw_fd(), 0)
+            .with_context(|| format!("writing INBOUND_LISTENERS[{ip}]"))?;
+        self.inbound_pods
+            .insert(key, InboundPod::default(), 0)
+            .with_context(|| format!("writing INBOUND_PODS[{ip}]"))
+    }
+
+    pub fn unenroll_inbound(&mut self, ip: IpAddr) -> Result<()> {
+        let key = ip_key(ip);
+        ignore_missing(self.inbound_pods.remove(&key))?;
+        ignore_missing(self.inbound_listeners.remove(&key))?;
+        Ok(())
+    }
+
+    pub fn inbound_pods(&self) -> Result<Vec<IpKey>> {
+        Ok(self.inbound_pods.keys().collect::<Result<_, _>>()?)
+    }
+
+    /// Makes `MESH_DESTINATIONS` equal to `desired`: adds what is missing, removes the rest.
+    pub fn sync_mesh_destinations(&mut self, desired: &BTreeSet<MeshDestination>) -> Result<()> {
+        let want: std::collections::BTreeMap<_, _> = desired
+            .iter()
+            .map(|d| {
+                let (key, kind) = destination_entry(*d);
+                ((key.ip.words, key.port), (key, kind))
+            })
+            .collect();
+        let have: Vec<DestinationKey> = self.mesh.keys().collect::<Result<_, _>>()?;
+        let mut removed = 0;
+        for key in have {
+            if !want.contains_key(&(key.ip.words, key.port)) {
+                ignore_missing(self.mesh.remove(&key))?;
+                removed += 1;
+            }
+        }
+        for (key, kind) in want.values() {
+            let value = AbiMeshDestination {
+                kind: *kind,
+                _pad: 0,
+            };
+            if self.mesh.get(key, 0).ok() != Some(value) {
+                self.mesh
+                    .insert(key, value, 0)
+                    .context("writing MESH_DESTINATIONS")?;
+            }
+        }
+        debug!(total = want.len(), removed, "mesh destinations synced");
+        Ok(())
+    }
+}
+
+/// Pins `link` as `dir/name`, replacing (and so detaching) whatever link was pinned there.
+fn replace_pin(dir: &Path, name: &str, link: FdLink) -> Result<()> {
+    let final_path = dir.join(name);
+    // bpffs refuses names with a dot.
+    let new_path = dir.join(format!("{name}_new"));
+    let _ = fs::remove_file(&new_path);
+    link.pin(&new_path)
+        .with_context(|| format!("pinning {}", new_path.display()))?;
+    // rename(2) over the old pin drops its reference: the old link detaches here, after the new
+    // one is already attached.
+    fs::rename(&new_path, &final_path)
+        .with_context(|| format!("renaming {} to {}", new_path.display(), final_path.display()))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+    program
+        .try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+/// A pinned map from an older (or newer) Ambit with another layout must not be adopted: the
+/// programs would read it with the wrong layout.
+fn check_pinned_maps(pins: &PinLayout) -> Result<()> {
+    use std::mem::size_of;
+    let expected: [(&str, usize, usize); 7] = [
+        (m::ENROLLED_NETNS, size_of::<u64>(), size_of::<EnrolledPod>()),
+        (m::MESH_DESTINATIONS, size_of::<DestinationKey>(), size_of::<AbiMeshDestination>()),
+        (m::PENDING_CONNECTS, size_of::<u64>(), size_of::<PendingConnect>()),
+        (m::ORIGINAL_DESTINATIONS, size_of::<ConnectionKey>(), size_of::<OriginalDestination>()),
+        (m::INBOUND_PODS, size_of::<IpKey>(), size_of::<InboundPod>()),
+        (m::INBOUND_LISTENERS, size_of::<IpKey>(), size_of::<u32>()),
+        (m::COUNTERS, size_of::<u32>(), size_of::<u64>()),
+    ];
+    for (name, key, value) in expected {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapData::from_pin(&path)
+            .and_then(|map| map.info())
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        if info.key_size() as usize != key || info.value_size() as usize != value {
+            bail!(
+                "pinned map {} has key/value sizes {}/{} but this Ambit expects {key}/{value}: it \
+                 was made by another Ambit version. Remove the node's pins with `ambit reset \
+                 --node <node>` and start again.",
+                path.display(),
+                info.key_size(),
+                info.value_size()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<()> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == ErrorKind::NotFound => {
+            Ok(())
+        }
+        other => Ok(other?),
+    }
+}
+
+pub fn ip_key(ip: IpAddr) -> IpKey {
+    match ip {
+        IpAddr::V4(v4) => IpKey::from_octets(v4.to_ipv6_mapped().octets()),
+        IpAddr::V6(v6) => IpKey::from_octets(v6.octets()),
+    }
+}
+
+pub fn ip_from_key(key: IpKey) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(key.octets());
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn destination_entry(d: MeshDestination) -> (DestinationKey, u32) {
+    let (ip, port, kind) = match d {
+        MeshDestination::Workload(ip) => (ip, 0, DESTINATION_KIND_WORKLOAD),
+        MeshDestination::Service(sa) => (sa.ip(), sa.port(), DESTINATION_KIND_SERVICE),
+    };
+    (
+        DestinationKey {
+            ip: ip_key(ip),
+            port,
+            _pad: [0; 2],
+        },
+        kind,
+    )
+}
+
+/// Read-only handle on `ORIGINAL_DESTINATIONS`, shared with the proxy.
+#[derive(Clone)]
+pub struct OriginalDestinations(Arc<HashMap<MapData, ConnectionKey, OriginalDestination>>);
+
+impl OriginalDestinations {
+    /// The destination the app connected to, for a connection the tunnel accepted from `peer`
+    /// on its outbound listener in the netns with `netns_cookie`.
+    pub fn lookup(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
+        let key = ConnectionKey {
+            netns_cookie,
+            ip: ip_key(peer.ip()),
+            port: peer.port(),
+            _pad: [0; 6],
+        };
+        let orig = self.0.get(&key, 0).ok()?;
+        Some(SocketAddr::new(ip_from_key(orig.ip), orig.port))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.keys().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Read-only handle on the per-CPU `COUNTERS`.
+#[derive(Clone)]
+pub struct Counters(Arc<PerCpuArray<MapData, u64>>);
+
+impl Counters {
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.0
+            .get(&(counter as u32), 0)
+            .map(|values| values.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_keys_round_trip_for_both_families() {
+        for ip in ["10.1.2.3", "fd00::1", "::ffff:10.0.0.1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let back = ip_from_key(ip_key(ip));
+            // A v4-mapped v6 address comes back as the IPv4 address it stands for.
+            assert_eq!(back, ip.to_canonical());
+        }
+        assert!(ip_key("10.1.2.3".parse().unwrap()).is_v4_mapped());
+    }
+
+    #[test]
+    fn ip_key_matches_the_kernels_v4_layout() {
+        // connect4 builds keys from user_ip4: network-order bytes in a u32.
+        let raw = u32::from_ne_bytes([10, 1, 2, 3]);
+        assert_eq!(ip_key("10.1.2.3".parse().unwrap()), IpKey::from_v4_raw(raw));
+    }
+}

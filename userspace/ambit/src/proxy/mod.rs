@@ -1,0 +1,108 @@
+//! The userspace tunnel. For every enrolled pod it owns two listeners inside the pod's netns:
+//!
+//! - outbound (`127.0.0.1:15001`, `[::1]:15001`): connections the kernel redirected at
+//!   connect(); the original destination comes from the `ORIGINAL_DESTINATIONS` map
+//!   (`outbound.rs`);
+//! - inbound plaintext (`127.0.0.1:15006`, `[::1]:15006`): connections sk_lookup steered here;
+//!   the original destination is the accepted socket's local address (`inbound.rs`).
+//!
+//! How a connection reaches its upstream depends on the upstream's protocol (`connector.rs`).
+
+pub mod connector;
+pub mod inbound;
+pub mod outbound;
+pub mod relay;
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use ambit_abi::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use anyhow::{Context as _, Result};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tracing::debug;
+
+use crate::{datapath::OriginalDestinations, netns::Netns, state::State};
+
+/// What every connection handler needs, shared by all pods of the node.
+pub struct ProxyContext {
+    pub state: watch::Receiver<Arc<State>>,
+    pub original_destinations: OriginalDestinations,
+    pub connect_timeout: Duration,
+}
+
+/// One pod's tunnel: its listeners and accept loops. Dropping it closes the listeners (so
+/// captured connections to this pod fail closed); connections in flight run to completion.
+pub struct PodTunnel {
+    accept_loops: Vec<JoinHandle<()>>,
+}
+
+/// A pod's listeners, opened inside its netns before any program is attached to the pod.
+pub struct PodListeners {
+    pub outbound: Vec<TcpListener>,
+    pub inbound_v4: Option<TcpListener>,
+    pub inbound_v6: Option<TcpListener>,
+}
+
+impl PodListeners {
+    pub fn open(netns: &Netns) -> Result<Self> {
+        let mut outbound = vec![listen(netns, (Ipv4Addr::LOCALHOST, OUTBOUND_PORT).into())?];
+        let inbound_v4 = Some(listen(netns, (Ipv4Addr::LOCALHOST, INBOUND_PLAINTEXT_PORT).into())?);
+        // IPv6 may be disabled in the pod: then there is nothing to capture over it either.
+        let mut inbound_v6 = None;
+        if let Ok(l) = listen(netns, (Ipv6Addr::LOCALHOST, OUTBOUND_PORT).into()) {
+            outbound.push(l);
+            inbound_v6 = listen(netns, (Ipv6Addr::LOCALHOST, INBOUND_PLAINTEXT_PORT).into()).ok();
+        } else {
+            debug!(netns = %netns.path().display(), "no IPv6 loopback in the pod; IPv4 only");
+        }
+        Ok(Self {
+            outbound,
+            inbound_v4,
+            inbound_v6,
+        })
+    }
+}
+
+fn listen(netns: &Netns, addr: SocketAddr) -> Result<TcpListener> {
+    let socket = netns.socket(socket2::Domain::for_address(addr))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding {addr} in {}", netns.path().display()))?;
+    socket.listen(1024)?;
+    Ok(TcpListener::from_std(socket.into())?)
+}
+
+impl PodTunnel {
+    pub fn start(
+        ctx: Arc<ProxyContext>,
+        pod: String,
+        netns: Arc<Netns>,
+        listeners: PodListeners,
+    ) -> Self {
+        let mut accept_loops = Vec::new();
+        for listener in listeners.outbound {
+            let handler = outbound::Outbound::new(ctx.clone(), pod.clone(), netns.clone());
+            accept_loops.push(tokio::spawn(handler.run(listener)));
+        }
+        for listener in [listeners.inbound_v4, listeners.inbound_v6].into_iter().flatten() {
+            let handler = inbound::InboundPlaintext::new(ctx.clone(), pod.clone(), netns.clone());
+            accept_loops.push(tokio::spawn(handler.run(listener)));
+        }
+        Self { accept_loops }
+    }
+}
+
+impl Drop for PodTunnel {
+    fn drop(&mut self) {
+        for task in &self.accept_loops {
+            task.abort();
+        }
+    }
+}

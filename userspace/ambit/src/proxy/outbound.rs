@@ -1,0 +1,82 @@
+//! Outbound: connections an enrolled pod's app made to a mesh destination, redirected by
+//! `ambit_connect4/6` to this listener. The original destination is looked up in the kernel's
+//! `ORIGINAL_DESTINATIONS` map, keyed by this netns and the app's address and port.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::{anyhow, Result};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn, Instrument as _};
+
+use super::{connector, relay, ProxyContext};
+use crate::netns::Netns;
+
+pub struct Outbound {
+    ctx: Arc<ProxyContext>,
+    pod: String,
+    netns: Arc<Netns>,
+}
+
+impl Outbound {
+    pub fn new(ctx: Arc<ProxyContext>, pod: String, netns: Arc<Netns>) -> Self {
+        Self { ctx, pod, netns }
+    }
+
+    pub async fn run(self, listener: TcpListener) {
+        let this = Arc::new(self);
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(pod = %this.pod, error = %e, "outbound accept failed");
+                    continue;
+                }
+            };
+            let this = this.clone();
+            let span = tracing::info_span!("outbound", pod = %this.pod, src = %peer);
+            tokio::spawn(
+                async move {
+                    if let Err(e) = this.handle(stream, peer).await {
+                        warn!(error = %format!("{e:#}"), "outbound connection failed");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    async fn handle(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {
+        let original = self
+            .ctx
+            .original_destinations
+            .lookup(self.netns.cookie(), peer)
+            .ok_or_else(|| anyhow!("no original destination recorded for {peer}"))?;
+        let upstream = {
+            let state = self.ctx.state.borrow();
+            state.resolve(original)
+        }
+        .ok_or_else(|| anyhow!("{original} is no longer a mesh destination"))?;
+        info!(
+            original_dst = %original,
+            upstream = %upstream.addr,
+            dst_workload = %upstream.workload.key,
+            service = upstream.service.as_deref().unwrap_or("-"),
+            "captured outbound connection"
+        );
+        stream.set_nodelay(true)?;
+        let upstream_stream =
+            connector::connect(&self.netns, &upstream, self.ctx.connect_timeout).await?;
+        let (t, result) = relay::relay(stream, upstream_stream).await;
+        info!(
+            direction = "outbound",
+            original_dst = %original,
+            upstream = %upstream.addr,
+            bytes_sent = t.sent,
+            bytes_recv = t.received,
+            duration_ms = t.duration.as_millis() as u64,
+            error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
+            "connection complete"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,550 @@
+//! The network-namespace lab: Ambit's main job on one machine, and the stage of its privileged
+//! integration tests.
+//!
+//! ```text
+//!   pod a (10.201.1.2) ─┐                         ┌─ pod c (10.201.2.2)
+//!   pod b (10.201.1.3) ─┴ br0 [node n1] ── link ── [node n2] br0 ┴─ pod d (10.201.2.3)
+//!                        10.201.1.1   10.200.0.1   10.200.0.2   10.201.2.1
+//! ```
+//!
+//! Every node and pod is a network namespace named `<prefix>-<name>`; every pod's processes run
+//! in the cgroup `<cgroup2>/<prefix>/<pod>`. All addresses exist only inside these namespaces.
+//! `Lab` removes everything it made when dropped (also when a test panics), and `sweep` removes
+//! what an interrupted run left behind.
+
+use std::{
+    ffi::CString,
+    fs,
+    io::Write as _,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// A lab node: a netns that routes between its pods and the other node.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub name: &'static str,
+    pub link_ip: &'static str,
+    pub bridge_ip: &'static str,
+    pub pod_subnet: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub name: &'static str,
+    pub node: &'static str,
+    pub ip: &'static str,
+}
+
+pub const NODES: [NodeSpec; 2] = [
+    NodeSpec {
+        name: "n1",
+        link_ip: "10.200.0.1",
+        bridge_ip: "10.201.1.1",
+        pod_subnet: "10.201.1.0/24",
+    },
+    NodeSpec {
+        name: "n2",
+        link_ip: "10.200.0.2",
+        bridge_ip: "10.201.2.1",
+        pod_subnet: "10.201.2.0/24",
+    },
+];
+
+pub const PODS: [PodSpec; 4] = [
+    PodSpec {
+        name: "a",
+        node: "n1",
+        ip: "10.201.1.2",
+    },
+    PodSpec {
+        name: "b",
+        node: "n1",
+        ip: "10.201.1.3",
+    },
+    PodSpec {
+        name: "c",
+        node: "n2",
+        ip: "10.201.2.2",
+    },
+    PodSpec {
+        name: "d",
+        node: "n2",
+        ip: "10.201.2.3",
+    },
+];
+
+/// The service VIP of the lab's `web` service (port 80 → pod c's 8080).
+pub const WEB_VIP: &str = "10.96.0.10";
+
+pub fn pod(name: &str) -> &'static PodSpec {
+    PODS.iter().find(|p| p.name == name).expect("no such lab pod")
+}
+
+pub struct Lab {
+    prefix: String,
+    cgroup_root: PathBuf,
+    bpffs: PathBuf,
+    children: Vec<(String, Child)>,
+}
+
+impl Lab {
+    /// Builds the lab's namespaces, links, addresses, routes and cgroups. Anything left by an
+    /// earlier lab with the same prefix is removed first.
+    pub fn create(prefix: &str) -> Result<Self> {
+        require_root()?;
+        let cgroup_root = cgroup2_root()?;
+        let bpffs = PathBuf::from("/sys/fs/bpf");
+        ensure_bpffs(&bpffs)?;
+        sweep(prefix)?;
+        let lab = Lab {
+            prefix: prefix.to_owned(),
+            cgroup_root,
+            bpffs,
+            children: Vec::new(),
+        };
+        lab.build().context("building the lab")?;
+        Ok(lab)
+    }
+
+    fn build(&self) -> Result<()> {
+        for node in &NODES {
+            let ns = self.netns(node.name);
+            ip(&["netns", "add", &ns])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", node.bridge_ip), "dev", "br0"])?;
+            ip(&["-n", &ns, "link", "set", "br0", "up"])?;
+            sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+        }
+        let (n1, n2) = (self.netns("n1"), self.netns("n2"));
+        ip(&["-n", &n1, "link", "add", "link0", "type", "veth", "peer", "name", "link0", "netns", &n2])?;
+        for (node, peer) in [(&NODES[0], &NODES[1]), (&NODES[1], &NODES[0])] {
+            let ns = self.netns(node.name);
+            ip(&["-n", &ns, "addr", "add", &format!("{}/30", node.link_ip), "dev", "link0"])?;
+            ip(&["-n", &ns, "link", "set", "link0", "up"])?;
+            ip(&["-n", &ns, "route", "add", peer.pod_subnet, "via", peer.link_ip])?;
+            // The service VIP exists nowhere: only capture makes it reachable.
+        }
+        fs::create_dir_all(self.cgroup_dir())?;
+        for pod in &PODS {
+            let ns = self.netns(pod.name);
+            let node_ns = self.netns(pod.node);
+            let node = NODES.iter().find(|n| n.name == pod.node).unwrap();
+            ip(&["netns", "add", &ns])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            let host_side = format!("v-{}", pod.name);
+            ip(&["-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &host_side, "netns", &node_ns])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "route", "add", "default", "via", node.bridge_ip])?;
+            ip(&["-n", &node_ns, "link", "set", &host_side, "master", "br0"])?;
+            ip(&["-n", &node_ns, "link", "set", &host_side, "up"])?;
+            fs::create_dir_all(self.pod_cgroup(pod.name))?;
+        }
+        Ok(())
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The netns name of a lab node or pod.
+    pub fn netns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    pub fn netns_path(&self, name: &str) -> PathBuf {
+        PathBuf::from("/run/netns").join(self.netns(name))
+    }
+
+    /// The Ambit node name of a lab node (also its pin directory name).
+    pub fn node_name(&self, node: &str) -> String {
+        self.netns(node)
+    }
+
+    pub fn cgroup_root(&self) -> &Path {
+        &self.cgroup_root
+    }
+
+    pub fn cgroup_dir(&self) -> PathBuf {
+        self.cgroup_root.join(&self.prefix)
+    }
+
+    /// Relative to the cgroup2 root, as the config file names it.
+    pub fn pod_cgroup_rel(&self, pod: &str) -> String {
+        format!("{}/{pod}", self.prefix)
+    }
+
+    pub fn pod_cgroup(&self, pod: &str) -> PathBuf {
+        self.cgroup_dir().join(pod)
+    }
+
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        self.bpffs.join("ambit").join(self.node_name(node))
+    }
+
+    /// The lab's desired state in ztunnel's local config format. `enrolled` lists the pods
+    /// whose `dataplaneMode` is `ambient`; the other mesh pods are listed as `none`.
+    /// Pods a and c are mesh workloads; b and d are outside the mesh.
+    pub fn config_yaml(&self, enrolled: &[&str]) -> String {
+        let mode = |pod: &str| if enrolled.contains(&pod) { "ambient" } else { "none" };
+        let (a, c) = (pod("a"), pod("c"));
+        format!(
+            r#"# Ambit lab: ztunnel's local config format, plus Ambit's `ambit` section.
+# Edit and save: the nodes apply it without restarting (a bad edit is reported and ignored).
+workloads:
+- uid: lab//v1/Pod/default/a
+  name: a
+  namespace: default
+  serviceAccount: sleep
+  workloadIps: ["{a_ip}"]
+  protocol: TCP
+  node: {n1}
+- uid: lab//v1/Pod/default/c
+  name: c
+  namespace: default
+  serviceAccount: web
+  workloadIps: ["{c_ip}"]
+  protocol: TCP
+  node: {n2}
+  services:
+    "default/web.default.svc.cluster.local":
+      80: 8080
+services:
+- name: web
+  namespace: default
+  hostname: web.default.svc.cluster.local
+  vips: ["/{vip}"]
+  ports:
+    80: 8080
+policies: []
+ambit:
+  pods:
+  - workload: default/a
+    netns: {a_ns}
+    cgroup: {a_cg}
+    dataplaneMode: {a_mode}
+  - workload: default/c
+    netns: {c_ns}
+    cgroup: {c_cg}
+    dataplaneMode: {c_mode}
+"#,
+            a_ip = a.ip,
+            c_ip = c.ip,
+            n1 = self.node_name("n1"),
+            n2 = self.node_name("n2"),
+            vip = WEB_VIP,
+            a_ns = self.netns_path("a").display(),
+            c_ns = self.netns_path("c").display(),
+            a_cg = self.pod_cgroup_rel("a"),
+            c_cg = self.pod_cgroup_rel("c"),
+            a_mode = mode("a"),
+            c_mode = mode("c"),
+        )
+    }
+
+    /// A command that runs inside a pod: in its netns and its cgroup.
+    pub fn pod_command(&self, pod: &str, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns(pod), program]);
+        let procs = CString::new(self.pod_cgroup(pod).join("cgroup.procs").to_str().unwrap()).unwrap();
+        // SAFETY: between fork and exec only async-signal-safe calls (open, write, close).
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                libc::close(fd);
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// A command that runs inside a lab node's netns (not in any pod cgroup). `nsenter`, not
+    /// `ip netns exec`: the latter remounts /sys, which would hide bpffs and cgroup2.
+    pub fn node_command(&self, node: &str, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns_path(node).display()))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Runs a command in a pod to completion.
+    pub fn run_in_pod(&self, pod: &str, program: &str, args: &[&str]) -> Result<Output> {
+        self.pod_command(pod, program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {program} in pod {pod}"))
+    }
+
+    /// Starts a long-running process that the lab stops on drop.
+    pub fn spawn(&mut self, what: &str, mut cmd: Command) -> Result<u32> {
+        let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+        let pid = child.id();
+        self.children.push((what.to_owned(), child));
+        Ok(pid)
+    }
+
+    /// Starts an HTTP server (python3 http.server) in a pod, serving `dir`, and waits until it
+    /// accepts connections.
+    pub fn start_http_server(&mut self, pod: &str, port: u16, dir: &Path) -> Result<()> {
+        let mut cmd = self.pod_command(pod, "python3");
+        cmd.args(["-m", "http.server", &port.to_string(), "--bind", "0.0.0.0", "--directory"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.spawn(&format!("http server in {pod}"), cmd)?;
+        let ns = self.netns(pod);
+        wait_until(Duration::from_secs(10), &format!("http server in pod {pod}"), || {
+            // Probe from inside the pod's netns over loopback: never captured.
+            Command::new("ip")
+                .args(["netns", "exec", &ns, "bash", "-c"])
+                .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{port}"))
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        })
+    }
+
+    /// Starts an `ambit node` for a lab node, inside the node's netns, logging to `log`.
+    pub fn start_node(&mut self, ambit: &Path, node: &str, config: &Path, log: &Path) -> Result<()> {
+        let log_file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = self.node_command(node, ambit.to_str().unwrap());
+        cmd.args(["node", "--node", &self.node_name(node), "--config"])
+            .arg(config)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        self.spawn(&format!("ambit node {node}"), cmd)?;
+        let log = log.to_owned();
+        wait_until(Duration::from_secs(20), &format!("ambit node {node} ready"), || {
+            fs::read_to_string(&log).map(|l| l.contains("node ready")).unwrap_or(false)
+        })
+        .with_context(|| format!("log of node {node}:\n{}", fs::read_to_string(&log).unwrap_or_default()))
+    }
+
+    /// Stops a process the lab started (SIGTERM, then SIGKILL after 5 s).
+    pub fn stop(&mut self, what: &str) -> Result<()> {
+        if let Some(i) = self.children.iter().position(|(w, _)| w == what) {
+            let (_, child) = self.children.remove(i);
+            terminate(child);
+        }
+        Ok(())
+    }
+
+    fn teardown(&mut self) {
+        for (_, child) in self.children.drain(..).rev() {
+            terminate(child);
+        }
+        if let Err(e) = sweep(&self.prefix) {
+            eprintln!("lab teardown: {e:#}");
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn terminate(mut child: Child) {
+    // SAFETY: signalling a child we own.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Removes every process, pin, netns and cgroup of labs whose prefix starts with `prefix`.
+pub fn sweep(prefix: &str) -> Result<()> {
+    let cgroup_root = cgroup2_root()?;
+    // Processes first (they hold cgroups and may hold namespaces).
+    for dir in matching(&cgroup_root, prefix) {
+        kill_cgroup_tree(&dir);
+    }
+    for dir in matching(Path::new("/sys/fs/bpf/ambit"), prefix) {
+        fs::remove_dir_all(&dir).with_context(|| format!("removing pins {}", dir.display()))?;
+    }
+    for ns in matching(Path::new("/run/netns"), prefix) {
+        let name = ns.file_name().unwrap().to_string_lossy().into_owned();
+        // Anything still running inside (e.g. a node process) goes first.
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: plain kill(2).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        ip(&["netns", "del", &name]).with_context(|| format!("deleting netns {name}"))?;
+    }
+    for dir in matching(&cgroup_root, prefix) {
+        remove_cgroup_tree(&dir)?;
+    }
+    Ok(())
+}
+
+fn matching(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+fn kill_cgroup_tree(dir: &Path) {
+    // cgroup.kill (Linux 5.14) kills the whole subtree at once.
+    if fs::write(dir.join("cgroup.kill"), "1").is_err() {
+        for pid in fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines() {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                // SAFETY: plain kill(2).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    kill_cgroup_tree(&e.path());
+                }
+            }
+        }
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) -> Result<()> {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                remove_cgroup_tree(&e.path())?;
+            }
+        }
+    }
+    // A cgroup can only be removed once its last process has exited.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).with_context(|| format!("removing cgroup {}", dir.display()))
+            }
+            Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c"])
+        .arg(format!("echo {value} > {path}"))
+        .output()?;
+    if !out.status.success() {
+        bail!("sysctl {key}={value} in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the lab and Ambit's privileged integration tests need root (network namespaces, \
+             cgroups, eBPF); run them as root, e.g. `sudo -E cargo xtask test`"
+        );
+    }
+    Ok(())
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo (hybrid hosts mount it at
+/// /sys/fs/cgroup/unified).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    for line in mountinfo.lines() {
+        if let Some((left, right)) = line.split_once(" - ") {
+            if right.split_whitespace().next() == Some("cgroup2") {
+                if let Some(mp) = left.split_whitespace().nth(4) {
+                    return Ok(PathBuf::from(mp));
+                }
+            }
+        }
+    }
+    bail!("no cgroup2 filesystem mounted")
+}
+
+/// Mounts bpffs at `path` if it is not mounted there yet.
+pub fn ensure_bpffs(path: &Path) -> Result<()> {
+    let mounts = fs::read_to_string("/proc/self/mounts")?;
+    let target = path.to_str().unwrap();
+    if mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        f.nth(1) == Some(target) && f.next() == Some("bpf")
+    }) {
+        return Ok(());
+    }
+    fs::create_dir_all(path)?;
+    let status = Command::new("mount").args(["-t", "bpf", "bpf", target]).status()?;
+    if !status.success() {
+        bail!("mount -t bpf bpf {target} failed");
+    }
+    Ok(())
+}
+
+/// Polls `check` until it holds, or fails after `timeout` naming `what`.
+pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes `text` to `path` atomically (write to a temp file, then rename), as editors do.
+pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}

@@ -27,3 +27,135 @@ fn curl_by_pod_ip_and_by_service_vip_is_captured() {
         1,
     );
 }
+
+#[test]
+fn pods_outside_the_mesh_and_destinations_outside_it_are_untouched() {
+    let t = TestLab::start(&["a", "c"]);
+    let d = pod("d").ip;
+
+    // b is not enrolled, d is not in the mesh: straight through, no node sees it.
+    let out = t.curl("b", &format!("http://{d}:8080/"));
+    assert_ok(&out, "curl b → d");
+    // a is enrolled, but d is not a mesh destination: not redirected.
+    let before = common::counter(&t.inspect("n1"), "outbound_passed");
+    let out = t.curl("a", &format!("http://{d}:8080/"));
+    assert_ok(&out, "curl a → d");
+    assert_eq!(common::counter(&t.inspect("n1"), "outbound_passed"), before + 1);
+    assert_eq!(common::counter(&t.inspect("n1"), "outbound_captured"), 0);
+
+    for node in ["n1", "n2"] {
+        let log = t.log(node);
+        assert!(!log.contains("captured"), "node {node} saw traffic it must not see:\n{log}");
+    }
+}
+
+#[test]
+fn enrolling_and_unenrolling_by_config_edit_applies_without_restart() {
+    let t = TestLab::start(&["a", "c"]);
+    let c = pod("c").ip;
+    let url = format!("http://{c}:8080/");
+    let pin_dir = t.lab.pin_dir("n1").join("pods/default_a");
+    assert!(pin_dir.join("ambit_connect4").exists());
+
+    // Opt pod a out: its pins, map entries and listeners go; its traffic goes direct.
+    t.set_enrolled("n1", &["c"]);
+    t.wait_log("n1", "pod un-enrolled", 1);
+    assert!(!pin_dir.exists(), "pins of un-enrolled pod a remain");
+    let inspect = t.inspect("n1");
+    assert!(!inspect.contains("netns "), "ENROLLED_NETNS not empty:\n{inspect}");
+    assert!(
+        !inspect.contains(&format!("\n  {}\n", pod("a").ip)),
+        "INBOUND_PODS still has pod a:\n{inspect}"
+    );
+    let listeners = t.lab.run_in_pod("a", "ss", &["-Htln"]).unwrap();
+    assert!(
+        !stdout(&listeners).contains(":15001") && !stdout(&listeners).contains(":15006"),
+        "tunnel listeners remain in pod a:\n{}",
+        stdout(&listeners)
+    );
+    let prog_links = t.bpftool(&["cgroup", "show", t.lab.pod_cgroup("a").to_str().unwrap()]);
+    assert!(!prog_links.contains("ambit"), "programs still attached to pod a's cgroup:\n{prog_links}");
+    let captured_before = t.log("n1").matches("captured outbound").count();
+    assert_ok(&t.curl("a", &url), "curl a → c with a un-enrolled");
+    assert_eq!(t.log("n1").matches("captured outbound").count(), captured_before);
+
+    // And back in.
+    t.set_enrolled("n1", &["a", "c"]);
+    t.wait_log("n1", "pod enrolled", 2);
+    let out = t.curl("a", &url);
+    assert_ok(&out, "curl a → c re-enrolled");
+    t.wait_log("n1", "captured outbound connection", captured_before + 1);
+}
+
+#[test]
+fn a_large_transfer_and_a_half_close_pass_through_capture_intact() {
+    let mut t = TestLab::start(&["a", "c"]);
+    t.start_sink("c", 9000);
+    let c = pod("c").ip;
+    // 1 GiB from a to c through both nodes' tunnels; the answer comes back after a's
+    // half-close, so this is also the half-close test.
+    let (sent, received) = t.send("a", c, 9000, 1 << 30);
+    assert_eq!(received, sent, "the server received other bytes than were sent");
+    assert!(sent.starts_with("1073741824 "));
+    t.wait_log("n1", "bytes_sent=1073741824", 1);
+}
+
+#[test]
+fn ipv4_mapped_connect_on_an_ipv6_socket_is_captured_too() {
+    let mut t = TestLab::start(&["a", "c"]);
+    t.start_sink("c", 9000);
+    let mapped = format!("::ffff:{}", pod("c").ip);
+    let (sent, received) = t.send("a", &mapped, 9000, 1 << 20);
+    assert_eq!(received, sent);
+    t.wait_log("n1", &format!("captured outbound connection original_dst={}:9000", pod("c").ip), 1);
+}
+
+#[test]
+fn nc_through_capture_works() {
+    let t = TestLab::start(&["a", "c"]);
+    // A plain TCP echo-less exchange with netcat: request, half-close, response.
+    let out = t
+        .lab
+        .pod_command("a", "bash")
+        .arg("-c")
+        .arg(format!(
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -N -w 10 {} 8080",
+            pod("c").ip
+        ))
+        .output()
+        .unwrap();
+    assert_ok(&out, "nc a → c");
+    assert!(stdout(&out).contains("hello from pod c"), "{}", stdout(&out));
+}
+
+#[test]
+fn while_a_node_is_down_captured_connections_fail_closed_and_it_recovers() {
+    let mut t = TestLab::start(&["a", "c"]);
+    let url = format!("http://{}:8080/", pod("c").ip);
+
+    // Node 1 down: pod a's capture stays attached (pinned), so its connection to a mesh
+    // destination is refused instead of leaving uncaptured.
+    t.lab.stop("ambit node n1").unwrap();
+    let out = t.curl("a", &url);
+    assert!(!out.status.success(), "pod a reached c while its node was down: plaintext leak");
+    // Node 2 down: plaintext to the enrolled pod c is refused, not handed to the app directly.
+    t.lab.stop("ambit node n2").unwrap();
+    let out = t.curl("b", &url);
+    assert!(!out.status.success(), "b reached c around its stopped node");
+    let inspect = t.inspect("n2");
+    assert!(common::counter(&inspect, "inbound_refused") >= 1, "{inspect}");
+
+    // Both back: they adopt their pins and capture works again.
+    t.restart_node("n1", "n1-restarted.log");
+    t.restart_node("n2", "n2-restarted.log");
+    let out = t.curl("a", &url);
+    assert_ok(&out, "curl a → c after restart");
+    t.wait_log("n1", "captured outbound connection", 1);
+    assert_eq!(
+        t.bpftool(&["cgroup", "show", t.lab.pod_cgroup("a").to_str().unwrap()])
+            .matches("ambit_connect4")
+            .count(),
+        1,
+        "a restart must replace the old link, not add a second"
+    );
+}

@@ -315,6 +315,7 @@ ambit:
             Command::new("ip")
                 .args(["netns", "exec", &ns, "bash", "-c"])
                 .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{port}"))
+                .stderr(Stdio::null())
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false)

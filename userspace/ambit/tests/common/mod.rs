@@ -6,7 +6,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::Output,
+    process::{Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
@@ -22,6 +22,8 @@ pub struct TestLab {
     pub lab: Lab,
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// The current log file of each lab node's `ambit node`.
+    logs: std::collections::HashMap<String, PathBuf>,
 }
 
 impl TestLab {
@@ -44,15 +46,22 @@ impl TestLab {
         for pod in ["c", "d"] {
             lab.start_http_server(pod, 8080, &dir.join("www")).unwrap();
         }
+        let mut logs = std::collections::HashMap::new();
         for node in ["n1", "n2"] {
-            lab.start_node(Path::new(AMBIT), node, &config, &dir.join(format!("{node}.log")))
-                .unwrap();
+            let log = dir.join(format!("{node}.log"));
+            lab.start_node(Path::new(AMBIT), node, &config, &log).unwrap();
+            logs.insert(node.to_owned(), log);
         }
-        TestLab { lab, dir, config }
+        TestLab {
+            lab,
+            dir,
+            config,
+            logs,
+        }
     }
 
     pub fn log(&self, node: &str) -> String {
-        fs::read_to_string(self.dir.join(format!("{node}.log"))).unwrap_or_default()
+        fs::read_to_string(&self.logs[node]).unwrap_or_default()
     }
 
     /// Waits until a node's log contains `needle` at least `count` times.
@@ -78,6 +87,60 @@ impl TestLab {
             .unwrap()
     }
 
+    /// Starts tools/sink.py in a pod (see there) and waits until it listens.
+    pub fn start_sink(&mut self, pod: &str, port: u16) {
+        let mut cmd = self.lab.pod_command(pod, "python3");
+        cmd.arg(tool("sink.py")).arg(port.to_string());
+        self.lab.spawn(&format!("sink in {pod}"), cmd).unwrap();
+        let ns = self.lab.netns(pod);
+        wait_until(Duration::from_secs(10), "sink listening", || {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &ns, "bash", "-c"])
+                .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{port}"))
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        })
+        .unwrap();
+    }
+
+    /// Runs tools/source.py in a pod; returns (sent digest, digest the server received).
+    pub fn send(&self, pod: &str, host: &str, port: u16, bytes: u64) -> (String, String) {
+        let out = self
+            .lab
+            .pod_command(pod, "python3")
+            .arg(tool("source.py"))
+            .args([host, &port.to_string(), &bytes.to_string()])
+            .output()
+            .unwrap();
+        assert_ok(&out, "source.py");
+        let line = stdout(&out);
+        let (sent, received) = line
+            .trim()
+            .split_once(" received=")
+            .unwrap_or_else(|| panic!("unexpected source.py output: {line}"));
+        (sent.trim_start_matches("sent=").to_owned(), received.to_owned())
+    }
+
+    /// `ambit inspect` for a lab node.
+    pub fn inspect(&self, node: &str) -> String {
+        let out = std::process::Command::new(AMBIT)
+            .args(["inspect", "--node", &self.lab.node_name(node)])
+            .output()
+            .unwrap();
+        assert_ok(&out, "ambit inspect");
+        stdout(&out)
+    }
+
+    /// Restarts a lab node's `ambit node` process (logging to a new file `<node>-<n>.log`).
+    pub fn restart_node(&mut self, node: &str, log_name: &str) {
+        self.lab.stop(&format!("ambit node {node}")).unwrap();
+        let log = self.dir.join(log_name);
+        self.lab.start_node(Path::new(AMBIT), node, &self.config, &log).unwrap();
+        self.logs.insert(node.to_owned(), log);
+    }
+
     pub fn bpftool(&self, args: &[&str]) -> String {
         let out = std::process::Command::new("bpftool").args(args).output().unwrap();
         assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -89,6 +152,21 @@ impl Drop for TestLab {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+pub fn tool(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools").join(name)
+}
+
+/// A counter's value from `ambit inspect` output.
+pub fn counter(inspect: &str, name: &str) -> u64 {
+    inspect
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(name)).then(|| f.next().unwrap().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no counter {name} in:\n{inspect}"))
 }
 
 pub fn stdout(out: &Output) -> String {

@@ -1,1 +1,155 @@
-fn main(){}
+//! `cargo xtask <command>`: everything around the code — prerequisites, the lab, tests.
+//!
+//! - `setup`: installs what a fresh machine lacks (Debian packages, nightly rust-src,
+//!   bpf-linker), idempotently; every other command runs it first.
+//! - `test`: lint, build, unit and privileged integration tests, and a check that the tests
+//!   left nothing behind. The README's test command and what CI runs.
+//! - `lab`: Ambit's main job on one machine (see README).
+
+mod lab;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Ambit's build, lab and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing prerequisites (idempotent; quick when all are present).
+    Setup,
+    /// Lint, build and run every test, including the privileged integration tests (root).
+    Test {
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Run the two-node lab: capture a real request, show where to look, tear down on Ctrl-C.
+    Lab {
+        /// Run the demonstration once and tear down (for scripts).
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::run(),
+        Task::Test {
+            no_lint,
+            cargo_args,
+        } => test(!no_lint, &cargo_args),
+        Task::Lab { once } => {
+            setup::run()?;
+            lab::run(once)
+        }
+    }
+}
+
+/// Prefix of the integration tests' labs (userspace/ambit/tests/common).
+const TEST_LAB_PREFIX: &str = "ambit-t";
+
+fn test(lint: bool, cargo_args: &[String]) -> Result<()> {
+    setup::run()?;
+    ambit_lab::require_root()?;
+    // No `--workspace`: the default members exclude ebpf/ambit-ebpf, which only builds for
+    // bpfel-unknown-none (userspace/ambit/build.rs builds it) and is linted separately below.
+    if lint {
+        cargo(&["fmt", "--all", "--check"])?;
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])?;
+        // The eBPF crate is linted for its real target.
+        cargo(&[
+            "+nightly",
+            "clippy",
+            "-p",
+            "ambit-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ])?;
+    }
+    // Leftovers of an interrupted earlier run would only confuse this one.
+    ambit_lab::sweep(TEST_LAB_PREFIX)?;
+    cargo(&["build"])?;
+    let mut args = vec!["test"];
+    args.extend(cargo_args.iter().map(String::as_str));
+    let result = cargo(&args);
+    let leftovers = leftovers(TEST_LAB_PREFIX)?;
+    ambit_lab::sweep(TEST_LAB_PREFIX)?;
+    result?;
+    if !leftovers.is_empty() {
+        bail!(
+            "the tests left these behind (now removed):\n  {}",
+            leftovers.join("\n  ")
+        );
+    }
+    println!("all tests passed; no netns, cgroup, pin or process left behind");
+    Ok(())
+}
+
+/// Network namespaces, cgroups and bpffs pins whose names start with `prefix`.
+fn leftovers(prefix: &str) -> Result<Vec<String>> {
+    let cgroup_root = ambit_lab::cgroup2_root()?;
+    let mut found = Vec::new();
+    for dir in [
+        std::path::PathBuf::from("/run/netns"),
+        cgroup_root,
+        std::path::PathBuf::from("/sys/fs/bpf/ambit"),
+    ] {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(prefix) {
+                    found.push(e.path().display().to_string());
+                }
+            }
+        }
+    }
+    let out = Command::new("pgrep")
+        .args(["-f", "ambit node --node ambit-t"])
+        .output()?;
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        found.push(format!("process {pid} (ambit node)"));
+    }
+    Ok(found)
+}
+
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // `cargo +nightly` works through rustup's proxy, not through the resolved cargo binary.
+    let program = if args.first().is_some_and(|a| a.starts_with('+')) {
+        "cargo".to_owned()
+    } else {
+        cargo
+    };
+    let status = Command::new(&program)
+        .args(args)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed", args.join(" "));
+    }
+    Ok(())
+}

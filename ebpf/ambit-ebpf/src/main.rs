@@ -53,8 +53,11 @@ static PENDING_CONNECTS: LruHashMap<u64, PendingConnect, MAX_TRACKED_CONNECTIONS
     LruHashMap::new();
 
 #[btf_map]
-static ORIGINAL_DESTINATIONS: LruHashMap<ConnectionKey, OriginalDestination, MAX_TRACKED_CONNECTIONS> =
-    LruHashMap::new();
+static ORIGINAL_DESTINATIONS: LruHashMap<
+    ConnectionKey,
+    OriginalDestination,
+    MAX_TRACKED_CONNECTIONS,
+> = LruHashMap::new();
 
 #[btf_map]
 static INBOUND_PODS: HashMap<IpKey, InboundPod, MAX_ENROLLED_PODS> = HashMap::new();
@@ -226,7 +229,10 @@ fn on_established(ctx: &SockOpsContext) {
         return;
     };
     let key = connection_key(ctx, pending.netns_cookie);
-    if ORIGINAL_DESTINATIONS.insert(key, pending.original, 0).is_err() {
+    if ORIGINAL_DESTINATIONS
+        .insert(key, pending.original, 0)
+        .is_err()
+    {
         count(Counter::Errors);
         return;
     }

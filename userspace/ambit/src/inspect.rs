@@ -4,8 +4,8 @@
 use std::{fs, net::SocketAddr};
 
 use ambit_abi::{
-    map_names as m, Counter, DestinationKey, EnrolledPod, InboundPod, IpKey,
-    MeshDestination, DESTINATION_KIND_SERVICE,
+    map_names as m, Counter, DestinationKey, EnrolledPod, InboundPod, IpKey, MeshDestination,
+    DESTINATION_KIND_SERVICE,
 };
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
@@ -14,7 +14,10 @@ use crate::datapath::{ip_from_key, pins::PinLayout};
 
 pub fn print(pins: &PinLayout) -> Result<()> {
     if !pins.root().exists() {
-        bail!("nothing pinned at {}: is this node's name right?", pins.root().display());
+        bail!(
+            "nothing pinned at {}: is this node's name right?",
+            pins.root().display()
+        );
     }
     println!("pins: {}", pins.root().display());
 

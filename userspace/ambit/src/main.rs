@@ -9,11 +9,7 @@ mod netns;
 mod proxy;
 mod state;
 
-use std::{
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -33,7 +29,10 @@ use crate::{
 };
 
 #[derive(Parser)]
-#[command(version, about = "Ambit: eBPF capture and tunnel for an ambient service mesh node")]
+#[command(
+    version,
+    about = "Ambit: eBPF capture and tunnel for an ambient service mesh node"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -86,7 +85,9 @@ struct NodeArgs {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 5s or 500ms"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 5s or 500ms"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
@@ -118,7 +119,9 @@ fn main() -> Result<()> {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -179,7 +182,9 @@ async fn run_node(args: NodeArgs) -> Result<()> {
         agent.unenroll_all();
         info!("capture detached; node stopped");
     } else {
-        info!("node stopped; capture stays attached and refuses new connections until the next start");
+        info!(
+            "node stopped; capture stays attached and refuses new connections until the next start"
+        );
     }
     Ok(())
 }

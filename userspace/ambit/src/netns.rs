@@ -55,7 +55,8 @@ impl Netns {
 
     /// Runs `f` with the current thread inside this netns. `f` must not block or yield.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
-        setns(self.file.as_fd()).with_context(|| format!("entering netns {}", self.path.display()))?;
+        setns(self.file.as_fd())
+            .with_context(|| format!("entering netns {}", self.path.display()))?;
         struct Return;
         impl Drop for Return {
             fn drop(&mut self) {
@@ -72,8 +73,9 @@ impl Netns {
 
     /// A new non-blocking TCP socket inside this netns.
     pub fn socket(&self, domain: socket2::Domain) -> Result<socket2::Socket> {
-        let socket = self
-            .run(|| socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP)))??;
+        let socket = self.run(|| {
+            socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+        })??;
         socket.set_nonblocking(true)?;
         socket.set_cloexec(true)?;
         Ok(socket)

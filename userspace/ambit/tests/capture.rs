@@ -14,9 +14,17 @@ fn curl_by_pod_ip_and_by_service_vip_is_captured() {
     let out = t.curl("a", &format!("http://{c}:8080/"));
     assert_ok(&out, "curl a → c by pod IP");
     assert_eq!(stdout(&out), "hello from pod c\n");
-    t.wait_log("n1", &format!("captured outbound connection original_dst={c}:8080"), 1);
+    t.wait_log(
+        "n1",
+        &format!("captured outbound connection original_dst={c}:8080"),
+        1,
+    );
     // Node 2 captured it on the way in.
-    t.wait_log("n2", &format!("captured inbound connection original_dst={c}:8080"), 1);
+    t.wait_log(
+        "n2",
+        &format!("captured inbound connection original_dst={c}:8080"),
+        1,
+    );
 
     let out = t.curl("a", &format!("http://{WEB_VIP}/"));
     assert_ok(&out, "curl a → web service VIP");
@@ -40,12 +48,18 @@ fn pods_outside_the_mesh_and_destinations_outside_it_are_untouched() {
     let before = common::counter(&t.inspect("n1"), "outbound_passed");
     let out = t.curl("a", &format!("http://{d}:8080/"));
     assert_ok(&out, "curl a → d");
-    assert_eq!(common::counter(&t.inspect("n1"), "outbound_passed"), before + 1);
+    assert_eq!(
+        common::counter(&t.inspect("n1"), "outbound_passed"),
+        before + 1
+    );
     assert_eq!(common::counter(&t.inspect("n1"), "outbound_captured"), 0);
 
     for node in ["n1", "n2"] {
         let log = t.log(node);
-        assert!(!log.contains("captured"), "node {node} saw traffic it must not see:\n{log}");
+        assert!(
+            !log.contains("captured"),
+            "node {node} saw traffic it must not see:\n{log}"
+        );
     }
 }
 
@@ -62,7 +76,10 @@ fn enrolling_and_unenrolling_by_config_edit_applies_without_restart() {
     t.wait_log("n1", "pod un-enrolled", 1);
     assert!(!pin_dir.exists(), "pins of un-enrolled pod a remain");
     let inspect = t.inspect("n1");
-    assert!(!inspect.contains("netns "), "ENROLLED_NETNS not empty:\n{inspect}");
+    assert!(
+        !inspect.contains("netns "),
+        "ENROLLED_NETNS not empty:\n{inspect}"
+    );
     assert!(
         !inspect.contains(&format!("\n  {}\n", pod("a").ip)),
         "INBOUND_PODS still has pod a:\n{inspect}"
@@ -74,10 +91,16 @@ fn enrolling_and_unenrolling_by_config_edit_applies_without_restart() {
         stdout(&listeners)
     );
     let prog_links = t.bpftool(&["cgroup", "show", t.lab.pod_cgroup("a").to_str().unwrap()]);
-    assert!(!prog_links.contains("ambit"), "programs still attached to pod a's cgroup:\n{prog_links}");
+    assert!(
+        !prog_links.contains("ambit"),
+        "programs still attached to pod a's cgroup:\n{prog_links}"
+    );
     let captured_before = t.log("n1").matches("captured outbound").count();
     assert_ok(&t.curl("a", &url), "curl a → c with a un-enrolled");
-    assert_eq!(t.log("n1").matches("captured outbound").count(), captured_before);
+    assert_eq!(
+        t.log("n1").matches("captured outbound").count(),
+        captured_before
+    );
 
     // And back in.
     t.set_enrolled("n1", &["a", "c"]);
@@ -95,7 +118,10 @@ fn a_large_transfer_and_a_half_close_pass_through_capture_intact() {
     // 1 GiB from a to c through both nodes' tunnels; the answer comes back after a's
     // half-close, so this is also the half-close test.
     let (sent, received) = t.send("a", c, 9000, 1 << 30);
-    assert_eq!(received, sent, "the server received other bytes than were sent");
+    assert_eq!(
+        received, sent,
+        "the server received other bytes than were sent"
+    );
     assert!(sent.starts_with("1073741824 "));
     t.wait_log("n1", "bytes_sent=1073741824", 1);
 }
@@ -107,7 +133,14 @@ fn ipv4_mapped_connect_on_an_ipv6_socket_is_captured_too() {
     let mapped = format!("::ffff:{}", pod("c").ip);
     let (sent, received) = t.send("a", &mapped, 9000, 1 << 20);
     assert_eq!(received, sent);
-    t.wait_log("n1", &format!("captured outbound connection original_dst={}:9000", pod("c").ip), 1);
+    t.wait_log(
+        "n1",
+        &format!(
+            "captured outbound connection original_dst={}:9000",
+            pod("c").ip
+        ),
+        1,
+    );
 }
 
 #[test]
@@ -125,7 +158,11 @@ fn nc_through_capture_works() {
         .output()
         .unwrap();
     assert_ok(&out, "nc a → c");
-    assert!(stdout(&out).contains("hello from pod c"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("hello from pod c"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]
@@ -137,13 +174,19 @@ fn while_a_node_is_down_captured_connections_fail_closed_and_it_recovers() {
     // destination is refused instead of leaving uncaptured.
     t.lab.stop("ambit node n1").unwrap();
     let out = t.curl("a", &url);
-    assert!(!out.status.success(), "pod a reached c while its node was down: plaintext leak");
+    assert!(
+        !out.status.success(),
+        "pod a reached c while its node was down: plaintext leak"
+    );
     // Node 2 down: plaintext to the enrolled pod c is refused, not handed to the app directly.
     t.lab.stop("ambit node n2").unwrap();
     let out = t.curl("b", &url);
     assert!(!out.status.success(), "b reached c around its stopped node");
     let inspect = t.inspect("n2");
-    assert!(common::counter(&inspect, "inbound_refused") >= 1, "{inspect}");
+    assert!(
+        common::counter(&inspect, "inbound_refused") >= 1,
+        "{inspect}"
+    );
 
     // Both back: they adopt their pins and capture works again.
     t.restart_node("n1", "n1-restarted.log");

@@ -83,7 +83,9 @@ pub const PODS: [PodSpec; 4] = [
 pub const WEB_VIP: &str = "10.96.0.10";
 
 pub fn pod(name: &str) -> &'static PodSpec {
-    PODS.iter().find(|p| p.name == name).expect("no such lab pod")
+    PODS.iter()
+        .find(|p| p.name == name)
+        .expect("no such lab pod")
 }
 
 pub struct Lab {
@@ -118,17 +120,44 @@ impl Lab {
             ip(&["netns", "add", &ns])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{}/24", node.bridge_ip), "dev", "br0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", node.bridge_ip),
+                "dev",
+                "br0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "br0", "up"])?;
             sysctl(&ns, "net.ipv4.ip_forward", "1")?;
         }
         let (n1, n2) = (self.netns("n1"), self.netns("n2"));
-        ip(&["-n", &n1, "link", "add", "link0", "type", "veth", "peer", "name", "link0", "netns", &n2])?;
+        ip(&[
+            "-n", &n1, "link", "add", "link0", "type", "veth", "peer", "name", "link0", "netns",
+            &n2,
+        ])?;
         for (node, peer) in [(&NODES[0], &NODES[1]), (&NODES[1], &NODES[0])] {
             let ns = self.netns(node.name);
-            ip(&["-n", &ns, "addr", "add", &format!("{}/30", node.link_ip), "dev", "link0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/30", node.link_ip),
+                "dev",
+                "link0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "link0", "up"])?;
-            ip(&["-n", &ns, "route", "add", peer.pod_subnet, "via", peer.link_ip])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                peer.pod_subnet,
+                "via",
+                peer.link_ip,
+            ])?;
             // The service VIP exists nowhere: only capture makes it reachable.
         }
         fs::create_dir_all(self.cgroup_dir())?;
@@ -139,8 +168,19 @@ impl Lab {
             ip(&["netns", "add", &ns])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             let host_side = format!("v-{}", pod.name);
-            ip(&["-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &host_side, "netns", &node_ns])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"])?;
+            ip(&[
+                "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &host_side,
+                "netns", &node_ns,
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", pod.ip),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "route", "add", "default", "via", node.bridge_ip])?;
             ip(&["-n", &node_ns, "link", "set", &host_side, "master", "br0"])?;
@@ -193,7 +233,13 @@ impl Lab {
     /// whose `dataplaneMode` is `ambient`; the other mesh pods are listed as `none`.
     /// Pods a and c are mesh workloads; b and d are outside the mesh.
     pub fn config_yaml(&self, enrolled: &[&str]) -> String {
-        let mode = |pod: &str| if enrolled.contains(&pod) { "ambient" } else { "none" };
+        let mode = |pod: &str| {
+            if enrolled.contains(&pod) {
+                "ambient"
+            } else {
+                "none"
+            }
+        };
         let (a, c) = (pod("a"), pod("c"));
         format!(
             r#"# Ambit lab: ztunnel's local config format, plus Ambit's `ambit` section.
@@ -253,7 +299,8 @@ ambit:
     pub fn pod_command(&self, pod: &str, program: &str) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.netns(pod), program]);
-        let procs = CString::new(self.pod_cgroup(pod).join("cgroup.procs").to_str().unwrap()).unwrap();
+        let procs =
+            CString::new(self.pod_cgroup(pod).join("cgroup.procs").to_str().unwrap()).unwrap();
         // SAFETY: between fork and exec only async-signal-safe calls (open, write, close).
         unsafe {
             cmd.pre_exec(move || {
@@ -303,42 +350,74 @@ ambit:
     /// accepts connections.
     pub fn start_http_server(&mut self, pod: &str, port: u16, dir: &Path) -> Result<()> {
         let mut cmd = self.pod_command(pod, "python3");
-        cmd.args(["-m", "http.server", &port.to_string(), "--bind", "0.0.0.0", "--directory"])
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "0.0.0.0",
+            "--directory",
+        ])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         self.spawn(&format!("http server in {pod}"), cmd)?;
         let ns = self.netns(pod);
-        wait_until(Duration::from_secs(10), &format!("http server in pod {pod}"), || {
-            // Probe from inside the pod's netns over loopback: never captured.
-            Command::new("ip")
-                .args(["netns", "exec", &ns, "bash", "-c"])
-                .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{port}"))
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        })
+        wait_until(
+            Duration::from_secs(10),
+            &format!("http server in pod {pod}"),
+            || {
+                // Probe from inside the pod's netns over loopback: never captured.
+                Command::new("ip")
+                    .args(["netns", "exec", &ns, "bash", "-c"])
+                    .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{port}"))
+                    .stderr(Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false)
+            },
+        )
     }
 
     /// Starts an `ambit node` for a lab node, inside the node's netns, logging to `log`.
-    pub fn start_node(&mut self, ambit: &Path, node: &str, config: &Path, log: &Path) -> Result<()> {
-        let log_file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    pub fn start_node(
+        &mut self,
+        ambit: &Path,
+        node: &str,
+        config: &Path,
+        log: &Path,
+    ) -> Result<()> {
+        let log_file =
+            fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = self.node_command(node, ambit.to_str().unwrap());
         cmd.args(["node", "--node", &self.node_name(node), "--config"])
             .arg(config)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
         self.spawn(&format!("ambit node {node}"), cmd)?;
         let log = log.to_owned();
-        wait_until(Duration::from_secs(20), &format!("ambit node {node} ready"), || {
-            fs::read_to_string(&log).map(|l| l.contains("node ready")).unwrap_or(false)
+        wait_until(
+            Duration::from_secs(20),
+            &format!("ambit node {node} ready"),
+            || {
+                fs::read_to_string(&log)
+                    .map(|l| l.contains("node ready"))
+                    .unwrap_or(false)
+            },
+        )
+        .with_context(|| {
+            format!(
+                "log of node {node}:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            )
         })
-        .with_context(|| format!("log of node {node}:\n{}", fs::read_to_string(&log).unwrap_or_default()))
     }
 
     /// Stops a process the lab started (SIGTERM, then SIGKILL after 5 s).
@@ -423,7 +502,10 @@ fn matching(dir: &Path, prefix: &str) -> Vec<PathBuf> {
 fn kill_cgroup_tree(dir: &Path) {
     // cgroup.kill (Linux 5.14) kills the whole subtree at once.
     if fs::write(dir.join("cgroup.kill"), "1").is_err() {
-        for pid in fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines() {
+        for pid in fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
             if let Ok(pid) = pid.trim().parse::<i32>() {
                 // SAFETY: plain kill(2).
                 unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -462,9 +544,16 @@ fn remove_cgroup_tree(dir: &Path) -> Result<()> {
 }
 
 pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -476,7 +565,10 @@ fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
         .arg(format!("echo {value} > {path}"))
         .output()?;
     if !out.status.success() {
-        bail!("sysctl {key}={value} in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "sysctl {key}={value} in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -519,7 +611,9 @@ pub fn ensure_bpffs(path: &Path) -> Result<()> {
         return Ok(());
     }
     fs::create_dir_all(path)?;
-    let status = Command::new("mount").args(["-t", "bpf", "bpf", target]).status()?;
+    let status = Command::new("mount")
+        .args(["-t", "bpf", "bpf", target])
+        .status()?;
     if !status.success() {
         bail!("mount -t bpf bpf {target} failed");
     }

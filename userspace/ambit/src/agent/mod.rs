@@ -6,13 +6,7 @@
 
 pub mod source;
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    os::fd::AsRawFd,
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, net::IpAddr, os::fd::AsRawFd, path::PathBuf, sync::Arc};
 
 use ambit_abi::{EnrolledPod, OUTBOUND_PORT};
 use anyhow::{Context as _, Result};
@@ -64,6 +58,12 @@ impl Agent {
     /// Brings kernel and tunnel to `state`. Errors for one pod do not stop the others; they are
     /// logged and the pod is retried on the next call.
     pub fn apply(&mut self, state: &State) -> Result<()> {
+        if state.unenforced_policies > 0 {
+            warn!(
+                policies = state.unenforced_policies,
+                "the config has authorization policies; this build does not enforce them yet"
+            );
+        }
         // Un-enroll what is no longer wanted, or wanted differently.
         let stale: Vec<PodKey> = self
             .pods
@@ -123,7 +123,12 @@ impl Agent {
         for (ip, fd) in &inbound {
             self.datapath.enroll_inbound(*ip, &Fd(*fd))?;
         }
-        let tunnel = PodTunnel::start(self.proxy.clone(), spec.key.clone(), netns.clone(), listeners);
+        let tunnel = PodTunnel::start(
+            self.proxy.clone(),
+            spec.key.clone(),
+            netns.clone(),
+            listeners,
+        );
         self.datapath.enroll_netns(
             netns.cookie(),
             EnrolledPod {
@@ -175,7 +180,11 @@ impl Agent {
                 self.datapath.unenroll_netns(cookie)?;
             }
         }
-        let ips: Vec<IpAddr> = self.pods.values().flat_map(|p| p.spec.ips.clone()).collect();
+        let ips: Vec<IpAddr> = self
+            .pods
+            .values()
+            .flat_map(|p| p.spec.ips.clone())
+            .collect();
         for key in self.datapath.inbound_pods()? {
             let ip = datapath::ip_from_key(key);
             if !ips.contains(&ip) {

@@ -65,7 +65,10 @@ impl StateSource for FileSource {
         Ok(self.load()?.unwrap_or_default())
     }
 
-    fn watch(mut self: Box<Self>, updates: mpsc::Sender<Arc<State>>) -> tokio::task::JoinHandle<()> {
+    fn watch(
+        mut self: Box<Self>,
+        updates: mpsc::Sender<Arc<State>>,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(self.poll);
             loop {
@@ -83,9 +86,7 @@ impl StateSource for FileSource {
                         }
                     }
                     Ok(None) => {}
-                    Err(e) => error!(
-                        "config rejected, the last good config stays in force: {e:#}"
-                    ),
+                    Err(e) => error!("config rejected, the last good config stays in force: {e:#}"),
                 }
             }
         })

@@ -25,8 +25,6 @@ pub struct LocalConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Workload {
-    #[serde(default)]
-    pub uid: String,
     pub name: String,
     pub namespace: String,
     #[serde(default = "default_service_account")]
@@ -37,8 +35,6 @@ pub struct Workload {
     pub protocol: Protocol,
     #[serde(default)]
     pub node: String,
-    #[serde(default)]
-    pub network: String,
     /// `"<namespace>/<hostname>"` → service port → target port.
     #[serde(default)]
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
@@ -70,8 +66,6 @@ pub struct Service {
     /// Service port → target port.
     #[serde(default)]
     pub ports: BTreeMap<u16, u16>,
-    #[serde(default)]
-    pub subject_alt_names: Vec<String>,
 }
 
 /// Ambit's own section: the lab (or any file-driven node) says here where its pods live.
@@ -136,7 +130,9 @@ impl LocalConfig {
                 .unwrap_or_default();
             anyhow::anyhow!("{source}{at}: {e}")
         })?;
-        config.validate().with_context(|| format!("{source}: invalid config"))?;
+        config
+            .validate()
+            .with_context(|| format!("{source}: invalid config"))?;
         Ok(config)
     }
 
@@ -168,10 +164,16 @@ impl LocalConfig {
                 );
             };
             if w.workload_ips.is_empty() {
-                bail!("ambit.pods[{i}]: workload {:?} has no workloadIps", pod.workload);
+                bail!(
+                    "ambit.pods[{i}]: workload {:?} has no workloadIps",
+                    pod.workload
+                );
             }
             if seen.insert(pod.workload.clone(), i).is_some() {
-                bail!("ambit.pods[{i}]: workload {:?} is listed twice", pod.workload);
+                bail!(
+                    "ambit.pods[{i}]: workload {:?} is listed twice",
+                    pod.workload
+                );
             }
         }
         Ok(())
@@ -189,8 +191,7 @@ impl LocalConfig {
 mod tests {
     use super::*;
 
-    const ZTUNNEL_EXAMPLE: &str =
-        include_str!("../../testdata/ztunnel-localhost.yaml");
+    const ZTUNNEL_EXAMPLE: &str = include_str!("../../testdata/ztunnel-localhost.yaml");
 
     #[test]
     fn reads_ztunnels_own_example() {
@@ -202,7 +203,10 @@ mod tests {
             config.workloads[0].services["default/example.com"][&80],
             8080
         );
-        assert_eq!(config.services[1].vip_addrs().unwrap(), vec!["127.10.0.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            config.services[1].vip_addrs().unwrap(),
+            vec!["127.10.0.2".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(config.policies.len(), 1);
     }
 
@@ -218,7 +222,10 @@ mod tests {
     fn a_pod_must_name_a_known_workload() {
         let bad = "workloads: []\nambit:\n  pods:\n  - workload: default/ghost\n    netns: /run/netns/x\n    cgroup: x\n";
         let err = format!("{:#}", LocalConfig::parse(bad, "lab.yaml").unwrap_err());
-        assert!(err.contains("ambit.pods[0]") && err.contains("default/ghost"), "{err}");
+        assert!(
+            err.contains("ambit.pods[0]") && err.contains("default/ghost"),
+            "{err}"
+        );
     }
 
     #[test]

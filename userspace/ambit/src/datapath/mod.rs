@@ -15,13 +15,13 @@ use std::{
 };
 
 use ambit_abi::{
-    map_names as m, program_names as p, ConnectionKey, Counter, DestinationKey, EnrolledPod,
-    InboundPod, IpKey, MeshDestination as AbiMeshDestination, OriginalDestination,
-    PendingConnect, DESTINATION_KIND_SERVICE, DESTINATION_KIND_WORKLOAD,
+    map_names as m, program_names as p, ConnectionKey, DestinationKey, EnrolledPod, InboundPod,
+    IpKey, MeshDestination as AbiMeshDestination, OriginalDestination, PendingConnect,
+    DESTINATION_KIND_SERVICE, DESTINATION_KIND_WORKLOAD,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, SockHash},
     programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps},
     Ebpf, EbpfLoader,
 };
@@ -46,7 +46,6 @@ pub struct Datapath {
     inbound_pods: HashMap<MapData, IpKey, InboundPod>,
     inbound_listeners: SockHash<MapData, IpKey>,
     original_destinations: OriginalDestinations,
-    counters: Counters,
 }
 
 impl Datapath {
@@ -70,7 +69,9 @@ impl Datapath {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
         for name in [p::CONNECT4, p::CONNECT6] {
             program::<CgroupSockAddr>(&mut ebpf, name)?
                 .load()
@@ -91,9 +92,9 @@ impl Datapath {
         let mesh = HashMap::try_from(take(m::MESH_DESTINATIONS)?)?;
         let inbound_pods = HashMap::try_from(take(m::INBOUND_PODS)?)?;
         let inbound_listeners = SockHash::try_from(take(m::INBOUND_LISTENERS)?)?;
-        let original_destinations =
-            OriginalDestinations(Arc::new(HashMap::try_from(take(m::ORIGINAL_DESTINATIONS)?)?));
-        let counters = Counters(Arc::new(PerCpuArray::try_from(take(m::COUNTERS)?)?));
+        let original_destinations = OriginalDestinations(Arc::new(HashMap::try_from(take(
+            m::ORIGINAL_DESTINATIONS,
+        )?)?));
         info!(pins = %pins.root().display(), "eBPF programs loaded");
         Ok(Self {
             ebpf,
@@ -103,7 +104,6 @@ impl Datapath {
             inbound_pods,
             inbound_listeners,
             original_destinations,
-            counters,
         })
     }
 
@@ -113,10 +113,6 @@ impl Datapath {
 
     pub fn original_destinations(&self) -> OriginalDestinations {
         self.original_destinations.clone()
-    }
-
-    pub fn counters(&self) -> Counters {
-        self.counters.clone()
     }
 
     /// Attaches the capture programs to a pod's cgroup and netns and pins the links.
@@ -246,8 +242,13 @@ fn replace_pin(dir: &Path, name: &str, link: FdLink) -> Result<()> {
         .with_context(|| format!("pinning {}", new_path.display()))?;
     // rename(2) over the old pin drops its reference: the old link detaches here, after the new
     // one is already attached.
-    fs::rename(&new_path, &final_path)
-        .with_context(|| format!("renaming {} to {}", new_path.display(), final_path.display()))
+    fs::rename(&new_path, &final_path).with_context(|| {
+        format!(
+            "renaming {} to {}",
+            new_path.display(),
+            final_path.display()
+        )
+    })
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
@@ -267,10 +268,26 @@ where
 fn check_pinned_maps(pins: &PinLayout) -> Result<()> {
     use std::mem::size_of;
     let expected: [(&str, usize, usize); 7] = [
-        (m::ENROLLED_NETNS, size_of::<u64>(), size_of::<EnrolledPod>()),
-        (m::MESH_DESTINATIONS, size_of::<DestinationKey>(), size_of::<AbiMeshDestination>()),
-        (m::PENDING_CONNECTS, size_of::<u64>(), size_of::<PendingConnect>()),
-        (m::ORIGINAL_DESTINATIONS, size_of::<ConnectionKey>(), size_of::<OriginalDestination>()),
+        (
+            m::ENROLLED_NETNS,
+            size_of::<u64>(),
+            size_of::<EnrolledPod>(),
+        ),
+        (
+            m::MESH_DESTINATIONS,
+            size_of::<DestinationKey>(),
+            size_of::<AbiMeshDestination>(),
+        ),
+        (
+            m::PENDING_CONNECTS,
+            size_of::<u64>(),
+            size_of::<PendingConnect>(),
+        ),
+        (
+            m::ORIGINAL_DESTINATIONS,
+            size_of::<ConnectionKey>(),
+            size_of::<OriginalDestination>(),
+        ),
         (m::INBOUND_PODS, size_of::<IpKey>(), size_of::<InboundPod>()),
         (m::INBOUND_LISTENERS, size_of::<IpKey>(), size_of::<u32>()),
         (m::COUNTERS, size_of::<u32>(), size_of::<u64>()),
@@ -353,27 +370,6 @@ impl OriginalDestinations {
         };
         let orig = self.0.get(&key, 0).ok()?;
         Some(SocketAddr::new(ip_from_key(orig.ip), orig.port))
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.keys().count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Read-only handle on the per-CPU `COUNTERS`.
-#[derive(Clone)]
-pub struct Counters(Arc<PerCpuArray<MapData, u64>>);
-
-impl Counters {
-    pub fn get(&self, counter: Counter) -> u64 {
-        self.0
-            .get(&(counter as u32), 0)
-            .map(|values| values.iter().sum())
-            .unwrap_or(0)
     }
 }
 

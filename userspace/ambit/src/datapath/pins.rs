@@ -14,7 +14,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ambit_abi::map_names;
 use anyhow::{bail, Context as _, Result};
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
@@ -74,10 +73,6 @@ impl PinLayout {
         }
         Ok(())
     }
-
-    pub fn map_names() -> [&'static str; 7] {
-        map_names::ALL
-    }
 }
 
 /// `default/client-a` → `default_client-a`. bpffs refuses names with a dot (EPERM), and
@@ -113,14 +108,20 @@ mod tests {
     #[test]
     fn pod_dir_names_round_trip() {
         assert_eq!(pod_dir_name("default/client-a"), "default_client-a");
-        assert_eq!(pod_key_from_dir_name("default_client-a"), "default/client-a");
+        assert_eq!(
+            pod_key_from_dir_name("default_client-a"),
+            "default/client-a"
+        );
         assert_eq!(pod_key_from_dir_name(&pod_dir_name("ns/a.b")), "ns/a.b");
     }
 
     #[test]
     fn layout_is_per_node() {
         let l = PinLayout::new(Path::new("/sys/fs/bpf"), "node1").unwrap();
-        assert_eq!(l.map("COUNTERS"), PathBuf::from("/sys/fs/bpf/ambit/node1/COUNTERS"));
+        assert_eq!(
+            l.map("COUNTERS"),
+            PathBuf::from("/sys/fs/bpf/ambit/node1/COUNTERS")
+        );
         assert_eq!(
             l.pod_dir("default/a"),
             PathBuf::from("/sys/fs/bpf/ambit/node1/pods/default_a")

@@ -14,7 +14,14 @@ use super::{connector, relay, ProxyContext};
 use crate::netns::Netns;
 
 /// Ports of the tunnel itself (and of a ztunnel node): never a target for the app.
-const TUNNEL_PORTS: [u16; 6] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT, 15000, 15020, 15021];
+const TUNNEL_PORTS: [u16; 6] = [
+    OUTBOUND_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    HBONE_PORT,
+    15000,
+    15020,
+    15021,
+];
 
 pub struct InboundPlaintext {
     ctx: Arc<ProxyContext>,
@@ -54,7 +61,10 @@ impl InboundPlaintext {
         // sk_lookup keeps the destination the client used as our local address.
         let original = stream.local_addr()?;
         if TUNNEL_PORTS.contains(&original.port()) {
-            bail!("refusing plaintext to the tunnel's own port {}", original.port());
+            bail!(
+                "refusing plaintext to the tunnel's own port {}",
+                original.port()
+            );
         }
         let src_workload = {
             let state = self.ctx.state.borrow();

@@ -49,7 +49,10 @@ pub struct PodListeners {
 impl PodListeners {
     pub fn open(netns: &Netns) -> Result<Self> {
         let mut outbound = vec![listen(netns, (Ipv4Addr::LOCALHOST, OUTBOUND_PORT).into())?];
-        let inbound_v4 = Some(listen(netns, (Ipv4Addr::LOCALHOST, INBOUND_PLAINTEXT_PORT).into())?);
+        let inbound_v4 = Some(listen(
+            netns,
+            (Ipv4Addr::LOCALHOST, INBOUND_PLAINTEXT_PORT).into(),
+        )?);
         // IPv6 may be disabled in the pod: then there is nothing to capture over it either.
         let mut inbound_v6 = None;
         if let Ok(l) = listen(netns, (Ipv6Addr::LOCALHOST, OUTBOUND_PORT).into()) {
@@ -91,7 +94,10 @@ impl PodTunnel {
             let handler = outbound::Outbound::new(ctx.clone(), pod.clone(), netns.clone());
             accept_loops.push(tokio::spawn(handler.run(listener)));
         }
-        for listener in [listeners.inbound_v4, listeners.inbound_v6].into_iter().flatten() {
+        for listener in [listeners.inbound_v4, listeners.inbound_v6]
+            .into_iter()
+            .flatten()
+        {
             let handler = inbound::InboundPlaintext::new(ctx.clone(), pod.clone(), netns.clone());
             accept_loops.push(tokio::spawn(handler.run(listener)));
         }

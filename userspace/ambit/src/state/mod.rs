@@ -62,6 +62,8 @@ pub struct State {
     service_by_vip: BTreeMap<SocketAddr, String>,
     /// Local pods to enroll on this node.
     pub enrolled: BTreeMap<PodKey, EnrolledPodSpec>,
+    /// Authorization policies in the config, not enforced by this build.
+    pub unenforced_policies: usize,
     /// Round-robin position for service endpoint choice.
     next_endpoint: AtomicUsize,
 }
@@ -77,7 +79,10 @@ pub struct Upstream {
 
 impl State {
     pub fn from_config(config: &LocalConfig, node: &str) -> Result<Self> {
-        let mut state = State::default();
+        let mut state = State {
+            unenforced_policies: config.policies.len(),
+            ..State::default()
+        };
         for w in &config.workloads {
             let key = format!("{}/{}", w.namespace, w.name);
             for ip in &w.workload_ips {
@@ -139,8 +144,14 @@ impl State {
 
     /// Everything the kernel should capture, for `MESH_DESTINATIONS`.
     pub fn mesh_destinations(&self) -> BTreeSet<MeshDestination> {
-        let workloads = self.workload_by_ip.keys().map(|ip| MeshDestination::Workload(*ip));
-        let services = self.service_by_vip.keys().map(|sa| MeshDestination::Service(*sa));
+        let workloads = self
+            .workload_by_ip
+            .keys()
+            .map(|ip| MeshDestination::Workload(*ip));
+        let services = self
+            .service_by_vip
+            .keys()
+            .map(|sa| MeshDestination::Service(*sa));
         workloads.chain(services).collect()
     }
 
@@ -170,7 +181,8 @@ impl State {
             if endpoints.is_empty() {
                 return None;
             }
-            let (w, port) = endpoints[self.next_endpoint.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
+            let (w, port) =
+                endpoints[self.next_endpoint.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
             let ip = w
                 .ips
                 .iter()
@@ -217,9 +229,15 @@ ambit:
 
     #[test]
     fn enrolls_only_this_nodes_ambient_pods() {
-        assert_eq!(state("n1").enrolled.keys().collect::<Vec<_>>(), ["default/a"]);
+        assert_eq!(
+            state("n1").enrolled.keys().collect::<Vec<_>>(),
+            ["default/a"]
+        );
         // e is on n2 but opted out.
-        assert_eq!(state("n2").enrolled.keys().collect::<Vec<_>>(), ["default/c"]);
+        assert_eq!(
+            state("n2").enrolled.keys().collect::<Vec<_>>(),
+            ["default/c"]
+        );
     }
 
     #[test]
@@ -240,9 +258,15 @@ ambit:
         seen.dedup();
         assert_eq!(
             seen,
-            vec!["10.2.0.2:8080".parse().unwrap(), "10.2.0.4:8081".parse().unwrap()]
+            vec![
+                "10.2.0.2:8080".parse().unwrap(),
+                "10.2.0.4:8081".parse().unwrap()
+            ]
         );
-        assert_eq!(s.resolve(vip).unwrap().service.as_deref(), Some("web.default.svc"));
+        assert_eq!(
+            s.resolve(vip).unwrap().service.as_deref(),
+            Some("web.default.svc")
+        );
     }
 
     #[test]

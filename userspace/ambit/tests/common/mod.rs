@@ -49,7 +49,8 @@ impl TestLab {
         let mut logs = std::collections::HashMap::new();
         for node in ["n1", "n2"] {
             let log = dir.join(format!("{node}.log"));
-            lab.start_node(Path::new(AMBIT), node, &config, &log).unwrap();
+            lab.start_node(Path::new(AMBIT), node, &config, &log)
+                .unwrap();
             logs.insert(node.to_owned(), log);
         }
         TestLab {
@@ -120,7 +121,10 @@ impl TestLab {
             .trim()
             .split_once(" received=")
             .unwrap_or_else(|| panic!("unexpected source.py output: {line}"));
-        (sent.trim_start_matches("sent=").to_owned(), received.to_owned())
+        (
+            sent.trim_start_matches("sent=").to_owned(),
+            received.to_owned(),
+        )
     }
 
     /// `ambit inspect` for a lab node.
@@ -137,13 +141,22 @@ impl TestLab {
     pub fn restart_node(&mut self, node: &str, log_name: &str) {
         self.lab.stop(&format!("ambit node {node}")).unwrap();
         let log = self.dir.join(log_name);
-        self.lab.start_node(Path::new(AMBIT), node, &self.config, &log).unwrap();
+        self.lab
+            .start_node(Path::new(AMBIT), node, &self.config, &log)
+            .unwrap();
         self.logs.insert(node.to_owned(), log);
     }
 
     pub fn bpftool(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("bpftool").args(args).output().unwrap();
-        assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 }
@@ -155,7 +168,9 @@ impl Drop for TestLab {
 }
 
 pub fn tool(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/tools")
+        .join(name)
 }
 
 /// A counter's value from `ambit inspect` output.

@@ -1,0 +1,148 @@
+//! `cargo xtask lab`: builds Ambit, sets up the two-node lab, starts one `ambit node` per lab
+//! node from a config file the user can edit, shows a real request being captured, prints where
+//! to look, and tears everything down on Ctrl-C (or right away with `--once`).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use ambit_lab::{pod, Lab, WEB_VIP};
+use anyhow::{bail, Context as _, Result};
+
+const PREFIX: &str = "ambit-lab";
+
+pub fn run(once: bool) -> Result<()> {
+    ambit_lab::require_root()?;
+    crate::cargo(&["build", "--release", "-p", "ambit"])?;
+    let root = workspace_root();
+    let ambit = root.join("target/release/ambit");
+    let dir = root.join("target/lab");
+    fs::create_dir_all(dir.join("www"))?;
+    fs::write(dir.join("www/index.html"), "hello from pod c (web)\n")?;
+
+    println!("== building the lab: 2 nodes, 4 pods (network namespaces {PREFIX}-*)");
+    let mut lab = Lab::create(PREFIX)?;
+    let config = dir.join("lab.yaml");
+    fs::write(&config, lab.config_yaml(&["a", "c"]))?;
+    for p in ["c", "d"] {
+        lab.start_http_server(p, 8080, &dir.join("www"))?;
+    }
+    let logs: Vec<PathBuf> = ["n1", "n2"]
+        .iter()
+        .map(|n| dir.join(format!("{n}.log")))
+        .collect();
+    for (node, log) in ["n1", "n2"].iter().zip(&logs) {
+        lab.start_node(&ambit, node, &config, log)?;
+    }
+    println!("== Ambit nodes running: {PREFIX}-n1 (pods a, b), {PREFIX}-n2 (pods c, d)");
+
+    demo(&lab, &logs)?;
+    print_where_to_look(&lab, &config, &logs, &ambit);
+
+    if once {
+        println!("== --once: tearing down");
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc_handler(move || flag.store(true, Ordering::SeqCst))?;
+    println!("\n== lab is up; press Ctrl-C to tear it down");
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("\n== tearing down the lab");
+    drop(lab);
+    println!("== done: no namespace, cgroup, pin or process of the lab remains");
+    Ok(())
+}
+
+fn demo(lab: &Lab, logs: &[PathBuf]) -> Result<()> {
+    let c = pod("c").ip;
+    for (what, url) in [
+        ("pod a → pod c by pod IP", format!("http://{c}:8080/")),
+        ("pod a → service web by VIP", format!("http://{WEB_VIP}/")),
+    ] {
+        println!("\n$ ip netns exec {PREFIX}-a curl -sS {url}     # {what}");
+        let out = lab.run_in_pod("a", "curl", &["-sS", "--max-time", "10", &url])?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            bail!(
+                "the demo request failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    println!("\n== what the nodes logged (captured, with the original destination):");
+    for log in logs {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        for line in text.lines().filter(|l| l.contains("captured")) {
+            println!("  {}", line);
+        }
+    }
+    Ok(())
+}
+
+fn print_where_to_look(lab: &Lab, config: &Path, logs: &[PathBuf], ambit: &Path) {
+    let n1 = lab.node_name("n1");
+    println!(
+        "\n== where to look
+  config (edit it: set a pod's dataplaneMode to none, add a service; nodes apply it live):
+      {config}
+  logs:         tail -f {log1} {log2}
+  a request:    ip netns exec {p}-a curl http://{c}:8080/     (b and d are outside the mesh)
+  kernel state: {ambit} inspect --node {n1}
+  bpftool:      bpftool prog show name ambit_connect4
+                bpftool cgroup show {cg}
+                bpftool map dump pinned /sys/fs/bpf/ambit/{n1}/MESH_DESTINATIONS
+                bpftool link show
+  no rules:     ip netns exec {p}-n1 iptables-save; ip netns exec {p}-n1 tc filter show dev link0 ingress
+                (both empty: capture is eBPF attached to the pods only)",
+        config = config.display(),
+        log1 = logs[0].display(),
+        log2 = logs[1].display(),
+        p = PREFIX,
+        c = pod("c").ip,
+        ambit = ambit.display(),
+        cg = lab.pod_cgroup("a").display(),
+    );
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Calls `f` on SIGINT or SIGTERM (it must only do async-signal-safe work, like setting a flag).
+fn ctrlc_handler(f: impl Fn() + Send + Sync + 'static) -> Result<()> {
+    static HANDLER: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>> = std::sync::OnceLock::new();
+    if HANDLER.set(Box::new(f)).is_err() {
+        bail!("signal handler already set");
+    }
+    extern "C" fn on_signal(_: libc::c_int) {
+        if let Some(f) = HANDLER.get() {
+            f();
+        }
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only calls a closure that stores an atomic flag.
+        let previous = unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+        if previous == libc::SIG_ERR {
+            return Err(std::io::Error::last_os_error()).context("installing a signal handler");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Prerequisites, installed only when missing so that a second run takes a second.
+//!
+//! Versions are those known to build here (shared/reference/kernel.md): the aya 0.14 train
+//! needs nightly's rust-src for `-Z build-std=core`, and bpf-linker 0.10.3, which uses nightly
+//! rustc's own LLVM (0.11+ wants a system LLVM that Debian does not ship).
+
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context as _, Result};
+
+/// Debian packages the lab and tests use: (package, a command it provides).
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("iproute2", "ip"),
+    ("iperf3", "iperf3"),
+    ("curl", "curl"),
+    ("netcat-openbsd", "nc"),
+    ("tcpdump", "tcpdump"),
+    ("procps", "pgrep"),
+    ("util-linux", "nsenter"),
+    ("python3", "python3"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.10.3";
+
+pub fn run() -> Result<()> {
+    debian_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    if is_root() {
+        ambit_lab::ensure_bpffs(std::path::Path::new("/sys/fs/bpf"))?;
+    }
+    Ok(())
+}
+
+fn debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(_, command)| !has_command(command))
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {missing:?}; install them as root: apt-get install {}",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing Debian packages {missing:?}");
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .stderr(Stdio::null())
+        .output()
+        .context("running rustup (Ambit's eBPF build needs rustup's nightly toolchain)")?;
+    if installed.status.success() && String::from_utf8_lossy(&installed.stdout).contains("rust-src")
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: installing the nightly toolchain's rust-src");
+    run_cmd(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
+}
+
+fn bpf_linker() -> Result<()> {
+    let version = Command::new("bpf-linker").arg("--version").output();
+    if let Ok(out) = version {
+        if String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+    }
+    eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (a few minutes, once)");
+    run_cmd(Command::new("cargo").args([
+        "install",
+        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        "--locked",
+        "--force",
+    ]))
+}
+
+fn has_command(command: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {command}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed");
+    }
+    Ok(())
+}

@@ -66,14 +66,7 @@ fn test(lint: bool, cargo_args: &[String]) -> Result<()> {
     // bpfel-unknown-none (userspace/ambit/build.rs builds it) and is linted separately below.
     if lint {
         cargo(&["fmt", "--all", "--check"])?;
-        cargo(&[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ])?;
+        cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
         // The eBPF crate is linted for its real target.
         cargo(&[
             "+nightly",

@@ -33,12 +33,17 @@ pub fn run(once: bool) -> Result<()> {
     for p in ["c", "d"] {
         lab.start_http_server(p, 8080, &dir.join("www"))?;
     }
+    let ca = dir.join("ca");
+    if !ca.join("root-cert.pem").exists() {
+        lab.init_ca(&ambit, &ca)?;
+    }
+    let ca_arg = ca.display().to_string();
     let logs: Vec<PathBuf> = ["n1", "n2"]
         .iter()
         .map(|n| dir.join(format!("{n}.log")))
         .collect();
     for (node, log) in ["n1", "n2"].iter().zip(&logs) {
-        lab.start_node(&ambit, node, &config, log)?;
+        lab.start_node(&ambit, node, &config, log, &["--ca-dir", &ca_arg])?;
     }
     println!("== Ambit nodes running: {PREFIX}-n1 (pods a, b), {PREFIX}-n2 (pods c, d)");
 

@@ -5,7 +5,9 @@
 //! - `test`: lint, build, unit and privileged integration tests, and a check that the tests
 //!   left nothing behind. The README's test command and what CI runs.
 //! - `lab`: Ambit's main job on one machine (see README).
+//! - `bench`: plain TCP against Ambit on the lab, as ratios.
 
+mod bench;
 mod lab;
 mod setup;
 
@@ -40,6 +42,12 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
+    /// Benchmark plain TCP against Ambit (eBPF capture + HBONE) on the lab; prints ratios.
+    Bench {
+        /// Seconds per throughput and connection-rate measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -52,6 +60,10 @@ fn main() -> Result<()> {
         Task::Lab { once } => {
             setup::run()?;
             lab::run(once)
+        }
+        Task::Bench { seconds } => {
+            setup::run()?;
+            bench::run(seconds)
         }
     }
 }

@@ -1,14 +1,5 @@
 //! `ambit`: one node of the Ambit data path.
 
-mod agent;
-mod cgroup;
-mod config;
-mod datapath;
-mod inspect;
-mod netns;
-mod proxy;
-mod state;
-
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Result;
@@ -19,13 +10,17 @@ use tokio::{
 };
 use tracing::{error, info};
 
-use crate::{
+use ambit::{
     agent::{
         source::{FileSource, StateSource},
         Agent,
     },
+    cgroup, datapath,
     datapath::{pins::PinLayout, Datapath},
+    hbone::{client::HboneClient, HboneSettings},
+    inspect,
     proxy::ProxyContext,
+    tls::{BuiltinCa, CertManager, CertificateAuthority, PluginCa, DEFAULT_TRUST_DOMAIN},
 };
 
 #[derive(Parser)]
@@ -49,12 +44,27 @@ enum Command {
         #[arg(long, default_value = datapath::pins::DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
+    /// Certificate authority tools.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Remove every pin of a node: detaches its programs from all its pods.
     Reset {
         #[arg(long, env = "AMBIT_NODE")]
         node: String,
         #[arg(long, default_value = datapath::pins::DEFAULT_BPFFS)]
         bpffs: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a new root CA (Ambit's built-in CA) in Istio's plug-in CA layout in DIR
+    /// (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem), for `ambit node --ca-dir DIR`.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
     },
 }
 
@@ -75,6 +85,20 @@ struct NodeArgs {
     /// Timeout for the tunnel's connections to upstreams and apps.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     connect_timeout: Duration,
+    /// SPIFFE trust domain of this node's workloads (unless a workload names its own).
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// A CA in Istio's plug-in CA layout (ca-cert.pem, ca-key.pem, root-cert.pem,
+    /// cert-chain.pem), shared with other nodes (and Istio). Without it, a built-in CA is
+    /// generated for this node alone and its root written to --ca-root-out.
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Where the built-in CA's root certificate is written (PEM).
+    #[arg(long, default_value = "/run/ambit/root-cert.pem")]
+    ca_root_out: PathBuf,
+    /// Lifetime of workload certificates; they are renewed at half of it.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_lifetime: Duration,
     /// Detach capture on exit instead of keeping it (fail closed) for the next node process.
     #[arg(long)]
     detach_on_exit: bool,
@@ -92,7 +116,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     }
 }
 
@@ -107,6 +132,16 @@ fn main() -> Result<()> {
                 .block_on(run_node(args))
         }
         Command::Inspect { node, bpffs } => inspect::print(&PinLayout::new(&bpffs, &node)?),
+        Command::Ca(CaCommand::Init { dir, trust_domain }) => {
+            let ca = BuiltinCa::generate(&trust_domain)?;
+            ca.write_plugin_layout(&dir)?;
+            println!(
+                "CA written to {} (root: {})",
+                dir.display(),
+                dir.join("root-cert.pem").display()
+            );
+            Ok(())
+        }
         Command::Reset { node, bpffs } => {
             let pins = PinLayout::new(&bpffs, &node)?;
             pins.remove_all()?;
@@ -135,14 +170,29 @@ async fn run_node(args: NodeArgs) -> Result<()> {
         Some(root) => root.clone(),
         None => cgroup::cgroup2_root()?,
     };
-    let mut source: Box<dyn StateSource> = Box::new(FileSource::new(&args.config, &args.node));
+    raise_fd_limit();
+    let mut source: Box<dyn StateSource> = Box::new(FileSource::new(
+        &args.config,
+        &args.node,
+        &args.trust_domain,
+    ));
     let initial = source.initial()?;
+    let ca = certificate_authority(&args)?;
+    let certs = Arc::new(CertManager::new(ca, args.cert_lifetime));
     let datapath = Datapath::open(&args.bpffs, &args.node)?;
     let (state_tx, state_rx) = watch::channel(initial.clone());
+    let hbone_settings = HboneSettings::default();
     let proxy = Arc::new(ProxyContext {
         state: state_rx,
         original_destinations: datapath.original_destinations(),
         connect_timeout: args.connect_timeout,
+        certs: certs.clone(),
+        hbone: Arc::new(HboneClient::new(
+            hbone_settings.clone(),
+            certs,
+            args.connect_timeout,
+        )),
+        hbone_settings,
     });
     let mut agent = Agent::new(datapath, cgroup_root, proxy);
     agent.apply(&initial)?;
@@ -159,6 +209,10 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut retry = tokio::time::interval(Duration::from_secs(2));
+    // Renewal happens at half the lifetime; check often enough to be on time.
+    let mut renew = tokio::time::interval(
+        (args.cert_lifetime / 10).clamp(Duration::from_millis(200), Duration::from_secs(60)),
+    );
     loop {
         tokio::select! {
             Some(state) = updates.recv() => {
@@ -174,6 +228,7 @@ async fn run_node(args: NodeArgs) -> Result<()> {
                     error!("retrying enrollment: {e:#}");
                 }
             }
+            _ = renew.tick() => agent.refresh_certificates(),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -187,6 +242,39 @@ async fn run_node(args: NodeArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The CA that signs this node's workload certificates; a missing or malformed plug-in CA file
+/// stops the node with an error naming it.
+fn certificate_authority(args: &NodeArgs) -> Result<Arc<dyn CertificateAuthority>> {
+    if let Some(dir) = &args.ca_dir {
+        let ca = PluginCa::load(dir, &args.trust_domain)?;
+        info!(dir = %dir.display(), "using the plug-in CA");
+        return Ok(Arc::new(ca));
+    }
+    let ca = BuiltinCa::generate(&args.trust_domain)?;
+    if let Some(parent) = args.ca_root_out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    ca.write_root(&args.ca_root_out)?;
+    info!(root = %args.ca_root_out.display(), "using a built-in CA for this node alone");
+    Ok(Arc::new(ca))
+}
+
+/// Each captured connection holds a few sockets: raise the soft fd limit to the hard one.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 fn check_root() -> Result<()> {

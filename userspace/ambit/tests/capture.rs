@@ -8,7 +8,7 @@ use common::{assert_ok, stdout, TestLab};
 
 #[test]
 fn curl_by_pod_ip_and_by_service_vip_is_captured() {
-    let t = TestLab::start(&["a", "c"]);
+    let t = TestLab::start_tcp(&["a", "c"]);
     let c = pod("c").ip;
 
     let out = t.curl("a", &format!("http://{c}:8080/"));
@@ -38,7 +38,7 @@ fn curl_by_pod_ip_and_by_service_vip_is_captured() {
 
 #[test]
 fn pods_outside_the_mesh_and_destinations_outside_it_are_untouched() {
-    let t = TestLab::start(&["a", "c"]);
+    let t = TestLab::start_tcp(&["a", "c"]);
     let d = pod("d").ip;
 
     // b is not enrolled, d is not in the mesh: straight through, no node sees it.
@@ -65,7 +65,7 @@ fn pods_outside_the_mesh_and_destinations_outside_it_are_untouched() {
 
 #[test]
 fn enrolling_and_unenrolling_by_config_edit_applies_without_restart() {
-    let t = TestLab::start(&["a", "c"]);
+    let t = TestLab::start_tcp(&["a", "c"]);
     let c = pod("c").ip;
     let url = format!("http://{c}:8080/");
     let pin_dir = t.lab.pin_dir("n1").join("pods/default_a");
@@ -112,7 +112,7 @@ fn enrolling_and_unenrolling_by_config_edit_applies_without_restart() {
 
 #[test]
 fn a_large_transfer_and_a_half_close_pass_through_capture_intact() {
-    let mut t = TestLab::start(&["a", "c"]);
+    let mut t = TestLab::start_tcp(&["a", "c"]);
     t.start_sink("c", 9000);
     let c = pod("c").ip;
     // 1 GiB from a to c through both nodes' tunnels; the answer comes back after a's
@@ -128,7 +128,7 @@ fn a_large_transfer_and_a_half_close_pass_through_capture_intact() {
 
 #[test]
 fn ipv4_mapped_connect_on_an_ipv6_socket_is_captured_too() {
-    let mut t = TestLab::start(&["a", "c"]);
+    let mut t = TestLab::start_tcp(&["a", "c"]);
     t.start_sink("c", 9000);
     let mapped = format!("::ffff:{}", pod("c").ip);
     let (sent, received) = t.send("a", &mapped, 9000, 1 << 20);
@@ -145,7 +145,7 @@ fn ipv4_mapped_connect_on_an_ipv6_socket_is_captured_too() {
 
 #[test]
 fn nc_through_capture_works() {
-    let t = TestLab::start(&["a", "c"]);
+    let t = TestLab::start_tcp(&["a", "c"]);
     // A plain TCP echo-less exchange with netcat: request, half-close, response.
     let out = t
         .lab
@@ -167,7 +167,7 @@ fn nc_through_capture_works() {
 
 #[test]
 fn while_a_node_is_down_captured_connections_fail_closed_and_it_recovers() {
-    let mut t = TestLab::start(&["a", "c"]);
+    let mut t = TestLab::start_tcp(&["a", "c"]);
     let url = format!("http://{}:8080/", pod("c").ip);
 
     // Node 1 down: pod a's capture stays attached (pinned), so its connection to a mesh

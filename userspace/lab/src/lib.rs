@@ -88,6 +88,26 @@ pub fn pod(name: &str) -> &'static PodSpec {
         .expect("no such lab pod")
 }
 
+/// What the lab's config says, beyond its fixed topology.
+#[derive(Debug, Clone)]
+pub struct LabConfig<'a> {
+    pub enrolled: &'a [&'a str],
+    /// `HBONE` or `TCP`, for the mesh workloads a and c.
+    pub protocol: &'a str,
+    /// `permissive` or `strict`.
+    pub mtls_mode: &'a str,
+}
+
+impl Default for LabConfig<'_> {
+    fn default() -> Self {
+        Self {
+            enrolled: &["a", "c"],
+            protocol: "HBONE",
+            mtls_mode: "permissive",
+        }
+    }
+}
+
 pub struct Lab {
     prefix: String,
     cgroup_root: PathBuf,
@@ -229,10 +249,18 @@ impl Lab {
         self.bpffs.join("ambit").join(self.node_name(node))
     }
 
-    /// The lab's desired state in ztunnel's local config format. `enrolled` lists the pods
-    /// whose `dataplaneMode` is `ambient`; the other mesh pods are listed as `none`.
-    /// Pods a and c are mesh workloads; b and d are outside the mesh.
+    /// The lab's desired state in ztunnel's local config format: pods a and c are mesh
+    /// workloads speaking HBONE, b and d are outside the mesh. `enrolled` lists the pods whose
+    /// `dataplaneMode` is `ambient`; the other mesh pods are listed as `none`.
     pub fn config_yaml(&self, enrolled: &[&str]) -> String {
+        self.config_yaml_with(&LabConfig {
+            enrolled,
+            ..LabConfig::default()
+        })
+    }
+
+    pub fn config_yaml_with(&self, options: &LabConfig<'_>) -> String {
+        let enrolled = options.enrolled;
         let mode = |pod: &str| {
             if enrolled.contains(&pod) {
                 "ambient"
@@ -250,14 +278,14 @@ workloads:
   namespace: default
   serviceAccount: sleep
   workloadIps: ["{a_ip}"]
-  protocol: TCP
+  protocol: {protocol}
   node: {n1}
 - uid: lab//v1/Pod/default/c
   name: c
   namespace: default
   serviceAccount: web
   workloadIps: ["{c_ip}"]
-  protocol: TCP
+  protocol: {protocol}
   node: {n2}
   services:
     "default/web.default.svc.cluster.local":
@@ -271,6 +299,7 @@ services:
     80: 8080
 policies: []
 ambit:
+  mtlsMode: {mtls_mode}
   pods:
   - workload: default/a
     netns: {a_ns}
@@ -292,6 +321,8 @@ ambit:
             c_cg = self.pod_cgroup_rel("c"),
             a_mode = mode("a"),
             c_mode = mode("c"),
+            protocol = options.protocol,
+            mtls_mode = options.mtls_mode,
         )
     }
 
@@ -380,19 +411,36 @@ ambit:
         )
     }
 
+    /// Creates the lab's CA (Ambit's built-in CA, written in Istio's plug-in CA layout) in
+    /// `dir`, so that both nodes issue certificates from one root (`dir/root-cert.pem`).
+    pub fn init_ca(&self, ambit: &Path, dir: &Path) -> Result<()> {
+        let out = Command::new(ambit)
+            .args(["ca", "init", "--dir"])
+            .arg(dir)
+            .output()
+            .context("running ambit ca init")?;
+        if !out.status.success() {
+            bail!("ambit ca init: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
     /// Starts an `ambit node` for a lab node, inside the node's netns, logging to `log`.
+    /// `extra` are more `ambit node` flags (e.g. `--ca-dir`).
     pub fn start_node(
         &mut self,
         ambit: &Path,
         node: &str,
         config: &Path,
         log: &Path,
+        extra: &[&str],
     ) -> Result<()> {
         let log_file =
             fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = self.node_command(node, ambit.to_str().unwrap());
         cmd.args(["node", "--node", &self.node_name(node), "--config"])
             .arg(config)
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

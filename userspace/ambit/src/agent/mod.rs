@@ -65,14 +65,25 @@ impl Agent {
             );
         }
         // Un-enroll what is no longer wanted, or wanted differently.
+        // Only a change of where the pod is (netns, cgroup, addresses) or who it is needs a
+        // re-enrollment; anything else (e.g. its mTLS mode) is read per connection from the
+        // state, so it changes without the gap a re-enrollment would open.
         let stale: Vec<PodKey> = self
             .pods
             .iter()
-            .filter(|(key, pod)| state.enrolled.get(*key) != Some(&pod.spec))
+            .filter(|(key, pod)| match state.enrolled.get(*key) {
+                Some(spec) => needs_reenrollment(&pod.spec, spec),
+                None => true,
+            })
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
             self.unenroll(&key);
+        }
+        for (key, pod) in self.pods.iter_mut() {
+            if let Some(spec) = state.enrolled.get(key) {
+                pod.spec = spec.clone();
+            }
         }
 
         self.datapath
@@ -101,6 +112,8 @@ impl Agent {
     }
 
     fn enroll(&mut self, spec: &EnrolledPodSpec) -> Result<Enrolled> {
+        // Issue the pod's certificate now, not on its first connection.
+        self.proxy.certs.get(&spec.identity)?;
         let netns = Arc::new(Netns::open(&spec.netns)?);
         let cgroup_path = cgroup::resolve(&self.cgroup_root, &spec.cgroup);
         let cgroup_dir = cgroup::open_dir(&cgroup_path)?;
@@ -126,6 +139,7 @@ impl Agent {
         let tunnel = PodTunnel::start(
             self.proxy.clone(),
             spec.key.clone(),
+            spec.identity.clone(),
             netns.clone(),
             listeners,
         );
@@ -194,6 +208,16 @@ impl Agent {
         Ok(())
     }
 
+    /// Renews the certificates of enrolled pods that passed half their lifetime, before they
+    /// are needed: new connections always find a fresh certificate.
+    pub fn refresh_certificates(&self) {
+        for pod in self.pods.values() {
+            if let Err(e) = self.proxy.certs.get(&pod.spec.identity) {
+                error!(pod = %pod.spec.key, "certificate renewal failed: {e:#}");
+            }
+        }
+    }
+
     /// Un-enrolls every pod: used by `--detach-on-exit`.
     pub fn unenroll_all(&mut self) {
         let keys: Vec<PodKey> = self.pods.keys().cloned().collect();
@@ -201,6 +225,13 @@ impl Agent {
             self.unenroll(&key);
         }
     }
+}
+
+fn needs_reenrollment(old: &EnrolledPodSpec, new: &EnrolledPodSpec) -> bool {
+    old.netns != new.netns
+        || old.cgroup != new.cgroup
+        || old.ips != new.ips
+        || old.identity != new.identity
 }
 
 /// A borrowed raw fd, for handing a listener to the sockhash.

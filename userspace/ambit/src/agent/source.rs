@@ -26,16 +26,18 @@ pub trait StateSource: Send + 'static {
 pub struct FileSource {
     path: PathBuf,
     node: String,
+    trust_domain: String,
     poll: Duration,
     last_seen: Option<(SystemTime, u64)>,
     last_text: String,
 }
 
 impl FileSource {
-    pub fn new(path: &Path, node: &str) -> Self {
+    pub fn new(path: &Path, node: &str, trust_domain: &str) -> Self {
         Self {
             path: path.to_owned(),
             node: node.to_owned(),
+            trust_domain: trust_domain.to_owned(),
             poll: Duration::from_millis(500),
             last_seen: None,
             last_text: String::new(),
@@ -56,7 +58,11 @@ impl FileSource {
         }
         self.last_text = text.clone();
         let config = LocalConfig::parse(&text, &self.path.display().to_string())?;
-        Ok(Some(Arc::new(State::from_config(&config, &self.node)?)))
+        Ok(Some(Arc::new(State::from_config(
+            &config,
+            &self.node,
+            &self.trust_domain,
+        )?)))
     }
 }
 

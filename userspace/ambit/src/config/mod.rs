@@ -33,6 +33,9 @@ pub struct Workload {
     pub workload_ips: Vec<IpAddr>,
     #[serde(default)]
     pub protocol: Protocol,
+    /// SPIFFE trust domain; the node's (`--trust-domain`) when absent.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
     #[serde(default)]
     pub node: String,
     /// `"<namespace>/<hostname>"` → service port → target port.
@@ -66,6 +69,9 @@ pub struct Service {
     /// Service port → target port.
     #[serde(default)]
     pub ports: BTreeMap<u16, u16>,
+    /// Extra identities a server of this service may present (SPIFFE URIs).
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
 }
 
 /// Ambit's own section: the lab (or any file-driven node) says here where its pods live.
@@ -74,6 +80,17 @@ pub struct Service {
 pub struct AmbitSection {
     #[serde(default)]
     pub pods: Vec<LocalPod>,
+    /// Plaintext inbound to enrolled pods: `permissive` (accepted) or `strict` (refused).
+    #[serde(default)]
+    pub mtls_mode: MtlsMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    #[default]
+    Permissive,
+    Strict,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -88,6 +105,9 @@ pub struct LocalPod {
     /// As Istio's `istio.io/dataplane-mode` label: `ambient` enrolls, `none` opts out.
     #[serde(default)]
     pub dataplane_mode: DataplaneMode,
+    /// Overrides `ambit.mtlsMode` for this pod.
+    #[serde(default)]
+    pub mtls_mode: Option<MtlsMode>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -154,6 +174,10 @@ impl LocalConfig {
         }
         for (i, s) in self.services.iter().enumerate() {
             s.vip_addrs().with_context(|| format!("services[{i}]"))?;
+            for san in &s.subject_alt_names {
+                crate::tls::Identity::parse(san)
+                    .with_context(|| format!("services[{i}].subjectAltNames"))?;
+            }
         }
         let mut seen = BTreeMap::new();
         for (i, pod) in self.ambit.pods.iter().enumerate() {

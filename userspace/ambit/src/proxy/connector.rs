@@ -1,24 +1,60 @@
-//! How the tunnel reaches an upstream. A `protocol: TCP` workload gets plain TCP from inside the
-//! source pod's netns; HBONE (mTLS + HTTP/2 CONNECT to port 15008) slots in here as a second
-//! connector.
+//! How the tunnel reaches an upstream: a `protocol: TCP` workload gets plain TCP from inside the
+//! source pod's netns; a `protocol: HBONE` workload gets an HBONE tunnel (mTLS + HTTP/2 CONNECT)
+//! to its port 15008, also from inside the source pod's netns.
 
 use std::{net::SocketAddr, time::Duration};
 
-use anyhow::{bail, Context as _, Result};
+use ambit_abi::HBONE_PORT;
+use anyhow::{Context as _, Result};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::{config::Protocol, netns::Netns, state::Upstream};
+use super::ProxyContext;
+use crate::{
+    config::Protocol,
+    hbone::client::{Tunnel, TunnelRequest},
+    netns::Netns,
+    state::{Upstream, WorkloadInfo},
+};
 
-/// Opens the upstream connection for a captured connection from the pod in `netns`.
-pub async fn connect(netns: &Netns, upstream: &Upstream, timeout: Duration) -> Result<TcpStream> {
+pub enum UpstreamConnection {
+    Tcp(TcpStream),
+    Hbone(Tunnel),
+}
+
+/// The pod a captured outbound connection comes from.
+pub struct Source<'a> {
+    pub workload: &'a WorkloadInfo,
+    pub netns: &'a Netns,
+    /// The app's address as the mesh sees it: the pod's IP and the app's port.
+    pub addr: SocketAddr,
+}
+
+pub async fn connect(
+    ctx: &ProxyContext,
+    source: &Source<'_>,
+    upstream: &Upstream,
+) -> Result<UpstreamConnection> {
     match upstream.workload.protocol {
-        Protocol::Tcp => connect_tcp(netns, upstream.addr, timeout).await,
-        // Fail closed: never send a connection meant for the HBONE tunnel in plaintext.
-        Protocol::Hbone => bail!(
-            "workload {} speaks HBONE, which this build does not tunnel yet; refusing rather \
-             than sending plaintext",
-            upstream.workload.key
-        ),
+        Protocol::Tcp => Ok(UpstreamConnection::Tcp(
+            connect_tcp(source.netns, upstream.addr, ctx.connect_timeout).await?,
+        )),
+        Protocol::Hbone => {
+            let expected = ctx.state.borrow().expected_identities(upstream);
+            let tunnel = ctx
+                .hbone
+                .open(TunnelRequest {
+                    netns: source.netns,
+                    source: source.workload.identity(),
+                    expected,
+                    hbone_addr: SocketAddr::new(upstream.addr.ip(), HBONE_PORT),
+                    target: upstream.addr,
+                    client_addr: source.addr,
+                    service_host: upstream.service.clone(),
+                    baggage: source.workload.baggage(),
+                })
+                .await?;
+            Ok(UpstreamConnection::Hbone(tunnel))
+        }
     }
 }
 
@@ -29,7 +65,7 @@ pub async fn connect_tcp(netns: &Netns, addr: SocketAddr, timeout: Duration) -> 
     let socket = TcpSocket::from_std_stream(socket.into());
     let stream = tokio::time::timeout(timeout, socket.connect(addr))
         .await
-        .with_context(|| format!("connect to {addr} timed out after {timeout:?}"))?
+        .map_err(|_| anyhow::anyhow!("connect to {addr} timed out after {timeout:?}"))?
         .with_context(|| format!("connect to {addr}"))?;
     stream.set_nodelay(true)?;
     Ok(stream)

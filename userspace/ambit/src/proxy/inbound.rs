@@ -5,23 +5,12 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use ambit_abi::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use anyhow::{bail, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn, Instrument as _};
 
 use super::{connector, relay, ProxyContext};
-use crate::netns::Netns;
-
-/// Ports of the tunnel itself (and of a ztunnel node): never a target for the app.
-const TUNNEL_PORTS: [u16; 6] = [
-    OUTBOUND_PORT,
-    INBOUND_PLAINTEXT_PORT,
-    HBONE_PORT,
-    15000,
-    15020,
-    15021,
-];
+use crate::{config::MtlsMode, hbone::server::TUNNEL_PORTS, netns::Netns};
 
 pub struct InboundPlaintext {
     ctx: Arc<ProxyContext>,
@@ -66,10 +55,18 @@ impl InboundPlaintext {
                 original.port()
             );
         }
-        let src_workload = {
+        let (src_workload, mode) = {
             let state = self.ctx.state.borrow();
-            state.workload_by_ip(peer.ip()).map(|w| w.key.clone())
+            (
+                state.workload_by_ip(peer.ip()).map(|w| w.key.clone()),
+                state.enrolled.get(&self.pod).map(|p| p.mtls_mode),
+            )
         };
+        if mode == Some(MtlsMode::Strict) {
+            // Closed without a byte: strict mTLS admits only HBONE.
+            info!(original_dst = %original, "plaintext inbound refused: strict mTLS");
+            return Ok(());
+        }
         info!(
             original_dst = %original,
             src_workload = src_workload.as_deref().unwrap_or("unknown"),

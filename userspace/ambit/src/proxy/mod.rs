@@ -6,6 +6,8 @@
 //! - inbound plaintext (`127.0.0.1:15006`, `[::1]:15006`): connections sk_lookup steered here;
 //!   the original destination is the accepted socket's local address (`inbound.rs`).
 //!
+//! - HBONE (`0.0.0.0:15008`, `[::]:15008`): mTLS HTTP/2 CONNECT from other nodes (`hbone::server`).
+//!
 //! How a connection reaches its upstream depends on the upstream's protocol (`connector.rs`).
 
 pub mod connector;
@@ -19,18 +21,27 @@ use std::{
     time::Duration,
 };
 
-use ambit_abi::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use ambit_abi::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use anyhow::{Context as _, Result};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::debug;
 
-use crate::{datapath::OriginalDestinations, netns::Netns, state::State};
+use crate::{
+    datapath::OriginalDestinations,
+    hbone::{client::HboneClient, server::HboneServer, HboneSettings},
+    netns::Netns,
+    state::State,
+    tls::{CertManager, Identity},
+};
 
 /// What every connection handler needs, shared by all pods of the node.
 pub struct ProxyContext {
     pub state: watch::Receiver<Arc<State>>,
     pub original_destinations: OriginalDestinations,
     pub connect_timeout: Duration,
+    pub certs: Arc<CertManager>,
+    pub hbone: Arc<HboneClient>,
+    pub hbone_settings: HboneSettings,
 }
 
 /// One pod's tunnel: its listeners and accept loops. Dropping it closes the listeners (so
@@ -44,6 +55,8 @@ pub struct PodListeners {
     pub outbound: Vec<TcpListener>,
     pub inbound_v4: Option<TcpListener>,
     pub inbound_v6: Option<TcpListener>,
+    /// HBONE (15008) on every address of the pod; sk_lookup leaves this port alone.
+    pub hbone: Vec<TcpListener>,
 }
 
 impl PodListeners {
@@ -55,9 +68,11 @@ impl PodListeners {
         )?);
         // IPv6 may be disabled in the pod: then there is nothing to capture over it either.
         let mut inbound_v6 = None;
+        let mut hbone = vec![listen(netns, (Ipv4Addr::UNSPECIFIED, HBONE_PORT).into())?];
         if let Ok(l) = listen(netns, (Ipv6Addr::LOCALHOST, OUTBOUND_PORT).into()) {
             outbound.push(l);
             inbound_v6 = listen(netns, (Ipv6Addr::LOCALHOST, INBOUND_PLAINTEXT_PORT).into()).ok();
+            hbone.extend(listen(netns, (Ipv6Addr::UNSPECIFIED, HBONE_PORT).into()).ok());
         } else {
             debug!(netns = %netns.path().display(), "no IPv6 loopback in the pod; IPv4 only");
         }
@@ -65,6 +80,7 @@ impl PodListeners {
             outbound,
             inbound_v4,
             inbound_v6,
+            hbone,
         })
     }
 }
@@ -86,6 +102,7 @@ impl PodTunnel {
     pub fn start(
         ctx: Arc<ProxyContext>,
         pod: String,
+        identity: Identity,
         netns: Arc<Netns>,
         listeners: PodListeners,
     ) -> Self {
@@ -100,6 +117,11 @@ impl PodTunnel {
         {
             let handler = inbound::InboundPlaintext::new(ctx.clone(), pod.clone(), netns.clone());
             accept_loops.push(tokio::spawn(handler.run(listener)));
+        }
+        for listener in listeners.hbone {
+            let server =
+                HboneServer::new(ctx.clone(), pod.clone(), identity.clone(), netns.clone());
+            accept_loops.push(tokio::spawn(server.run(listener)));
         }
         Self { accept_loops }
     }

@@ -8,7 +8,11 @@ use anyhow::{anyhow, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn, Instrument as _};
 
-use super::{connector, relay, ProxyContext};
+use super::{
+    connector::{self, Source, UpstreamConnection},
+    relay, ProxyContext,
+};
+use crate::hbone::bridge::bridge;
 use crate::netns::Netns;
 
 pub struct Outbound {
@@ -51,26 +55,54 @@ impl Outbound {
             .original_destinations
             .lookup(self.netns.cookie(), peer)
             .ok_or_else(|| anyhow!("no original destination recorded for {peer}"))?;
-        let upstream = {
+        let (upstream, source_workload) = {
             let state = self.ctx.state.borrow();
-            state.resolve(original)
-        }
-        .ok_or_else(|| anyhow!("{original} is no longer a mesh destination"))?;
+            (
+                state.resolve(original),
+                state.workloads.get(&self.pod).cloned(),
+            )
+        };
+        let upstream =
+            upstream.ok_or_else(|| anyhow!("{original} is no longer a mesh destination"))?;
+        let source_workload =
+            source_workload.ok_or_else(|| anyhow!("pod {} is no longer a workload", self.pod))?;
         info!(
             original_dst = %original,
             upstream = %upstream.addr,
             dst_workload = %upstream.workload.key,
+            protocol = ?upstream.workload.protocol,
             service = upstream.service.as_deref().unwrap_or("-"),
             "captured outbound connection"
         );
         stream.set_nodelay(true)?;
-        let upstream_stream =
-            connector::connect(&self.netns, &upstream, self.ctx.connect_timeout).await?;
-        let (t, result) = relay::relay(stream, upstream_stream).await;
+        // The mesh sees the app at the pod's address (the app's socket is on loopback here).
+        let pod_ip = source_workload
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == original.is_ipv4())
+            .or(source_workload.ips.first())
+            .copied()
+            .unwrap_or(peer.ip());
+        let source = Source {
+            workload: &source_workload,
+            netns: &self.netns,
+            addr: SocketAddr::new(pod_ip, peer.port()),
+        };
+        let connection = connector::connect(&self.ctx, &source, &upstream).await?;
+        let (t, result) = match connection {
+            UpstreamConnection::Tcp(upstream) => relay::relay(stream, upstream).await,
+            UpstreamConnection::Hbone(tunnel) => {
+                let result = bridge(stream, tunnel.send, tunnel.recv).await;
+                drop(tunnel.lease);
+                result
+            }
+        };
         info!(
             direction = "outbound",
+            src_identity = %source_workload.identity(),
             original_dst = %original,
             upstream = %upstream.addr,
+            dst_identity = %upstream.workload.identity(),
             bytes_sent = t.sent,
             bytes_recv = t.received,
             duration_ms = t.duration.as_millis() as u64,

@@ -11,7 +11,10 @@ use std::{
 
 use anyhow::Result;
 
-use crate::config::{DataplaneMode, LocalConfig, Protocol};
+use crate::{
+    config::{DataplaneMode, LocalConfig, MtlsMode, Protocol},
+    tls::Identity,
+};
 
 /// `namespace/name` of a pod (or workload).
 pub type PodKey = String;
@@ -24,6 +27,7 @@ pub struct WorkloadInfo {
     pub service_account: String,
     pub ips: Vec<IpAddr>,
     pub protocol: Protocol,
+    pub trust_domain: String,
     pub node: String,
     /// Service key (`ns/hostname`) → service port → target port.
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
@@ -36,6 +40,22 @@ pub struct ServiceInfo {
     pub name: String,
     pub hostname: String,
     pub ports: BTreeMap<u16, u16>,
+    pub subject_alt_names: Vec<Identity>,
+}
+
+impl WorkloadInfo {
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub fn identity(&self) -> Identity {
+        Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// The `baggage` header describing this workload (as ztunnel sends it).
+    pub fn baggage(&self) -> String {
+        format!(
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={},service.name={},service.version=latest",
+            self.namespace, self.name, self.name
+        )
+    }
 }
 
 /// A pod on this node that Ambit captures.
@@ -45,6 +65,8 @@ pub struct EnrolledPodSpec {
     pub netns: PathBuf,
     pub cgroup: PathBuf,
     pub ips: Vec<IpAddr>,
+    pub identity: Identity,
+    pub mtls_mode: MtlsMode,
 }
 
 /// What the kernel treats as a mesh destination: a workload IP (every port) or a VIP:port.
@@ -73,12 +95,13 @@ pub struct State {
 pub struct Upstream {
     pub workload: WorkloadInfo,
     pub addr: SocketAddr,
-    /// Set when the application connected to a service VIP.
+    /// The service hostname, when the application connected to a service VIP.
     pub service: Option<String>,
+    pub service_key: Option<String>,
 }
 
 impl State {
-    pub fn from_config(config: &LocalConfig, node: &str) -> Result<Self> {
+    pub fn from_config(config: &LocalConfig, node: &str, trust_domain: &str) -> Result<Self> {
         let mut state = State {
             unenforced_policies: config.policies.len(),
             ..State::default()
@@ -97,6 +120,10 @@ impl State {
                     service_account: w.service_account.clone(),
                     ips: w.workload_ips.clone(),
                     protocol: w.protocol,
+                    trust_domain: w
+                        .trust_domain
+                        .clone()
+                        .unwrap_or_else(|| trust_domain.to_owned()),
                     node: w.node.clone(),
                     services: w.services.clone(),
                 },
@@ -119,6 +146,11 @@ impl State {
                     name: s.name.clone(),
                     hostname: s.hostname.clone(),
                     ports: s.ports.clone(),
+                    subject_alt_names: s
+                        .subject_alt_names
+                        .iter()
+                        .map(|san| Identity::parse(san))
+                        .collect::<Result<_>>()?,
                 },
             );
         }
@@ -136,6 +168,8 @@ impl State {
                     netns: pod.netns.clone(),
                     cgroup: pod.cgroup.clone(),
                     ips: w.ips.clone(),
+                    identity: w.identity(),
+                    mtls_mode: pod.mtls_mode.unwrap_or(config.ambit.mtls_mode),
                 },
             );
         }
@@ -153,6 +187,21 @@ impl State {
             .keys()
             .map(|sa| MeshDestination::Service(*sa));
         workloads.chain(services).collect()
+    }
+
+    /// Identities a server for `upstream` may present: the workload's, plus the service's SANs.
+    pub fn expected_identities(&self, upstream: &Upstream) -> Vec<Identity> {
+        let mut ids = vec![upstream.workload.identity()];
+        if let Some(service) = upstream
+            .service_key
+            .as_ref()
+            .and_then(|k| self.services.get(k))
+        {
+            ids.extend(service.subject_alt_names.iter().cloned());
+        }
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&WorkloadInfo> {
@@ -192,6 +241,7 @@ impl State {
                 workload: w.clone(),
                 addr: SocketAddr::new(*ip, port),
                 service: Some(service.hostname.clone()),
+                service_key: Some(service.key.clone()),
             });
         }
         let w = self.workload_by_ip(dst.ip())?;
@@ -199,6 +249,7 @@ impl State {
             workload: w.clone(),
             addr: dst,
             service: None,
+            service_key: None,
         })
     }
 }
@@ -224,7 +275,12 @@ ambit:
 "#;
 
     fn state(node: &str) -> State {
-        State::from_config(&LocalConfig::parse(LAB, "lab.yaml").unwrap(), node).unwrap()
+        State::from_config(
+            &LocalConfig::parse(LAB, "lab.yaml").unwrap(),
+            node,
+            "cluster.local",
+        )
+        .unwrap()
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use ambit_lab::{wait_until, write_atomically, Lab};
+use ambit_lab::{wait_until, write_atomically, Lab, LabConfig};
 
 pub const AMBIT: &str = env!("CARGO_BIN_EXE_ambit");
 
@@ -24,12 +24,38 @@ pub struct TestLab {
     pub config: PathBuf,
     /// The current log file of each lab node's `ambit node`.
     logs: std::collections::HashMap<String, PathBuf>,
+    /// Flags every `ambit node` of this lab gets.
+    node_args: Vec<String>,
+    protocol: &'static str,
 }
 
 impl TestLab {
     /// A fresh lab with HTTP servers in pods c (8080) and d (8080), and an Ambit node per lab
-    /// node, with `enrolled` pods in ambient mode.
+    /// node, with `enrolled` pods in ambient mode; a and c speak HBONE.
     pub fn start(enrolled: &[&str]) -> TestLab {
+        Self::start_with(
+            &LabConfig {
+                enrolled,
+                ..LabConfig::default()
+            },
+            &[],
+        )
+    }
+
+    /// The same with a and c as plain `protocol: TCP` workloads.
+    pub fn start_tcp(enrolled: &[&str]) -> TestLab {
+        Self::start_with(
+            &LabConfig {
+                enrolled,
+                protocol: "TCP",
+                ..LabConfig::default()
+            },
+            &[],
+        )
+    }
+
+    /// A lab with a given config and extra `ambit node` flags.
+    pub fn start_with(options: &LabConfig<'_>, node_args: &[&str]) -> TestLab {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let prefix = format!(
             "{TEST_PREFIX}{}x{}",
@@ -42,14 +68,19 @@ impl TestLab {
         fs::create_dir_all(dir.join("www")).unwrap();
         fs::write(dir.join("www/index.html"), "hello from pod c\n").unwrap();
         let config = dir.join("lab.yaml");
-        fs::write(&config, lab.config_yaml(enrolled)).unwrap();
+        fs::write(&config, lab.config_yaml_with(options)).unwrap();
+        let ca = dir.join("ca");
+        lab.init_ca(Path::new(AMBIT), &ca).unwrap();
+        let mut args = vec!["--ca-dir".to_owned(), ca.display().to_string()];
+        args.extend(node_args.iter().map(|a| a.to_string()));
         for pod in ["c", "d"] {
             lab.start_http_server(pod, 8080, &dir.join("www")).unwrap();
         }
         let mut logs = std::collections::HashMap::new();
         for node in ["n1", "n2"] {
             let log = dir.join(format!("{node}.log"));
-            lab.start_node(Path::new(AMBIT), node, &config, &log)
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            lab.start_node(Path::new(AMBIT), node, &config, &log, &a)
                 .unwrap();
             logs.insert(node.to_owned(), log);
         }
@@ -58,6 +89,12 @@ impl TestLab {
             dir,
             config,
             logs,
+            node_args: args,
+            protocol: if options.protocol == "TCP" {
+                "TCP"
+            } else {
+                "HBONE"
+            },
         }
     }
 
@@ -78,7 +115,12 @@ impl TestLab {
     /// Rewrites the config (atomically, as an editor would) and waits for `node` to apply it.
     pub fn set_enrolled(&self, node: &str, enrolled: &[&str]) {
         let before = self.log(node).matches("config applied").count();
-        write_atomically(&self.config, &self.lab.config_yaml(enrolled)).unwrap();
+        let options = LabConfig {
+            enrolled,
+            protocol: self.protocol,
+            ..LabConfig::default()
+        };
+        write_atomically(&self.config, &self.lab.config_yaml_with(&options)).unwrap();
         self.wait_log(node, "config applied", before + 1);
     }
 
@@ -142,7 +184,35 @@ impl TestLab {
         self.lab.stop(&format!("ambit node {node}")).unwrap();
         let log = self.dir.join(log_name);
         self.lab
-            .start_node(Path::new(AMBIT), node, &self.config, &log)
+            .start_node(
+                Path::new(AMBIT),
+                node,
+                &self.config,
+                &log,
+                &self
+                    .node_args
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        self.logs.insert(node.to_owned(), log);
+    }
+
+    /// Restarts a node with other flags (replacing the lab's `--ca-dir` etc.) and optionally
+    /// another config file.
+    pub fn restart_node_with(
+        &mut self,
+        node: &str,
+        log_name: &str,
+        args: &[&str],
+        config: Option<&Path>,
+    ) {
+        self.lab.stop(&format!("ambit node {node}")).unwrap();
+        let log = self.dir.join(log_name);
+        let config = config.unwrap_or(&self.config).to_owned();
+        self.lab
+            .start_node(Path::new(AMBIT), node, &config, &log, args)
             .unwrap();
         self.logs.insert(node.to_owned(), log);
     }

@@ -1,0 +1,102 @@
+//! Moves bytes between a TCP stream and an HTTP/2 stream, both ways, respecting HTTP/2 flow
+//! control. An EOF from the TCP side ends the HTTP/2 stream (END_STREAM), and the end of the
+//! HTTP/2 stream shuts down the TCP write side: half-close crosses the tunnel.
+
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpStream,
+    },
+};
+
+use crate::proxy::relay::Transferred;
+
+/// Read size from the TCP side: one HTTP/2 frame can carry up to the negotiated max frame size.
+const READ_CHUNK: usize = 256 * 1024;
+
+pub async fn bridge(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+) -> (Transferred, Result<(), std::io::Error>) {
+    let start = Instant::now();
+    let (read, write) = tcp.into_split();
+    let (up, down) = tokio::join!(tcp_to_h2(read, send), h2_to_tcp(recv, write));
+    let result = up
+        .as_ref()
+        .err()
+        .or(down.as_ref().err())
+        .map(|e| std::io::Error::new(e.kind(), e.to_string()));
+    (
+        Transferred {
+            sent: *up.as_ref().unwrap_or(&0),
+            received: *down.as_ref().unwrap_or(&0),
+            duration: start.elapsed(),
+        },
+        result.map_or(Ok(()), Err),
+    )
+}
+
+async fn tcp_to_h2(from: OwnedReadHalf, mut to: SendStream<Bytes>) -> std::io::Result<u64> {
+    let result = copy_tcp_to_h2(from, &mut to).await;
+    if result.is_err() {
+        // The TCP side failed (reset): cancel the stream so the peer's side ends too.
+        to.send_reset(h2::Reason::CANCEL);
+    }
+    result
+}
+
+async fn copy_tcp_to_h2(
+    mut from: OwnedReadHalf,
+    to: &mut SendStream<Bytes>,
+) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        buf.reserve(READ_CHUNK);
+        let n = from.read_buf(&mut buf).await?;
+        if n == 0 {
+            // Half-close: END_STREAM with no data.
+            to.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+            return Ok(total);
+        }
+        total += n as u64;
+        let mut data = buf.split().freeze();
+        while !data.is_empty() {
+            to.reserve_capacity(data.len());
+            let granted = std::future::poll_fn(|cx| to.poll_capacity(cx))
+                .await
+                .ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "HTTP/2 stream closed")
+                })?
+                .map_err(h2_to_io)?;
+            let chunk = data.split_to(granted.min(data.len()));
+            to.send_data(chunk, false).map_err(h2_to_io)?;
+        }
+    }
+}
+
+async fn h2_to_tcp(mut from: RecvStream, mut to: OwnedWriteHalf) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    while let Some(chunk) = from.data().await {
+        let chunk = chunk.map_err(h2_to_io)?;
+        to.write_all(&chunk).await?;
+        total += chunk.len() as u64;
+        // Give the window back only once the bytes are written: backpressure end to end.
+        let _ = from.flow_control().release_capacity(chunk.len());
+    }
+    to.shutdown().await?;
+    Ok(total)
+}
+
+fn h2_to_io(e: h2::Error) -> std::io::Error {
+    if e.is_io() {
+        return e.into_io().unwrap();
+    }
+    std::io::Error::other(e)
+}

@@ -1,0 +1,304 @@
+//! HBONE client: opens a CONNECT stream to `podIP:15008` over a pooled mTLS HTTP/2 connection.
+//!
+//! Connections are pooled per (source netns, source identity, destination identities,
+//! destination address): a connection carries at most `max_streams_per_connection` streams, is
+//! kept alive with PINGs, and is released after `idle_timeout` without streams. Opening a new
+//! connection for a key happens under that key's lock, so a burst of requests waits for the one
+//! new connection instead of opening one each.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use bytes::Bytes;
+use h2::{client::SendRequest, RecvStream, SendStream};
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info};
+
+use super::HboneSettings;
+use crate::{
+    netns::Netns,
+    proxy::connector::connect_tcp,
+    tls::{self, CertManager, Identity},
+};
+
+/// One tunnel to open.
+pub struct TunnelRequest<'a> {
+    /// The source pod's netns: the TCP connection to 15008 starts there.
+    pub netns: &'a Netns,
+    pub source: Identity,
+    /// Identities the server may present (the workload's, plus the service's SANs).
+    pub expected: Vec<Identity>,
+    /// `podIP:15008`.
+    pub hbone_addr: SocketAddr,
+    /// The `:authority`: `podIP:targetPort`.
+    pub target: SocketAddr,
+    /// The application's address, for the `forwarded` header.
+    pub client_addr: SocketAddr,
+    /// The service hostname when a service VIP was the destination.
+    pub service_host: Option<String>,
+    pub baggage: String,
+}
+
+/// An open CONNECT stream. Keep `lease` as long as the stream is in use: it counts the stream
+/// against its pooled connection.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub lease: StreamLease,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    netns: u64,
+    source: Identity,
+    expected: Vec<Identity>,
+    addr: SocketAddr,
+}
+
+struct PooledConnection {
+    id: u64,
+    sender: SendRequest<Bytes>,
+    streams: AtomicUsize,
+    closed: AtomicBool,
+    last_used: Mutex<Instant>,
+}
+
+pub struct StreamLease(Arc<PooledConnection>);
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+        *self.0.last_used.lock().unwrap() = Instant::now();
+    }
+}
+
+type Slot = Arc<tokio::sync::Mutex<Vec<Arc<PooledConnection>>>>;
+
+pub struct HboneClient {
+    settings: HboneSettings,
+    certs: Arc<CertManager>,
+    connect_timeout: Duration,
+    pool: Mutex<HashMap<PoolKey, Slot>>,
+    next_id: AtomicU64,
+}
+
+impl HboneClient {
+    pub fn new(
+        settings: HboneSettings,
+        certs: Arc<CertManager>,
+        connect_timeout: Duration,
+    ) -> Self {
+        Self {
+            settings,
+            certs,
+            connect_timeout,
+            pool: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Live pooled connections (for tests and the admin dump).
+    pub fn pooled_connections(&self) -> usize {
+        let slots: Vec<Slot> = self.pool.lock().unwrap().values().cloned().collect();
+        slots
+            .iter()
+            .map(|s| {
+                s.try_lock()
+                    .map(|v| {
+                        v.iter()
+                            .filter(|c| !c.closed.load(Ordering::Acquire))
+                            .count()
+                    })
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    pub async fn open(&self, req: TunnelRequest<'_>) -> Result<Tunnel> {
+        let conn = self.checkout(&req).await?;
+        let lease = StreamLease(conn.clone());
+        let request = connect_request(&req)?;
+        let sender = conn.sender.clone();
+        let stream = async {
+            let mut ready = sender.ready().await?;
+            ready.send_request(request, false)
+        };
+        let (response, send) = tokio::time::timeout(self.connect_timeout, stream)
+            .await
+            .map_err(|_| anyhow!("HBONE stream to {} timed out", req.hbone_addr))?
+            .with_context(|| format!("HBONE stream to {}", req.hbone_addr))?;
+        let response = tokio::time::timeout(self.connect_timeout, response)
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "HBONE CONNECT {} via {}: no answer in {:?}",
+                    req.target,
+                    req.hbone_addr,
+                    self.connect_timeout
+                )
+            })?
+            .with_context(|| format!("HBONE CONNECT {} via {}", req.target, req.hbone_addr))?;
+        if response.status() != http::StatusCode::OK {
+            bail!(
+                "HBONE CONNECT {} via {} answered {}",
+                req.target,
+                req.hbone_addr,
+                response.status()
+            );
+        }
+        Ok(Tunnel {
+            send,
+            recv: response.into_body(),
+            lease,
+        })
+    }
+
+    /// A pooled connection with a free stream slot, opening one if there is none. The slot is
+    /// already counted when this returns.
+    async fn checkout(&self, req: &TunnelRequest<'_>) -> Result<Arc<PooledConnection>> {
+        let key = PoolKey {
+            netns: req.netns.cookie(),
+            source: req.source.clone(),
+            expected: req.expected.clone(),
+            addr: req.hbone_addr,
+        };
+        let slot = self.pool.lock().unwrap().entry(key).or_default().clone();
+        let mut conns = slot.lock().await;
+        conns.retain(|c| !c.closed.load(Ordering::Acquire));
+        for c in conns.iter() {
+            let n = c.streams.load(Ordering::Acquire);
+            if n < self.settings.max_streams_per_connection
+                && c.streams
+                    .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Ok(c.clone());
+            }
+        }
+        let conn = self.connect(req).await?;
+        conn.streams.fetch_add(1, Ordering::AcqRel);
+        conns.push(conn.clone());
+        Ok(conn)
+    }
+
+    async fn connect(&self, req: &TunnelRequest<'_>) -> Result<Arc<PooledConnection>> {
+        let cert = self.certs.get(&req.source)?;
+        let config = tls::client_config(&cert, &self.certs.roots(), &req.expected)?;
+        let tcp = connect_tcp(req.netns, req.hbone_addr, self.connect_timeout).await?;
+        let tls = tokio::time::timeout(
+            self.connect_timeout,
+            TlsConnector::from(config).connect(tls::dummy_server_name(), tcp),
+        )
+        .await
+        .map_err(|_| anyhow!("TLS handshake with {} timed out", req.hbone_addr))?
+        .with_context(|| format!("TLS handshake with {}", req.hbone_addr))?;
+        let s = &self.settings;
+        let (sender, mut connection) = h2::client::Builder::new()
+            .initial_window_size(s.stream_window)
+            .initial_connection_window_size(s.connection_window)
+            .max_frame_size(s.max_frame_size)
+            .max_header_list_size(s.max_header_list_size)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .with_context(|| format!("HTTP/2 handshake with {}", req.hbone_addr))?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let pooled = Arc::new(PooledConnection {
+            id,
+            sender,
+            streams: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            last_used: Mutex::new(Instant::now()),
+        });
+        info!(
+            conn = id,
+            src = %req.source,
+            dst = %req.hbone_addr,
+            "HBONE connection established"
+        );
+        let ping_pong = connection.ping_pong();
+        let watched = pooled.clone();
+        let settings = self.settings.clone();
+        tokio::spawn(async move {
+            let reason = tokio::select! {
+                r = &mut connection => format!("{:?}", r.err()),
+                r = keepalive(ping_pong, &watched, &settings) => r,
+            };
+            watched.closed.store(true, Ordering::Release);
+            debug!(conn = watched.id, reason, "HBONE connection closed");
+        });
+        Ok(pooled)
+    }
+}
+
+/// PINGs the peer every `ping_interval` and gives up when one is not answered within
+/// `ping_timeout`; releases the connection after `idle_timeout` without streams.
+async fn keepalive(
+    ping_pong: Option<h2::PingPong>,
+    conn: &PooledConnection,
+    s: &HboneSettings,
+) -> String {
+    let Some(mut ping_pong) = ping_pong else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(s.ping_interval).await;
+        if conn.streams.load(Ordering::Acquire) == 0
+            && conn.last_used.lock().unwrap().elapsed() >= s.idle_timeout
+        {
+            conn.closed.store(true, Ordering::Release);
+            return "idle".into();
+        }
+        match tokio::time::timeout(s.ping_timeout, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("ping failed: {e}"),
+            Err(_) => return "ping timed out".into(),
+        }
+    }
+}
+
+fn connect_request(req: &TunnelRequest<'_>) -> Result<http::Request<()>> {
+    let mut forwarded = format!("for=\"{}\"", req.client_addr);
+    if let Some(host) = &req.service_host {
+        forwarded.push_str(&format!(";host={host}"));
+    }
+    Ok(http::Request::builder()
+        .method(http::Method::CONNECT)
+        // Authority-form URI: h2 sends only `:method` and `:authority` (RFC 7540 §8.3).
+        .uri(req.target.to_string())
+        .header("forwarded", forwarded)
+        .header("baggage", &req.baggage)
+        .header("traceparent", traceparent())
+        .body(())?)
+}
+
+/// A random W3C traceparent, per connection.
+fn traceparent() -> String {
+    use rand::Rng as _;
+    let mut rng = rand::thread_rng();
+    format!("00-{:032x}-{:016x}-00", rng.gen::<u128>(), rng.gen::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_has_the_w3c_shape() {
+        let t = traceparent();
+        let parts: Vec<&str> = t.split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!(
+            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
+            ("00", 32, 16, "00")
+        );
+        assert_ne!(traceparent(), t);
+    }
+}

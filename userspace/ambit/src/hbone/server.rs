@@ -1,0 +1,235 @@
+//! HBONE server: the 15008 listener inside an enrolled pod's netns. It serves the pod's
+//! certificate, requires a client certificate from the mesh's CA and trust domain, and answers
+//! each CONNECT in ztunnel's order (see `shared/reference/hbone.md`):
+//! 400 not CONNECT / bad authority / authority not this pod's address; 503 no such workload or a
+//! tunnel port; 401 denied by policy; 503 the app refused; 200 and bytes flow.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ambit_abi::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn, Instrument as _};
+
+use super::{bridge::bridge, HboneSettings};
+use crate::{
+    netns::Netns,
+    proxy::{connector::connect_tcp, ProxyContext},
+    tls::{self, Identity, WorkloadCert},
+};
+
+/// Ports of the tunnel itself (and of a ztunnel node): never a target.
+pub const TUNNEL_PORTS: [u16; 6] = [
+    OUTBOUND_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    HBONE_PORT,
+    15000,
+    15020,
+    15021,
+];
+
+/// A client that does not finish its TLS handshake in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct HboneServer {
+    ctx: Arc<ProxyContext>,
+    pod: String,
+    identity: Identity,
+    netns: Arc<Netns>,
+    /// The server config for the current certificate; rebuilt when the certificate rotates.
+    config: Mutex<Option<(Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
+}
+
+impl HboneServer {
+    pub fn new(ctx: Arc<ProxyContext>, pod: String, identity: Identity, netns: Arc<Netns>) -> Self {
+        Self {
+            ctx,
+            pod,
+            identity,
+            netns,
+            config: Mutex::new(None),
+        }
+    }
+
+    pub async fn run(self, listener: TcpListener) {
+        let this = Arc::new(self);
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(pod = %this.pod, error = %e, "HBONE accept failed");
+                    continue;
+                }
+            };
+            let this = this.clone();
+            let span = tracing::info_span!("hbone", pod = %this.pod, src = %peer);
+            tokio::spawn(
+                async move {
+                    if let Err(e) = this.serve_connection(tcp, peer).await {
+                        warn!(error = %format!("{e:#}"), "HBONE connection failed");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    fn server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+        let cert = self.ctx.certs.get(&self.identity)?;
+        let mut cached = self.config.lock().unwrap();
+        if let Some((c, config)) = cached.as_ref() {
+            if Arc::ptr_eq(c, &cert) {
+                return Ok(config.clone());
+            }
+        }
+        let config = tls::server_config(&cert, &self.ctx.certs.roots())?;
+        *cached = Some((cert, config.clone()));
+        Ok(config)
+    }
+
+    async fn serve_connection(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) -> Result<()> {
+        let local = tcp.local_addr()?;
+        tcp.set_nodelay(true)?;
+        let acceptor = TlsAcceptor::from(self.server_config()?);
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+            .await
+            .context("TLS handshake timed out")?
+            .context("TLS handshake")?;
+        let peer_identity = tls::peer_identity(tls.get_ref().1);
+        let s: &HboneSettings = &self.ctx.hbone_settings;
+        let mut connection = h2::server::Builder::new()
+            .initial_window_size(s.stream_window)
+            .initial_connection_window_size(s.connection_window)
+            .max_frame_size(s.max_frame_size)
+            .max_concurrent_streams(s.server_max_concurrent_streams)
+            .max_header_list_size(s.max_header_list_size)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .context("HTTP/2 handshake")?;
+        while let Some(next) = connection.accept().await {
+            let (request, respond) = next.context("HTTP/2")?;
+            let this = self.clone();
+            let peer_identity = peer_identity.clone();
+            tokio::spawn(
+                async move {
+                    if let Err(e) = this
+                        .serve_stream(request, respond, local, peer, peer_identity)
+                        .await
+                    {
+                        warn!(error = %format!("{e:#}"), "HBONE stream failed");
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+        Ok(())
+    }
+
+    async fn serve_stream(
+        &self,
+        request: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        local: SocketAddr,
+        peer: SocketAddr,
+        peer_identity: Option<Identity>,
+    ) -> Result<()> {
+        let target = match self.check(&request, local) {
+            Ok(target) => target,
+            Err((status, why)) => {
+                info!(status = status.as_u16(), why, "HBONE request refused");
+                respond.send_response(Response::builder().status(status).body(())?, true)?;
+                return Ok(());
+            }
+        };
+        // Authorization policies are enforced here (401) from issue 4 on.
+        let app = match connect_tcp(&self.netns, target, self.ctx.connect_timeout).await {
+            Ok(app) => app,
+            Err(e) => {
+                info!(target = %target, error = %format!("{e:#}"), status = 503, "HBONE target refused");
+                respond.send_response(
+                    Response::builder()
+                        .status(StatusCode::SERVICE_UNAVAILABLE)
+                        .body(())?,
+                    true,
+                )?;
+                return Ok(());
+            }
+        };
+        let src = peer_identity
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        info!(dst = %target, src_identity = %src, "HBONE stream accepted");
+        let response = Response::builder()
+            .status(StatusCode::OK)
+            .header("baggage", self.baggage())
+            .body(())?;
+        let send = respond.send_response(response, false)?;
+        let recv = request.into_body();
+        let (t, result) = bridge(app, send, recv).await;
+        info!(
+            direction = "inbound",
+            src_addr = %peer,
+            src_identity = %src,
+            dst_addr = %target,
+            dst_identity = %self.identity,
+            bytes_sent = t.received,
+            bytes_recv = t.sent,
+            duration_ms = t.duration.as_millis() as u64,
+            error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
+            "connection complete"
+        );
+        Ok(())
+    }
+
+    /// Steps 1–3 of the answer order: what to connect to, or the status to refuse with.
+    fn check(
+        &self,
+        request: &Request<h2::RecvStream>,
+        local: SocketAddr,
+    ) -> Result<SocketAddr, (StatusCode, &'static str)> {
+        if request.method() != Method::CONNECT {
+            return Err((StatusCode::BAD_REQUEST, "not CONNECT"));
+        }
+        let target: SocketAddr = request
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse().ok())
+            .ok_or((StatusCode::BAD_REQUEST, "authority is not ip:port"))?;
+        if target.ip().to_canonical() != local.ip().to_canonical() {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "authority is not the address the connection arrived on",
+            ));
+        }
+        let state = self.ctx.state.borrow();
+        match state.workload_by_ip(target.ip()) {
+            Some(w) if w.key == self.pod => {}
+            _ => {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no local workload has that address",
+                ))
+            }
+        }
+        if TUNNEL_PORTS.contains(&target.port()) {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, "target is a tunnel port"));
+        }
+        Ok(target)
+    }
+
+    fn baggage(&self) -> String {
+        let state = self.ctx.state.borrow();
+        match state.workloads.get(&self.pod) {
+            Some(w) => w.baggage(),
+            None => String::new(),
+        }
+    }
+}

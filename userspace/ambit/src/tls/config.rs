@@ -1,0 +1,305 @@
+//! rustls configurations for HBONE, as ztunnel negotiates them: TLS 1.3 only, AES-GCM suites
+//! only, ALPN `h2`, mutual authentication with SPIFFE identities, no SNI, no resumption.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use rustls::{
+    client::Resumption,
+    crypto::{ring, CryptoProvider},
+    version::TLS13,
+    ClientConfig, CommonState, ServerConfig,
+};
+use rustls_pki_types::{CertificateDer, ServerName};
+
+use super::{
+    ca::WorkloadCert,
+    identity::Identity,
+    verify::{cert_identity, root_store, ServerIdentityVerifier, TrustDomainVerifier},
+};
+
+/// The only application protocol spoken over HBONE.
+const ALPN_H2: &[u8] = b"h2";
+
+/// The ring provider restricted to TLS13_AES_256_GCM_SHA384 and TLS13_AES_128_GCM_SHA256
+/// (no ChaCha20). Used explicitly; the process-wide default provider is never consulted.
+pub(super) fn provider() -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ],
+        ..ring::default_provider()
+    })
+}
+
+/// Server configuration for the HBONE listener: presents `cert`, requires a client certificate
+/// that chains to `roots` and whose SPIFFE identity is in `cert.identity`'s trust domain.
+pub fn server_config(
+    cert: &WorkloadCert,
+    roots: &[CertificateDer<'static>],
+) -> Result<Arc<ServerConfig>> {
+    let verifier = TrustDomainVerifier::new(root_store(roots)?, &cert.identity.trust_domain)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&TLS13])
+        .context("TLS 1.3 with the AES-GCM suites")?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(cert.chain.clone(), cert.key.clone_key())
+        .with_context(|| format!("server certificate for {}", cert.identity))?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Clients do not resume (ztunnel disables it too), so tickets would be wasted bytes.
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// Client configuration for one HBONE connection: presents `cert`, accepts a server whose chain
+/// leads to `roots` and whose certificate carries one of the `expected` identities as a URI SAN.
+/// The server name is ignored (pass [`dummy_server_name`]); SNI and resumption are off.
+pub fn client_config(
+    cert: &WorkloadCert,
+    roots: &[CertificateDer<'static>],
+    expected: &[Identity],
+) -> Result<Arc<ClientConfig>> {
+    if expected.is_empty() {
+        bail!("no expected server identity: any server would be accepted");
+    }
+    let provider = provider();
+    let verifier = ServerIdentityVerifier::new(
+        root_store(roots)?,
+        expected.to_vec(),
+        provider.signature_verification_algorithms,
+    );
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&TLS13])
+        .context("TLS 1.3 with the AES-GCM suites")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())
+        .with_context(|| format!("client certificate for {}", cert.identity))?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.resumption = Resumption::disabled();
+    config.enable_sni = false;
+    Ok(Arc::new(config))
+}
+
+/// The identity of the peer of an established connection: the first URI SAN of its leaf
+/// certificate, if that is a SPIFFE identity.
+pub fn peer_identity(conn: &CommonState) -> Option<Identity> {
+    let leaf = conn.peer_certificates()?.first()?;
+    cert_identity(leaf).ok()
+}
+
+/// A fixed server name for `connect`: it is neither sent (no SNI) nor verified.
+pub fn dummy_server_name() -> ServerName<'static> {
+    ServerName::try_from("hbone.ambit.invalid").expect("a valid DNS name")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rustls::{CipherSuite, ProtocolVersion};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::tls::{
+        ca::{BuiltinCa, CertificateAuthority},
+        testutil::{assert_refused, handshake, Handshake},
+    };
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn id(td: &str, sa: &str) -> Identity {
+        Identity::new(td, "default", sa)
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_handshake() {
+        let ca = BuiltinCa::generate("cluster.local").unwrap();
+        let client_id = id("cluster.local", "client");
+        let server_id = id("cluster.local", "server");
+        let client_cert = ca.issue(&client_id, HOUR).unwrap();
+        let server_cert = ca.issue(&server_id, HOUR).unwrap();
+
+        let Handshake { server, client } = handshake(
+            server_config(&server_cert, &ca.roots()).unwrap(),
+            client_config(&client_cert, &ca.roots(), std::slice::from_ref(&server_id)).unwrap(),
+        )
+        .await;
+        let mut server = server.expect("server handshake");
+        let mut client = client.expect("client handshake");
+
+        let client_state: &CommonState = client.get_ref().1;
+        let server_state: &CommonState = server.get_ref().1;
+        for conn in [client_state, server_state] {
+            assert_eq!(conn.alpn_protocol(), Some(ALPN_H2));
+            assert_eq!(conn.protocol_version(), Some(ProtocolVersion::TLSv1_3));
+            let suite = conn.negotiated_cipher_suite().unwrap().suite();
+            assert!(
+                matches!(
+                    suite,
+                    CipherSuite::TLS13_AES_256_GCM_SHA384 | CipherSuite::TLS13_AES_128_GCM_SHA256
+                ),
+                "{suite:?}"
+            );
+        }
+        assert_eq!(peer_identity(client.get_ref().1), Some(server_id));
+        assert_eq!(peer_identity(server.get_ref().1), Some(client_id));
+
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0; 4];
+        server.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+
+    #[tokio::test]
+    async fn client_refuses_server_of_another_ca() {
+        let ca = BuiltinCa::generate("cluster.local").unwrap();
+        let rogue = BuiltinCa::generate("cluster.local").unwrap();
+        let server_id = id("cluster.local", "server");
+        let client_cert = ca.issue(&id("cluster.local", "client"), HOUR).unwrap();
+        let server_cert = rogue.issue(&server_id, HOUR).unwrap();
+
+        let outcome = handshake(
+            server_config(&server_cert, &ca.roots()).unwrap(),
+            client_config(&client_cert, &ca.roots(), &[server_id]).unwrap(),
+        )
+        .await;
+        let err = outcome.client.expect_err("client must refuse").to_string();
+        assert!(err.contains("UnknownIssuer"), "{err}");
+        assert!(outcome.server.is_err());
+    }
+
+    #[tokio::test]
+    async fn server_refuses_client_of_untrusted_ca() {
+        let ca = BuiltinCa::generate("cluster.local").unwrap();
+        let other = BuiltinCa::generate("other.local").unwrap();
+        let server_id = id("cluster.local", "server");
+        let server_cert = ca.issue(&server_id, HOUR).unwrap();
+        let client_cert = other.issue(&id("other.local", "client"), HOUR).unwrap();
+
+        let outcome = handshake(
+            server_config(&server_cert, &ca.roots()).unwrap(),
+            client_config(&client_cert, &ca.roots(), &[server_id]).unwrap(),
+        )
+        .await;
+        let err = outcome
+            .server
+            .as_ref()
+            .expect_err("server must refuse")
+            .to_string();
+        assert!(err.contains("UnknownIssuer"), "{err}");
+        assert_refused(outcome.client).await;
+    }
+
+    #[tokio::test]
+    async fn server_refuses_client_of_foreign_trust_domain() {
+        // Same root, but the client's identity is in another trust domain.
+        let ca = BuiltinCa::generate("cluster.local").unwrap();
+        let server_id = id("cluster.local", "server");
+        let server_cert = ca.issue(&server_id, HOUR).unwrap();
+        let client_cert = ca.issue(&id("other.local", "client"), HOUR).unwrap();
+
+        let outcome = handshake(
+            server_config(&server_cert, &ca.roots()).unwrap(),
+            client_config(&client_cert, &ca.roots(), &[server_id]).unwrap(),
+        )
+        .await;
+        let err = outcome
+            .server
+            .as_ref()
+            .expect_err("server must refuse")
+            .to_string();
+        assert!(
+            err.contains(
+                "client identity spiffe://other.local/ns/default/sa/client \
+                 is not in trust domain cluster.local"
+            ),
+            "{err}"
+        );
+        assert_refused(outcome.client).await;
+    }
+
+    #[tokio::test]
+    async fn client_refuses_wrong_server_identity() {
+        let ca = BuiltinCa::generate("cluster.local").unwrap();
+        let a = id("cluster.local", "a");
+        let b = id("cluster.local", "b");
+        let client_cert = ca.issue(&id("cluster.local", "client"), HOUR).unwrap();
+        let server_cert = ca.issue(&b, HOUR).unwrap();
+
+        let outcome = handshake(
+            server_config(&server_cert, &ca.roots()).unwrap(),
+            client_config(&client_cert, &ca.roots(), std::slice::from_ref(&a)).unwrap(),
+        )
+        .await;
+        let err = outcome.client.expect_err("client must refuse").to_string();
+        assert!(
+            err.contains(&format!("server identity {b} is not one of [{a}]")),
+            "{err}"
+        );
+        assert!(outcome.server.is_err());
+    }
+
+    #[tokio::test]
+    async fn server_refuses_chacha_only_client() {
+        let ca = BuiltinCa::generate("cluster.local").unwrap();
+        let server_id = id("cluster.local", "server");
+        let server_cert = ca.issue(&server_id, HOUR).unwrap();
+        let client_cert = ca.issue(&id("cluster.local", "client"), HOUR).unwrap();
+        let chacha = Arc::new(CryptoProvider {
+            cipher_suites: vec![ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256],
+            ..ring::default_provider()
+        });
+        let verifier = ServerIdentityVerifier::new(
+            root_store(&ca.roots()).unwrap(),
+            vec![server_id],
+            chacha.signature_verification_algorithms,
+        );
+        let client = ClientConfig::builder_with_provider(chacha)
+            .with_protocol_versions(&[&TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(client_cert.chain.clone(), client_cert.key.clone_key())
+            .unwrap();
+
+        let outcome = handshake(
+            server_config(&server_cert, &ca.roots()).unwrap(),
+            Arc::new(client),
+        )
+        .await;
+        let err = outcome
+            .server
+            .as_ref()
+            .expect_err("server must refuse")
+            .to_string();
+        assert!(err.contains("NoCipherSuitesInCommon"), "{err}");
+        assert!(outcome.client.is_err());
+    }
+
+    #[test]
+    fn client_config_settings() {
+        let ca = BuiltinCa::generate("cluster.local").unwrap();
+        let cert = ca.issue(&id("cluster.local", "client"), HOUR).unwrap();
+        assert!(client_config(&cert, &ca.roots(), &[]).is_err());
+        assert!(client_config(&cert, &[], &[id("cluster.local", "s")]).is_err());
+        let config = client_config(&cert, &ca.roots(), &[id("cluster.local", "s")]).unwrap();
+        assert!(!config.enable_sni);
+        assert_eq!(config.alpn_protocols, vec![ALPN_H2.to_vec()]);
+        let suites: Vec<_> = config
+            .crypto_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(
+            suites,
+            vec![
+                CipherSuite::TLS13_AES_256_GCM_SHA384,
+                CipherSuite::TLS13_AES_128_GCM_SHA256
+            ]
+        );
+        assert!(matches!(dummy_server_name(), ServerName::DnsName(_)));
+    }
+}

@@ -1,0 +1,344 @@
+//! Privileged integration tests of the HBONE tunnel between lab nodes: real mTLS, real HTTP/2,
+//! real captures on the link between the nodes.
+
+mod common;
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use ambit::{
+    netns::Netns,
+    proxy::connector::connect_tcp,
+    tls::{self, BuiltinCa, CertificateAuthority, Identity, PluginCa},
+};
+use ambit_lab::{pod, LabConfig};
+use common::{assert_ok, stdout, TestLab, AMBIT};
+
+#[test]
+fn curl_and_iperf3_cross_nodes_and_only_tls_to_15008_is_on_the_link() {
+    let mut t = TestLab::start(&["a", "c"]);
+    let c = pod("c").ip;
+    // A token that exists only in the served file: it must never appear on the link.
+    let token = format!("plaintext-marker-{}", std::process::id());
+    fs::write(t.dir.join("www/secret.txt"), format!("{token}\n")).unwrap();
+
+    let pcap = t.dir.join("link.pcap");
+    let mut cmd = t.lab.node_command("n1", "tcpdump");
+    cmd.args(["-i", "link0", "-U", "-s", "0", "-w"])
+        .arg(&pcap)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    t.lab.spawn("tcpdump", cmd).unwrap();
+    ambit_lab::wait_until(Duration::from_secs(5), "tcpdump started", || pcap.exists()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let out = t.curl("a", &format!("http://{c}:8080/secret.txt"));
+    assert_ok(&out, "curl a → c over HBONE");
+    assert_eq!(stdout(&out), format!("{token}\n"));
+    t.wait_log("n1", "HBONE connection established", 1);
+    t.wait_log("n2", "HBONE stream accepted", 1);
+
+    let mut server = t.lab.pod_command("c", "iperf3");
+    server
+        .args(["-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null());
+    t.lab.spawn("iperf3 server", server).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = t
+        .lab
+        .run_in_pod("a", "iperf3", &["-c", c, "-p", "5201", "-t", "2", "-J"])
+        .unwrap();
+    assert_ok(&out, "iperf3 a → c over HBONE");
+    assert!(
+        stdout(&out).contains("\"sum_received\""),
+        "{}",
+        stdout(&out)
+    );
+
+    std::thread::sleep(Duration::from_millis(300));
+    t.lab.stop("tcpdump").unwrap();
+    let raw = fs::read(&pcap).unwrap();
+    assert!(
+        !raw.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the payload crossed the link in plaintext"
+    );
+    let other = Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&pcap)
+        .args(["tcp and not port 15008"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&other.stdout).trim().is_empty(),
+        "TCP other than HBONE on the link:\n{}",
+        String::from_utf8_lossy(&other.stdout)
+    );
+    let hbone = Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&pcap)
+        .args(["tcp port 15008"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&hbone.stdout).lines().count() > 10);
+}
+
+#[test]
+fn a_large_transfer_over_hbone_arrives_intact() {
+    let mut t = TestLab::start(&["a", "c"]);
+    t.start_sink("c", 9000);
+    let (sent, received) = t.send("a", pod("c").ip, 9000, 1 << 30);
+    assert_eq!(
+        received, sent,
+        "the server received other bytes than were sent"
+    );
+    assert!(sent.starts_with("1073741824 "));
+}
+
+#[test]
+fn many_concurrent_connections_share_a_few_pooled_hbone_connections() {
+    let mut t = TestLab::start(&["a", "c"]);
+    t.start_sink("c", 9000);
+    let out = t
+        .lab
+        .pod_command("a", "python3")
+        .arg(common::tool("many.py"))
+        .args([pod("c").ip, "9000", "1000"])
+        .output()
+        .unwrap();
+    assert_ok(&out, "1000 concurrent connections");
+    assert_eq!(stdout(&out).trim(), "ok 1000");
+    let pooled = t.log("n1").matches("HBONE connection established").count();
+    // 100 streams per connection: 1000 concurrent streams need 10.
+    assert!(
+        (1..=20).contains(&pooled),
+        "{pooled} HBONE connections for 1000 streams"
+    );
+}
+
+#[test]
+fn certificates_rotate_under_a_long_lived_connection() {
+    let mut t = TestLab::start_with(&LabConfig::default(), &["--cert-lifetime", "3s"]);
+    t.start_sink("c", 9000);
+    let out = t
+        .lab
+        .pod_command("a", "python3")
+        .arg(common::tool("slow.py"))
+        .args([pod("c").ip, "9000", "7"])
+        .output()
+        .unwrap();
+    assert_ok(&out, "long-lived connection");
+    let line = stdout(&out);
+    let (sent, received) = line.trim().split_once(" received=").unwrap();
+    assert_eq!(sent.trim_start_matches("sent="), received);
+    // Renewed at half the lifetime: at least twice in 7 s, for a's identity on node 1.
+    let renewals = t.log("n1").matches("issued workload certificate").count();
+    assert!(
+        renewals >= 2,
+        "only {renewals} certificates issued:\n{}",
+        t.log("n1")
+    );
+    // And a new connection after the rotations works with the new certificate.
+    assert_ok(
+        &t.curl("a", &format!("http://{}:8080/", pod("c").ip)),
+        "curl after rotation",
+    );
+}
+
+#[test]
+fn a_node_with_another_ca_or_the_wrong_identity_is_refused_promptly() {
+    let mut t = TestLab::start(&["a", "c"]);
+    let url = format!("http://{}:8080/", pod("c").ip);
+    assert_ok(&t.curl("a", &url), "curl with one CA");
+
+    // Node 2 restarts with a CA of its own: node 1 must not trust it.
+    let other_ca = t.dir.join("other-ca");
+    t.lab.init_ca(Path::new(AMBIT), &other_ca).unwrap();
+    t.restart_node_with(
+        "n2",
+        "n2-other-ca.log",
+        &["--ca-dir", other_ca.to_str().unwrap()],
+        None,
+    );
+    let start = Instant::now();
+    let out = t.curl("a", &url);
+    assert!(
+        !out.status.success(),
+        "a reached c through a node with a foreign CA"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "the failure took {:?}",
+        start.elapsed()
+    );
+
+    // Node 2 back on the shared CA, but its config gives c another service account: it
+    // presents spiffe://.../sa/impostor where node 1 expects .../sa/web.
+    let config = t.dir.join("n2-impostor.yaml");
+    let text = fs::read_to_string(&t.config)
+        .unwrap()
+        .replace("serviceAccount: web", "serviceAccount: impostor");
+    fs::write(&config, text).unwrap();
+    let ca = t.dir.join("ca").display().to_string();
+    t.restart_node_with("n2", "n2-impostor.log", &["--ca-dir", &ca], Some(&config));
+    let out = t.curl("a", &url);
+    assert!(
+        !out.status.success(),
+        "a reached a server presenting the wrong identity"
+    );
+    t.wait_log("n1", "sa/impostor", 1);
+}
+
+/// A hand-made HBONE client built from the same crates, connecting from node 2's netns.
+struct HandMadeClient {
+    netns: Netns,
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl HandMadeClient {
+    fn new(t: &TestLab, ca: &dyn CertificateAuthority, td: &str, expected: &str) -> Self {
+        let lab_ca = PluginCa::load(&t.dir.join("ca"), "cluster.local").unwrap();
+        let me = Identity::new(td, "default", "tester");
+        let cert = ca.issue(&me, Duration::from_secs(3600)).unwrap();
+        let expected = Identity::parse(expected).unwrap();
+        let config = tls::client_config(&cert, &lab_ca.roots(), &[expected]).unwrap();
+        Self {
+            netns: Netns::open(&t.lab.netns_path("n2")).unwrap(),
+            config,
+        }
+    }
+
+    /// Sends one request on a fresh connection to pod c's port 15008; the status, or the error.
+    fn request(&self, method: http::Method, authority: &str) -> Result<u16, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let hbone: SocketAddr = format!("{}:15008", pod("c").ip).parse().unwrap();
+            let fut = async {
+                let tcp = connect_tcp(&self.netns, hbone, Duration::from_secs(5))
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                let tls = tokio_rustls::TlsConnector::from(self.config.clone())
+                    .connect(tls::dummy_server_name(), tcp)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                let (mut sender, conn) = h2::client::handshake(tls)
+                    .await
+                    .map_err(|e| format!("h2: {e}"))?;
+                tokio::spawn(conn);
+                let uri = if method == http::Method::CONNECT {
+                    authority.to_owned()
+                } else {
+                    format!("https://{authority}/")
+                };
+                let req = http::Request::builder()
+                    .method(method)
+                    .uri(uri)
+                    .body(())
+                    .unwrap();
+                let (resp, _send) = sender
+                    .send_request(req, false)
+                    .map_err(|e| format!("send: {e}"))?;
+                let resp = resp.await.map_err(|e| format!("response: {e}"))?;
+                Ok(resp.status().as_u16())
+            };
+            tokio::time::timeout(Duration::from_secs(10), fut)
+                .await
+                .unwrap_or_else(|_| Err("hung".into()))
+        })
+    }
+}
+
+#[test]
+fn the_hbone_server_answers_like_ztunnel_and_checks_the_client() {
+    let t = TestLab::start(&["a", "c"]);
+    let lab_ca = PluginCa::load(&t.dir.join("ca"), "cluster.local").unwrap();
+    let web = "spiffe://cluster.local/ns/default/sa/web";
+    let c = pod("c").ip;
+    let client = HandMadeClient::new(&t, &lab_ca, "cluster.local", web);
+
+    assert_eq!(
+        client.request(http::Method::CONNECT, &format!("{c}:8080")),
+        Ok(200)
+    );
+    assert_eq!(
+        client.request(http::Method::GET, &format!("{c}:8080")),
+        Ok(400),
+        "not CONNECT"
+    );
+    let d = pod("d").ip;
+    assert_eq!(
+        client.request(http::Method::CONNECT, &format!("{d}:8080")),
+        Ok(400),
+        "authority is not c's"
+    );
+    assert_eq!(
+        client.request(http::Method::CONNECT, &format!("{c}:9999")),
+        Ok(503),
+        "nothing listens"
+    );
+    assert_eq!(
+        client.request(http::Method::CONNECT, &format!("{c}:15008")),
+        Ok(503),
+        "tunnel port"
+    );
+
+    // A client certificate from another CA, or another trust domain, is refused; so is a
+    // server that does not present the expected identity.
+    let foreign = BuiltinCa::generate("cluster.local").unwrap();
+    let r = HandMadeClient::new(&t, &foreign, "cluster.local", web)
+        .request(http::Method::CONNECT, &format!("{c}:8080"));
+    assert!(r.is_err(), "client cert from another CA accepted: {r:?}");
+    let r = HandMadeClient::new(&t, &lab_ca, "other.domain", web)
+        .request(http::Method::CONNECT, &format!("{c}:8080"));
+    assert!(
+        r.is_err(),
+        "client from another trust domain accepted: {r:?}"
+    );
+    let r = HandMadeClient::new(
+        &t,
+        &lab_ca,
+        "cluster.local",
+        "spiffe://cluster.local/ns/default/sa/other",
+    )
+    .request(http::Method::CONNECT, &format!("{c}:8080"));
+    assert!(r.is_err(), "server with the wrong identity accepted: {r:?}");
+}
+
+#[test]
+fn strict_mode_refuses_plaintext_and_permissive_accepts_it() {
+    let t = TestLab::start(&["a", "c"]);
+    let url = format!("http://{}:8080/", pod("c").ip);
+    // b is outside the mesh: its plaintext reaches c in permissive mode...
+    assert_ok(&t.curl("b", &url), "plaintext b → c, permissive");
+    // ...and not in strict mode, while a's HBONE still does.
+    let strict = t.lab.config_yaml_with(&LabConfig {
+        mtls_mode: "strict",
+        ..LabConfig::default()
+    });
+    let before = ["n1", "n2"].map(|n| t.log(n).matches("config applied").count());
+    ambit_lab::write_atomically(&t.config, &strict).unwrap();
+    t.wait_log("n1", "config applied", before[0] + 1);
+    t.wait_log("n2", "config applied", before[1] + 1);
+    let out = t.curl("b", &url);
+    assert!(
+        !out.status.success() || stdout(&out).is_empty(),
+        "plaintext accepted in strict mode"
+    );
+    t.wait_log("n2", "plaintext inbound refused: strict mTLS", 1);
+    let out = t.curl("a", &url);
+    assert!(
+        out.status.success(),
+        "HBONE a → c, strict: {}\n--- n1 ---\n{}\n--- n2 ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        t.log("n1"),
+        t.log("n2")
+    );
+}

@@ -98,7 +98,7 @@ fn test(lint: bool, cargo_args: &[String]) -> Result<()> {
     // Leftovers of an interrupted earlier run would only confuse this one.
     ambit_lab::sweep(TEST_LAB_PREFIX)?;
     cargo(&["build"])?;
-    let mut args = vec!["test"];
+    let mut args = vec!["test", "--no-fail-fast"];
     args.extend(cargo_args.iter().map(String::as_str));
     let result = cargo(&args);
     let leftovers = leftovers(TEST_LAB_PREFIX)?;

@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run one node: capture its enrolled pods' traffic and tunnel it.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Show what is pinned for a node: programs, enrolled pods, mesh destinations, counters.
     Inspect {
         #[arg(long, env = "AMBIT_NODE")]
@@ -99,6 +99,18 @@ struct NodeArgs {
     /// Lifetime of workload certificates; they are renewed at half of it.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
+    /// HBONE: streams per pooled connection before another is opened.
+    #[arg(long, default_value_t = 100)]
+    hbone_max_streams: usize,
+    /// HBONE: PING interval on pooled connections.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    hbone_ping_interval: Duration,
+    /// HBONE: a pooled connection whose PING is not answered in this time is closed.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    hbone_ping_timeout: Duration,
+    /// HBONE: a pooled connection without streams for this long is released.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    hbone_idle_timeout: Duration,
     /// Detach capture on exit instead of keeping it (fail closed) for the next node process.
     #[arg(long)]
     detach_on_exit: bool,
@@ -129,7 +141,7 @@ fn main() -> Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(run_node(args))
+                .block_on(run_node(*args))
         }
         Command::Inspect { node, bpffs } => inspect::print(&PinLayout::new(&bpffs, &node)?),
         Command::Ca(CaCommand::Init { dir, trust_domain }) => {
@@ -181,7 +193,13 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     let certs = Arc::new(CertManager::new(ca, args.cert_lifetime));
     let datapath = Datapath::open(&args.bpffs, &args.node)?;
     let (state_tx, state_rx) = watch::channel(initial.clone());
-    let hbone_settings = HboneSettings::default();
+    let hbone_settings = HboneSettings {
+        max_streams_per_connection: args.hbone_max_streams.max(1),
+        ping_interval: args.hbone_ping_interval,
+        ping_timeout: args.hbone_ping_timeout,
+        idle_timeout: args.hbone_idle_timeout,
+        ..HboneSettings::default()
+    };
     let proxy = Arc::new(ProxyContext {
         state: state_rx,
         original_destinations: datapath.original_destinations(),
@@ -293,6 +311,7 @@ mod tests {
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
     }
 }

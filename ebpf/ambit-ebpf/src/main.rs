@@ -20,6 +20,9 @@ use ambit_abi::{
     OriginalDestination, PendingConnect, AF_INET, AF_INET6, HBONE_PORT, MAX_ENROLLED_PODS,
     MAX_MESH_DESTINATIONS, MAX_TRACKED_CONNECTIONS, POD_FLAG_CAPTURE_ALL,
 };
+// eBPF-side logging (aya-log): off unless the node is started with --ebpf-log. The level is a
+// load-time constant (AYA_LOG_LEVEL, patched by the loader), so with logging off the verifier
+// prunes these calls as dead code and they cost nothing.
 use aya_ebpf::{
     bindings::{
         sk_action::{SK_DROP, SK_PASS},
@@ -32,6 +35,7 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     EbpfContext as _,
 };
+use aya_log_ebpf::{debug, error, warn};
 
 /// Return values of cgroup sock_addr programs: 1 lets connect() proceed, 0 fails it with EPERM.
 const ALLOW: i32 = 1;
@@ -160,6 +164,10 @@ fn enrolled_pod(ctx: &SockAddrContext) -> Option<EnrolledPod> {
 fn capture(ctx: &SockAddrContext, pod: EnrolledPod, ip: IpKey, port: u16, family: u16) -> Capture {
     if !is_mesh_destination(ip, port) && pod.flags & POD_FLAG_CAPTURE_ALL == 0 {
         count(Counter::OutboundPassed);
+        debug!(
+            ctx,
+            "outbound: port {} is not a mesh destination, passed", port
+        );
         return Capture::Pass;
     }
     let pending = PendingConnect {
@@ -176,9 +184,14 @@ fn capture(ctx: &SockAddrContext, pod: EnrolledPod, ip: IpKey, port: u16, family
         // Without a recorded destination the tunnel could not forward it: fail the connect()
         // rather than let it go out uncaptured.
         count(Counter::Errors);
+        error!(ctx, "outbound: PENDING_CONNECTS full, connect refused");
         return Capture::Refuse;
     }
     count(Counter::OutboundCaptured);
+    debug!(
+        ctx,
+        "outbound: mesh destination port {} redirected to the tunnel", port
+    );
     Capture::Redirect
 }
 
@@ -239,6 +252,10 @@ fn on_established(ctx: &SockOpsContext) {
     let _ = PENDING_CONNECTS.remove(cookie);
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     count(Counter::OriginalDestinationRecorded);
+    debug!(
+        ctx,
+        "sockops: original destination recorded for app port {}", key.port
+    );
 }
 
 #[inline(always)]
@@ -323,12 +340,17 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
         Ok(()) => {
             count(Counter::InboundCaptured);
+            debug!(&ctx, "sk_lookup: port {} steered to the tunnel", local_port);
             SK_PASS
         }
         Err(_) => {
             // Enrolled but the tunnel's listener is gone (node process down): refuse, so that
             // plaintext never reaches the app around the tunnel.
             count(Counter::InboundRefused);
+            warn!(
+                &ctx,
+                "sk_lookup: port {} refused, the tunnel is not listening", local_port
+            );
             SK_DROP
         }
     }

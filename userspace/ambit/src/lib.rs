@@ -13,6 +13,8 @@ pub mod datapath;
 pub mod hbone;
 pub mod inspect;
 pub mod netns;
+pub mod observability;
+pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod tls;

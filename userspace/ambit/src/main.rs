@@ -1,6 +1,14 @@
 //! `ambit`: one node of the Ambit data path.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -19,6 +27,10 @@ use ambit::{
     datapath::{pins::PinLayout, Datapath},
     hbone::{client::HboneClient, HboneSettings},
     inspect,
+    observability::{
+        admin::{self, Addresses, AdminContext, SetLogLevel},
+        Metrics,
+    },
     proxy::ProxyContext,
     tls::{BuiltinCa, CertManager, CertificateAuthority, PluginCa, DEFAULT_TRUST_DOMAIN},
 };
@@ -111,9 +123,22 @@ struct NodeArgs {
     /// HBONE: a pooled connection without streams for this long is released.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     hbone_idle_timeout: Duration,
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Admin (`/config_dump`, `POST /logging?level=`); keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
     /// Detach capture on exit instead of keeping it (fail closed) for the next node process.
     #[arg(long)]
     detach_on_exit: bool,
+    /// The eBPF programs' own log (what each one decided), forwarded to this log. Off costs
+    /// nothing: the verifier removes the log calls.
+    #[arg(long, value_enum, default_value = "off")]
+    ebpf_log: datapath::EbpfLogLevel,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -137,11 +162,11 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Node(args) => {
-            init_logging(args.log_json);
+            let set_log_level = init_logging(args.log_json);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(run_node(*args))
+                .block_on(run_node(*args, set_log_level))
         }
         Command::Inspect { node, bpffs } => inspect::print(&PinLayout::new(&bpffs, &node)?),
         Command::Ca(CaCommand::Init { dir, trust_domain }) => {
@@ -163,20 +188,37 @@ fn main() -> Result<()> {
     }
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+/// Logs to stderr (JSON lines with `--log-json`), filtered by RUST_LOG (default `info`); the
+/// returned function changes the filter at run time (admin `POST /logging?level=`).
+fn init_logging(json: bool) -> SetLogLevel {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    macro_rules! install {
+        ($builder:expr) => {{
+            let builder = $builder;
+            let handle = builder.reload_handle();
+            builder.init();
+            Arc::new(move |level: &str| {
+                let filter = EnvFilter::try_new(level)
+                    .map_err(|e| anyhow::anyhow!("log filter {level:?}: {e}"))?;
+                handle.reload(filter)?;
+                info!(level, "log level changed");
+                Ok(())
+            }) as SetLogLevel
+        }};
+    }
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        install!(builder
+            .json()
+            .with_env_filter(filter)
+            .with_filter_reloading())
     } else {
-        builder.init();
+        install!(builder.with_env_filter(filter).with_filter_reloading())
     }
 }
 
-async fn run_node(args: NodeArgs) -> Result<()> {
+async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
     check_root()?;
     let cgroup_root = match &args.cgroup_root {
         Some(root) => root.clone(),
@@ -191,8 +233,10 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     let initial = source.initial()?;
     let ca = certificate_authority(&args)?;
     let certs = Arc::new(CertManager::new(ca, args.cert_lifetime));
-    let datapath = Datapath::open(&args.bpffs, &args.node)?;
+    let datapath = Datapath::open(&args.bpffs, &args.node, args.ebpf_log)?;
     let (state_tx, state_rx) = watch::channel(initial.clone());
+    let metrics = Metrics::new();
+    metrics.watch_ebpf_counters(&datapath.pins().map(ambit_abi::map_names::COUNTERS))?;
     let hbone_settings = HboneSettings {
         max_streams_per_connection: args.hbone_max_streams.max(1),
         ping_interval: args.hbone_ping_interval,
@@ -211,9 +255,29 @@ async fn run_node(args: NodeArgs) -> Result<()> {
             args.connect_timeout,
         )),
         hbone_settings,
+        metrics: metrics.clone(),
+        tracker: Default::default(),
     });
-    let mut agent = Agent::new(datapath, cgroup_root, proxy);
+    let ready = Arc::new(AtomicBool::new(false));
+    let _admin = admin::start(
+        AdminContext {
+            node: args.node.clone(),
+            state: state_tx.subscribe(),
+            certs: proxy.certs.clone(),
+            metrics,
+            ready: ready.clone(),
+            set_log_level,
+        },
+        &Addresses {
+            metrics: args.metrics_addr,
+            readiness: args.readiness_addr,
+            admin: args.admin_addr,
+        },
+    )
+    .await?;
+    let mut agent = Agent::new(datapath, cgroup_root, proxy.clone());
     agent.apply(&initial)?;
+    ready.store(!agent.has_failed_pods(), Ordering::Release);
     info!(
         node = %args.node,
         config = %args.config.display(),
@@ -239,12 +303,18 @@ async fn run_node(args: NodeArgs) -> Result<()> {
                     Ok(()) => info!(enrolled = state.enrolled.len(), "config applied"),
                     Err(e) => error!("applying config: {e:#}"),
                 }
+                let closed = proxy.tracker.recheck(&state);
+                if closed > 0 {
+                    info!(closed, "connections closed: the new policy denies them");
+                }
+                ready.store(!agent.has_failed_pods(), Ordering::Release);
             }
             _ = retry.tick(), if agent.has_failed_pods() => {
                 let state = state_tx.borrow().clone();
                 if let Err(e) = agent.apply(&state) {
                     error!("retrying enrollment: {e:#}");
                 }
+                ready.store(!agent.has_failed_pods(), Ordering::Release);
             }
             _ = renew.tick() => agent.refresh_certificates(),
             _ = sigterm.recv() => break,

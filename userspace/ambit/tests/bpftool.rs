@@ -9,6 +9,7 @@ use common::TestLab;
 #[test]
 fn bpftool_shows_programs_and_maps_with_named_fields() {
     let t = TestLab::start(&["a", "c"]);
+    let pins = t.lab.pin_dir("n1");
     let progs = t.bpftool(&["prog", "show"]);
     for name in [
         "ambit_connect4",
@@ -19,7 +20,6 @@ fn bpftool_shows_programs_and_maps_with_named_fields() {
         assert!(progs.contains(name), "bpftool prog show lacks {name}");
     }
 
-    let pins = t.lab.pin_dir("n1");
     let enrolled = t.bpftool(&[
         "map",
         "dump",

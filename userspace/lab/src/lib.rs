@@ -96,6 +96,8 @@ pub struct LabConfig<'a> {
     pub protocol: &'a str,
     /// `permissive` or `strict`.
     pub mtls_mode: &'a str,
+    /// The `policies:` value (YAML, ztunnel's format), e.g. `[]`.
+    pub policies: &'a str,
 }
 
 impl Default for LabConfig<'_> {
@@ -104,6 +106,7 @@ impl Default for LabConfig<'_> {
             enrolled: &["a", "c"],
             protocol: "HBONE",
             mtls_mode: "permissive",
+            policies: "[]",
         }
     }
 }
@@ -297,7 +300,7 @@ services:
   vips: ["/{vip}"]
   ports:
     80: 8080
-policies: []
+policies: {policies}
 ambit:
   mtlsMode: {mtls_mode}
   pods:
@@ -323,6 +326,7 @@ ambit:
             c_mode = mode("c"),
             protocol = options.protocol,
             mtls_mode = options.mtls_mode,
+            policies = options.policies,
         )
     }
 

@@ -58,12 +58,6 @@ impl Agent {
     /// Brings kernel and tunnel to `state`. Errors for one pod do not stop the others; they are
     /// logged and the pod is retried on the next call.
     pub fn apply(&mut self, state: &State) -> Result<()> {
-        if state.unenforced_policies > 0 {
-            warn!(
-                policies = state.unenforced_policies,
-                "the config has authorization policies; this build does not enforce them yet"
-            );
-        }
         // Un-enroll what is no longer wanted, or wanted differently.
         // Only a change of where the pod is (netns, cgroup, addresses) or who it is needs a
         // re-enrollment; anything else (e.g. its mTLS mode) is read per connection from the

@@ -15,9 +15,12 @@ pub struct LocalConfig {
     pub workloads: Vec<Workload>,
     #[serde(default)]
     pub services: Vec<Service>,
-    /// Authorization policies; enforced from issue 4 on. Kept verbatim until then.
+    /// Istio L4 authorization policies (ztunnel's format), enforced at the destination.
     #[serde(default)]
-    pub policies: Vec<serde_yaml::Value>,
+    pub policies: Vec<crate::policy::Authorization>,
+    /// The policies as written, for /config_dump.
+    #[serde(skip)]
+    pub policies_raw: Vec<serde_yaml::Value>,
     #[serde(default)]
     pub ambit: AmbitSection,
 }
@@ -38,6 +41,9 @@ pub struct Workload {
     pub trust_domain: Option<String>,
     #[serde(default)]
     pub node: String,
+    /// `"<namespace>/<name>"` of the WorkloadSelector-scoped policies that select this workload.
+    #[serde(default)]
+    pub authorization_policies: Vec<String>,
     /// `"<namespace>/<hostname>"` → service port → target port.
     #[serde(default)]
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
@@ -143,13 +149,22 @@ impl Service {
 impl LocalConfig {
     /// Parses and validates; errors name the source (file) and, for YAML errors, line and field.
     pub fn parse(text: &str, source: &str) -> Result<Self> {
-        let config: LocalConfig = serde_yaml::from_str(text).map_err(|e| {
+        let yaml_error = |e: serde_yaml::Error| {
             let at = e
                 .location()
                 .map(|l| format!(":{}:{}", l.line(), l.column()))
                 .unwrap_or_default();
             anyhow::anyhow!("{source}{at}: {e}")
-        })?;
+        };
+        let mut config: LocalConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
+        #[derive(Deserialize)]
+        struct Raw {
+            #[serde(default)]
+            policies: Vec<serde_yaml::Value>,
+        }
+        config.policies_raw = serde_yaml::from_str::<Raw>(text)
+            .map_err(yaml_error)?
+            .policies;
         config
             .validate()
             .with_context(|| format!("{source}: invalid config"))?;
@@ -179,6 +194,7 @@ impl LocalConfig {
                     .with_context(|| format!("services[{i}].subjectAltNames"))?;
             }
         }
+        crate::policy::PolicySet::new(self.policies.clone()).context("policies")?;
         let mut seen = BTreeMap::new();
         for (i, pod) in self.ambit.pods.iter().enumerate() {
             let Some(w) = self.workload(&pod.workload) else {
@@ -240,6 +256,21 @@ mod tests {
         let err = format!("{:#}", LocalConfig::parse(bad, "lab.yaml").unwrap_err());
         assert!(err.starts_with("lab.yaml:4:"), "{err}");
         assert!(err.contains("HBONEE"), "{err}");
+    }
+
+    #[test]
+    fn a_policy_typo_names_file_line_and_field() {
+        let bad = "policies:\n- name: p\n  namespace: default\n  scope: Namespace\n  action: Deny\n  rules:\n  - - - destinationPort: [80]\n";
+        let err = format!("{:#}", LocalConfig::parse(bad, "lab.yaml").unwrap_err());
+        assert!(err.starts_with("lab.yaml:7:"), "{err}");
+        assert!(err.contains("destinationPort"), "{err}");
+    }
+
+    #[test]
+    fn policies_are_typed_and_kept_as_written() {
+        let config = LocalConfig::parse(ZTUNNEL_EXAMPLE, "example.yaml").unwrap();
+        assert_eq!(config.policies[0].name, "deny-9999");
+        assert_eq!(config.policies_raw.len(), 1);
     }
 
     #[test]

@@ -50,7 +50,9 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the programs into the kernel and adopts (or creates and pins) the node's maps.
-    pub fn open(bpffs: &Path, node: &str) -> Result<Self> {
+    /// `ebpf_log` turns on the programs' own log lines (aya-log) at that level and forwards
+    /// them to this process's log.
+    pub fn open(bpffs: &Path, node: &str, ebpf_log: EbpfLogLevel) -> Result<Self> {
         if !pins::is_bpffs(bpffs) {
             bail!(
                 "{} is not a bpf filesystem; mount it first: mount -t bpf bpf {}",
@@ -69,6 +71,9 @@ impl Datapath {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // A load-time constant: with 0 the verifier removes the log calls entirely.
+        let level = ebpf_log as u8;
+        loader.override_global("AYA_LOG_LEVEL", &level, true);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
@@ -84,6 +89,9 @@ impl Datapath {
             .load()
             .with_context(|| format!("verifier rejected {}", p::SK_LOOKUP))?;
 
+        if ebpf_log != EbpfLogLevel::Off {
+            forward_ebpf_logs(&mut ebpf)?;
+        }
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
@@ -230,6 +238,51 @@ impl Datapath {
         debug!(total = want.len(), removed, "mesh destinations synced");
         Ok(())
     }
+}
+
+/// Levels of the eBPF programs' own logging (aya-log's numbering; 0 is off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EbpfLogLevel {
+    Off = 0,
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
+}
+
+/// Reads the programs' log ring buffer and writes each record to this process's log. The
+/// records are written at INFO whatever their eBPF level (the level is a field): asking for
+/// `--ebpf-log debug` must show them without also changing RUST_LOG.
+fn forward_ebpf_logs(ebpf: &mut Ebpf) -> Result<()> {
+    struct ToTracing;
+    impl log::Log for ToTracing {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            info!(target: "ambit_ebpf", level = %record.level(), "{}", record.args());
+        }
+        fn flush(&self) {}
+    }
+    let logger = aya_log::EbpfLogger::init_with_logger(ebpf, ToTracing)
+        .context("starting the eBPF log reader")?;
+    // SAFETY: the AsyncFd owns the logger, and so the ring buffer fd, for as long as it is
+    // registered.
+    let mut logger = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow!("registering the eBPF log reader: {e}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
 }
 
 /// Pins `link` as `dir/name`, replacing (and so detaching) whatever link was pinned there.

@@ -22,6 +22,8 @@ use tracing::{info, warn, Instrument as _};
 use super::{bridge::bridge, HboneSettings};
 use crate::{
     netns::Netns,
+    observability::{ConnectionRecord, Outcome, Peer, Reporter},
+    policy::{ConnectionInfo, Decision},
     proxy::{connector::connect_tcp, ProxyContext},
     tls::{self, Identity, WorkloadCert},
 };
@@ -149,43 +151,99 @@ impl HboneServer {
                 return Ok(());
             }
         };
-        // Authorization policies are enforced here (401) from issue 4 on.
+        let (src_workload, dst_workload) = {
+            let state = self.ctx.state.borrow();
+            (
+                state.workload_by_ip(peer.ip()).cloned(),
+                state.workloads.get(&self.pod).cloned(),
+            )
+        };
+        let src = Peer {
+            // The identity is the one the client's certificate proved, not its address's.
+            identity: peer_identity.as_ref().map(|i| i.to_string()),
+            ..src_workload
+                .map(|w| Peer::workload(&w, peer))
+                .unwrap_or_else(|| Peer::addr(peer))
+        };
+        let dst = dst_workload
+            .map(|w| Peer::workload(&w, target))
+            .unwrap_or_else(|| Peer::addr(target));
+        let record = ConnectionRecord::open(
+            self.ctx.metrics.clone(),
+            Reporter::Destination,
+            src,
+            dst,
+            Some(local),
+            None,
+            true,
+        );
+        // Step 4: authorization at the destination, on the proven identity.
+        let conn_info = ConnectionInfo {
+            src_ip: peer.ip(),
+            src_identity: peer_identity.clone(),
+            dst_ip: target.ip(),
+            dst_port: target.port(),
+        };
+        let decision = {
+            let state = self.ctx.state.borrow();
+            match state.workloads.get(&self.pod) {
+                Some(w) => state.authorize(w, &conn_info),
+                None => Decision::Deny {
+                    policy: "no local workload".into(),
+                },
+            }
+        };
+        if let Decision::Deny { policy } = decision {
+            info!(dst = %target, policy, status = 401, "HBONE request denied by policy");
+            respond.send_response(
+                Response::builder()
+                    .status(StatusCode::UNAUTHORIZED)
+                    .body(())?,
+                true,
+            )?;
+            record.close(Outcome::Denied { policy });
+            return Ok(());
+        }
+        let mut tracked = self.ctx.tracker.register(&self.pod, conn_info);
         let app = match connect_tcp(&self.netns, target, self.ctx.connect_timeout).await {
             Ok(app) => app,
             Err(e) => {
-                info!(target = %target, error = %format!("{e:#}"), status = 503, "HBONE target refused");
+                let error = format!("{e:#}");
+                info!(target = %target, error, status = 503, "HBONE target refused");
                 respond.send_response(
                     Response::builder()
                         .status(StatusCode::SERVICE_UNAVAILABLE)
                         .body(())?,
                     true,
                 )?;
+                record.close(Outcome::Failed {
+                    flag: "CONNECT",
+                    error,
+                });
                 return Ok(());
             }
         };
-        let src = peer_identity
-            .map(|i| i.to_string())
-            .unwrap_or_else(|| "unknown".into());
-        info!(dst = %target, src_identity = %src, "HBONE stream accepted");
+        info!(dst = %target, src_identity = ?peer_identity.map(|i| i.to_string()), "HBONE stream accepted");
         let response = Response::builder()
             .status(StatusCode::OK)
             .header("baggage", self.baggage())
             .body(())?;
         let send = respond.send_response(response, false)?;
         let recv = request.into_body();
-        let (t, result) = bridge(app, send, recv).await;
-        info!(
-            direction = "inbound",
-            src_addr = %peer,
-            src_identity = %src,
-            dst_addr = %target,
-            dst_identity = %self.identity,
-            bytes_sent = t.received,
-            bytes_recv = t.sent,
-            duration_ms = t.duration.as_millis() as u64,
-            error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
-            "connection complete"
-        );
+        let (t, result) = tokio::select! {
+            r = bridge(app, send, recv) => r,
+            reason = tracked.revoked() => {
+                // Dropping the bridge resets the HTTP/2 stream and closes the app's socket.
+                record.close(Outcome::Denied { policy: reason });
+                return Ok(());
+            }
+        };
+        // bridge(app, ..): "sent" is app → client (response), "received" client → app (request).
+        record.close(Outcome::Completed {
+            request_bytes: t.received,
+            response_bytes: t.sent,
+            error: result.err().map(|e| e.to_string()),
+        });
         Ok(())
     }
 

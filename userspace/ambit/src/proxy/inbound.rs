@@ -10,7 +10,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn, Instrument as _};
 
 use super::{connector, relay, ProxyContext};
-use crate::{config::MtlsMode, hbone::server::TUNNEL_PORTS, netns::Netns};
+use crate::{
+    config::MtlsMode,
+    hbone::server::TUNNEL_PORTS,
+    netns::Netns,
+    observability::{ConnectionRecord, Outcome, Peer, Reporter},
+    policy::{ConnectionInfo, Decision},
+};
 
 pub struct InboundPlaintext {
     ctx: Arc<ProxyContext>,
@@ -55,35 +61,94 @@ impl InboundPlaintext {
                 original.port()
             );
         }
-        let (src_workload, mode) = {
+        let (src_workload, dst_workload, mode) = {
             let state = self.ctx.state.borrow();
             (
-                state.workload_by_ip(peer.ip()).map(|w| w.key.clone()),
+                state.workload_by_ip(peer.ip()).cloned(),
+                state.workloads.get(&self.pod).cloned(),
                 state.enrolled.get(&self.pod).map(|p| p.mtls_mode),
             )
         };
+        let src = match &src_workload {
+            Some(w) => Peer::workload(w, peer),
+            None => Peer::addr(peer),
+        };
+        let dst = match &dst_workload {
+            Some(w) => Peer::workload(w, original),
+            None => Peer::addr(original),
+        };
+        let record = ConnectionRecord::open(
+            self.ctx.metrics.clone(),
+            Reporter::Destination,
+            // Plaintext: the source's identity is unproven, whatever its address says.
+            Peer {
+                identity: None,
+                ..src
+            },
+            dst,
+            None,
+            None,
+            false,
+        );
         if mode == Some(MtlsMode::Strict) {
             // Closed without a byte: strict mTLS admits only HBONE.
             info!(original_dst = %original, "plaintext inbound refused: strict mTLS");
+            record.close(Outcome::Denied {
+                policy: "strict mTLS".into(),
+            });
             return Ok(());
         }
+        let conn_info = ConnectionInfo {
+            src_ip: peer.ip(),
+            src_identity: None,
+            dst_ip: original.ip(),
+            dst_port: original.port(),
+        };
+        let decision = {
+            let state = self.ctx.state.borrow();
+            match &dst_workload {
+                Some(w) => state.authorize(w, &conn_info),
+                None => Decision::Deny {
+                    policy: "no local workload".into(),
+                },
+            }
+        };
+        if let Decision::Deny { policy } = decision {
+            // Closed without a response, as ztunnel does for denied plaintext.
+            info!(original_dst = %original, policy, "plaintext inbound denied by policy");
+            record.close(Outcome::Denied { policy });
+            return Ok(());
+        }
+        let mut tracked = self.ctx.tracker.register(&self.pod, conn_info);
         info!(
             original_dst = %original,
-            src_workload = src_workload.as_deref().unwrap_or("unknown"),
+            src_workload = src_workload.as_ref().map(|w| w.key.as_str()).unwrap_or("unknown"),
             "captured inbound connection"
         );
         stream.set_nodelay(true)?;
-        let app = connector::connect_tcp(&self.netns, original, self.ctx.connect_timeout).await?;
-        let (t, result) = relay::relay(stream, app).await;
-        info!(
-            direction = "inbound",
-            original_dst = %original,
-            bytes_sent = t.sent,
-            bytes_recv = t.received,
-            duration_ms = t.duration.as_millis() as u64,
-            error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
-            "connection complete"
-        );
+        let app =
+            match connector::connect_tcp(&self.netns, original, self.ctx.connect_timeout).await {
+                Ok(app) => app,
+                Err(e) => {
+                    record.close(Outcome::Failed {
+                        flag: "CONNECT",
+                        error: format!("{e:#}"),
+                    });
+                    return Ok(());
+                }
+            };
+        let (t, result) = tokio::select! {
+            r = relay::relay(stream, app) => r,
+            reason = tracked.revoked() => {
+                record.close(Outcome::Denied { policy: reason });
+                return Ok(());
+            }
+        };
+        record.close(Outcome::Completed {
+            request_bytes: t.sent,
+            response_bytes: t.received,
+            error: result.err().map(|e| e.to_string()),
+        });
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ pub mod connector;
 pub mod inbound;
 pub mod outbound;
 pub mod relay;
+pub mod tracker;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -30,6 +31,7 @@ use crate::{
     datapath::OriginalDestinations,
     hbone::{client::HboneClient, server::HboneServer, HboneSettings},
     netns::Netns,
+    observability::Metrics,
     state::State,
     tls::{CertManager, Identity},
 };
@@ -42,6 +44,9 @@ pub struct ProxyContext {
     pub certs: Arc<CertManager>,
     pub hbone: Arc<HboneClient>,
     pub hbone_settings: HboneSettings,
+    pub metrics: Arc<Metrics>,
+    /// Live inbound connections, re-checked when policies change.
+    pub tracker: Arc<tracker::ConnectionTracker>,
 }
 
 /// One pod's tunnel: its listeners and accept loops. Dropping it closes the listeners (so

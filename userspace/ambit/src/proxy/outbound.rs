@@ -12,8 +12,12 @@ use super::{
     connector::{self, Source, UpstreamConnection},
     relay, ProxyContext,
 };
-use crate::hbone::bridge::bridge;
 use crate::netns::Netns;
+use crate::{
+    config::Protocol,
+    hbone::bridge::bridge,
+    observability::{ConnectionRecord, Outcome, Peer, Reporter},
+};
 
 pub struct Outbound {
     ctx: Arc<ProxyContext>,
@@ -88,7 +92,30 @@ impl Outbound {
             netns: &self.netns,
             addr: SocketAddr::new(pod_ip, peer.port()),
         };
-        let connection = connector::connect(&self.ctx, &source, &upstream).await?;
+        let hbone = upstream.workload.protocol == Protocol::Hbone;
+        let record = ConnectionRecord::open(
+            self.ctx.metrics.clone(),
+            Reporter::Source,
+            Peer::workload(&source_workload, source.addr),
+            Peer::workload(&upstream.workload, upstream.addr),
+            hbone.then(|| SocketAddr::new(upstream.addr.ip(), ambit_abi::HBONE_PORT)),
+            upstream.service.clone(),
+            hbone,
+        );
+        let connection = match connector::connect(&self.ctx, &source, &upstream).await {
+            Ok(c) => c,
+            Err(e) => {
+                let error = format!("{e:#}");
+                // A TLS failure (wrong CA, wrong identity) is told apart from a refused connect.
+                let flag = if error.contains("TLS") {
+                    "TLS_FAILURE"
+                } else {
+                    "CONNECT"
+                };
+                record.close(Outcome::Failed { flag, error });
+                return Ok(());
+            }
+        };
         let (t, result) = match connection {
             UpstreamConnection::Tcp(upstream) => relay::relay(stream, upstream).await,
             UpstreamConnection::Hbone(tunnel) => {
@@ -97,18 +124,11 @@ impl Outbound {
                 result
             }
         };
-        info!(
-            direction = "outbound",
-            src_identity = %source_workload.identity(),
-            original_dst = %original,
-            upstream = %upstream.addr,
-            dst_identity = %upstream.workload.identity(),
-            bytes_sent = t.sent,
-            bytes_recv = t.received,
-            duration_ms = t.duration.as_millis() as u64,
-            error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
-            "connection complete"
-        );
+        record.close(Outcome::Completed {
+            request_bytes: t.sent,
+            response_bytes: t.received,
+            error: result.err().map(|e| e.to_string()),
+        });
         Ok(())
     }
 }

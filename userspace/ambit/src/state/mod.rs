@@ -13,6 +13,7 @@ use anyhow::Result;
 
 use crate::{
     config::{DataplaneMode, LocalConfig, MtlsMode, Protocol},
+    policy::{ConnectionInfo, Decision, DestinationWorkload, PolicySet},
     tls::Identity,
 };
 
@@ -29,6 +30,8 @@ pub struct WorkloadInfo {
     pub protocol: Protocol,
     pub trust_domain: String,
     pub node: String,
+    /// WorkloadSelector policies (`ns/name`) that select this workload.
+    pub authorization_policies: Vec<String>,
     /// Service key (`ns/hostname`) → service port → target port.
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
 }
@@ -84,8 +87,10 @@ pub struct State {
     service_by_vip: BTreeMap<SocketAddr, String>,
     /// Local pods to enroll on this node.
     pub enrolled: BTreeMap<PodKey, EnrolledPodSpec>,
-    /// Authorization policies in the config, not enforced by this build.
-    pub unenforced_policies: usize,
+    /// Authorization policies, enforced at the destination.
+    pub policies: PolicySet,
+    /// The config's policies as written, for /config_dump.
+    pub policies_raw: Vec<serde_yaml::Value>,
     /// Round-robin position for service endpoint choice.
     next_endpoint: AtomicUsize,
 }
@@ -103,7 +108,8 @@ pub struct Upstream {
 impl State {
     pub fn from_config(config: &LocalConfig, node: &str, trust_domain: &str) -> Result<Self> {
         let mut state = State {
-            unenforced_policies: config.policies.len(),
+            policies: PolicySet::new(config.policies.clone())?,
+            policies_raw: config.policies_raw.clone(),
             ..State::default()
         };
         for w in &config.workloads {
@@ -125,6 +131,7 @@ impl State {
                         .clone()
                         .unwrap_or_else(|| trust_domain.to_owned()),
                     node: w.node.clone(),
+                    authorization_policies: w.authorization_policies.clone(),
                     services: w.services.clone(),
                 },
             );
@@ -174,6 +181,21 @@ impl State {
             );
         }
         Ok(state)
+    }
+
+    /// The authorization decision for a connection to the local workload `dst`.
+    pub fn authorize(&self, dst: &WorkloadInfo, conn: &ConnectionInfo) -> Decision {
+        let dst = DestinationWorkload {
+            namespace: &dst.namespace,
+            name: &dst.name,
+            selected_policies: &dst.authorization_policies,
+        };
+        self.policies.evaluate(&dst, conn)
+    }
+
+    /// The policies as JSON, for /config_dump.
+    pub fn policies_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.policies_raw).unwrap_or_default()
     }
 
     /// Everything the kernel should capture, for `MESH_DESTINATIONS`.

@@ -1,0 +1,283 @@
+//! One record per connection the tunnel handles: it counts the connection in the metrics when
+//! it opens and when it closes, and writes the access-log line ("connection complete") at the
+//! end, with ztunnel's field names.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tracing::info;
+
+use super::metrics::{Metrics, TcpLabels};
+use crate::state::WorkloadInfo;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reporter {
+    /// The source node's view (outbound).
+    Source,
+    /// The destination node's view (inbound).
+    Destination,
+}
+
+/// One side of a connection, as far as it is known.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    pub addr: Option<SocketAddr>,
+    pub workload: Option<String>,
+    pub namespace: Option<String>,
+    /// SPIFFE URI.
+    pub identity: Option<String>,
+}
+
+impl Peer {
+    pub fn workload(w: &WorkloadInfo, addr: SocketAddr) -> Self {
+        Self {
+            addr: Some(addr),
+            workload: Some(w.name.clone()),
+            namespace: Some(w.namespace.clone()),
+            identity: Some(w.identity().to_string()),
+        }
+    }
+
+    pub fn addr(addr: SocketAddr) -> Self {
+        Self {
+            addr: Some(addr),
+            ..Self::default()
+        }
+    }
+}
+
+pub struct ConnectionRecord {
+    metrics: Arc<Metrics>,
+    reporter: Reporter,
+    src: Peer,
+    dst: Peer,
+    /// `podIP:15008` when the connection travels over HBONE.
+    hbone_addr: Option<SocketAddr>,
+    service: Option<String>,
+    mtls: bool,
+    start: Instant,
+    labels: TcpLabels,
+}
+
+/// How a connection ended, for the log and the `response_flags` label.
+pub enum Outcome {
+    /// Bytes flowed; `error` is set when the relay ended with one. Request bytes go from the
+    /// source to the destination, response bytes back.
+    Completed {
+        request_bytes: u64,
+        response_bytes: u64,
+        error: Option<String>,
+    },
+    /// Refused by authorization policy.
+    Denied { policy: String },
+    /// Could not connect upstream (flag `CONNECT`) or TLS failed (`TLS_FAILURE`).
+    Failed { flag: &'static str, error: String },
+}
+
+impl ConnectionRecord {
+    /// Counts the connection as opened.
+    pub fn open(
+        metrics: Arc<Metrics>,
+        reporter: Reporter,
+        src: Peer,
+        dst: Peer,
+        hbone_addr: Option<SocketAddr>,
+        service: Option<String>,
+        mtls: bool,
+    ) -> Self {
+        let labels = labels(reporter, &src, &dst, service.as_deref(), mtls, "-");
+        metrics.opened.get_or_create(&labels).inc();
+        Self {
+            metrics,
+            reporter,
+            src,
+            dst,
+            hbone_addr,
+            service,
+            mtls,
+            start: Instant::now(),
+            labels,
+        }
+    }
+
+    /// Counts the connection as closed (and failed, if it did) and writes the access log line.
+    pub fn close(self, outcome: Outcome) {
+        let duration = self.start.elapsed();
+        let (sent, received, flag, decision, error) = match &outcome {
+            Outcome::Completed {
+                request_bytes,
+                response_bytes,
+                error,
+            } => (
+                *request_bytes,
+                *response_bytes,
+                "-",
+                "allow".to_owned(),
+                error.clone(),
+            ),
+            Outcome::Denied { policy } => (0, 0, "DENY", format!("deny ({policy})"), None),
+            Outcome::Failed { flag, error } => {
+                (0, 0, *flag, "allow".to_owned(), Some(error.clone()))
+            }
+        };
+        let labels = if flag == "-" {
+            self.labels.clone()
+        } else {
+            labels(
+                self.reporter,
+                &self.src,
+                &self.dst,
+                self.service.as_deref(),
+                self.mtls,
+                flag,
+            )
+        };
+        let m = &self.metrics;
+        m.closed.get_or_create(&labels).inc();
+        if flag != "-" {
+            m.failed.get_or_create(&labels).inc();
+        }
+        // Istio's meaning: "sent" is the response direction (destination → source), "received"
+        // the request direction. The access log reads from the client's side instead.
+        m.sent_bytes.get_or_create(&labels).inc_by(received);
+        m.received_bytes.get_or_create(&labels).inc_by(sent);
+        self.log(sent, received, duration, flag, &decision, error.as_deref());
+    }
+
+    fn log(
+        &self,
+        sent: u64,
+        received: u64,
+        duration: Duration,
+        flag: &str,
+        decision: &str,
+        error: Option<&str>,
+    ) {
+        let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        let addr = |a: &Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+        info!(
+            src.addr = %addr(&self.src.addr),
+            src.workload = %show(&self.src.workload),
+            src.namespace = %show(&self.src.namespace),
+            src.identity = %show(&self.src.identity),
+            dst.addr = %addr(&self.dst.addr),
+            dst.hbone_addr = %addr(&self.hbone_addr),
+            dst.service = %show(&self.service),
+            dst.workload = %show(&self.dst.workload),
+            dst.namespace = %show(&self.dst.namespace),
+            dst.identity = %show(&self.dst.identity),
+            direction = if self.reporter == Reporter::Source { "outbound" } else { "inbound" },
+            bytes_sent = sent,
+            bytes_recv = received,
+            duration_ms = duration.as_millis() as u64,
+            response_flags = flag,
+            policy = decision,
+            error = error.unwrap_or("-"),
+            "connection complete"
+        );
+    }
+}
+
+fn labels(
+    reporter: Reporter,
+    src: &Peer,
+    dst: &Peer,
+    service: Option<&str>,
+    mtls: bool,
+    flag: &str,
+) -> TcpLabels {
+    let v = |o: &Option<String>| o.clone().unwrap_or_else(|| "unknown".into());
+    TcpLabels {
+        reporter: match reporter {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+        .into(),
+        source_workload: v(&src.workload),
+        source_workload_namespace: v(&src.namespace),
+        source_principal: v(&src.identity),
+        destination_service: service.unwrap_or("unknown").into(),
+        destination_workload: v(&dst.workload),
+        destination_workload_namespace: v(&dst.namespace),
+        destination_principal: v(&dst.identity),
+        request_protocol: "tcp".into(),
+        response_flags: flag.into(),
+        connection_security_policy: if mtls { "mutual_tls" } else { "unknown" }.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_denied_connection_is_counted_with_the_deny_flag() {
+        let metrics = Metrics::new();
+        let src = Peer::addr("10.0.0.1:4000".parse().unwrap());
+        let dst = Peer::addr("10.0.0.2:80".parse().unwrap());
+        let record = ConnectionRecord::open(
+            metrics.clone(),
+            Reporter::Destination,
+            src,
+            dst,
+            None,
+            None,
+            true,
+        );
+        record.close(Outcome::Denied {
+            policy: "default/deny-80".into(),
+        });
+        let text = metrics.render();
+        assert!(
+            text.contains("istio_tcp_connections_opened_total{reporter=\"destination\""),
+            "{text}"
+        );
+        let failed = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_failed_total"))
+            .unwrap();
+        assert!(
+            failed.contains("response_flags=\"DENY\"") && failed.ends_with(" 1"),
+            "{failed}"
+        );
+        assert!(failed.contains("source_workload=\"unknown\""));
+        assert!(failed.contains("connection_security_policy=\"mutual_tls\""));
+    }
+
+    #[test]
+    fn bytes_are_counted_per_connection() {
+        let metrics = Metrics::new();
+        for _ in 0..2 {
+            let r = ConnectionRecord::open(
+                metrics.clone(),
+                Reporter::Source,
+                Peer::default(),
+                Peer::default(),
+                None,
+                Some("web.default.svc.cluster.local".into()),
+                false,
+            );
+            r.close(Outcome::Completed {
+                request_bytes: 7,
+                response_bytes: 100,
+                error: None,
+            });
+        }
+        let text = metrics.render();
+        let sent = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_sent_bytes_total"))
+            .unwrap();
+        assert!(sent.ends_with(" 200"), "{sent}");
+        let received = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_received_bytes_total"))
+            .unwrap();
+        assert!(received.ends_with(" 14"), "{received}");
+        assert!(sent.contains("destination_service=\"web.default.svc.cluster.local\""));
+        assert!(text.contains("istio_tcp_connections_closed_total{reporter=\"source\""));
+    }
+}

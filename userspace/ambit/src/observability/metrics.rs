@@ -1,0 +1,126 @@
+//! Prometheus metrics with Istio's names and labels (what dashboards for ztunnel already read),
+//! plus Ambit's eBPF counters, read from the pinned per-CPU map at each scrape.
+
+use std::sync::{Arc, Mutex};
+
+use ambit_abi::Counter as EbpfCounter;
+use aya::maps::{Map, MapData, PerCpuArray};
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+
+/// Istio's labels for `istio_tcp_*`. Unknown values render as `unknown`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_service: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub request_protocol: String,
+    pub response_flags: String,
+    pub connection_security_policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EbpfLabels {
+    event: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub opened: Family<TcpLabels, Counter>,
+    pub closed: Family<TcpLabels, Counter>,
+    pub failed: Family<TcpLabels, Counter>,
+    pub sent_bytes: Family<TcpLabels, Counter>,
+    pub received_bytes: Family<TcpLabels, Counter>,
+    ebpf: Family<EbpfLabels, Counter>,
+    ebpf_source: Mutex<Option<PerCpuArray<MapData, u64>>>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let opened = Family::<TcpLabels, Counter>::default();
+        let closed = Family::<TcpLabels, Counter>::default();
+        let failed = Family::<TcpLabels, Counter>::default();
+        let sent_bytes = Family::<TcpLabels, Counter>::default();
+        let received_bytes = Family::<TcpLabels, Counter>::default();
+        let ebpf = Family::<EbpfLabels, Counter>::default();
+        // prometheus-client adds the `_total` suffix of counters.
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_failed",
+            "TCP connections that failed",
+            failed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent during a TCP connection",
+            sent_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received during a TCP connection",
+            received_bytes.clone(),
+        );
+        registry.register(
+            "ambit_ebpf_events",
+            "Decisions of Ambit's eBPF programs (all CPUs)",
+            ebpf.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            opened,
+            closed,
+            failed,
+            sent_bytes,
+            received_bytes,
+            ebpf,
+            ebpf_source: Mutex::new(None),
+        })
+    }
+
+    /// Reads the eBPF counters from this pinned map from now on.
+    pub fn watch_ebpf_counters(&self, pinned: &std::path::Path) -> anyhow::Result<()> {
+        let map = Map::from_map_data(MapData::from_pin(pinned)?)?;
+        *self.ebpf_source.lock().unwrap() = Some(PerCpuArray::try_from(map)?);
+        Ok(())
+    }
+
+    /// The OpenMetrics text of everything.
+    pub fn render(&self) -> String {
+        if let Some(map) = self.ebpf_source.lock().unwrap().as_ref() {
+            for counter in EbpfCounter::ALL {
+                let total: u64 = map
+                    .get(&(counter as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                let metric = self.ebpf.get_or_create(&EbpfLabels {
+                    event: counter.name().to_owned(),
+                });
+                let seen = metric.get();
+                if total > seen {
+                    metric.inc_by(total - seen);
+                }
+            }
+        }
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,126 @@
+//! Istio L4 authorization at the destination, on a live lab: HBONE requests denied with 401,
+//! plaintext closed, live connections re-checked when the policy tightens.
+
+mod common;
+
+use ambit_lab::{pod, write_atomically, LabConfig};
+use common::{assert_ok, stdout, TestLab};
+
+const DENY_8080: &str = r#"
+- name: deny-8080
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - destinationPorts: [8080]
+"#;
+
+const DENY_9000: &str = r#"
+- name: deny-9000
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - destinationPorts: [9000]
+"#;
+
+const ONLY_SLEEP: &str = r#"
+- name: only-sleep
+  namespace: default
+  scope: Namespace
+  action: Allow
+  rules:
+  - - - principals: [!Exact cluster.local/ns/default/sa/sleep]
+"#;
+
+fn set_policies(t: &TestLab, policies: &str) {
+    let text = t.lab.config_yaml_with(&LabConfig {
+        policies,
+        ..LabConfig::default()
+    });
+    let before = t.log("n2").matches("config applied").count();
+    write_atomically(&t.config, &text).unwrap();
+    t.wait_log("n2", "config applied", before + 1);
+}
+
+#[test]
+fn a_deny_policy_on_a_port_refuses_it_at_the_destination_and_is_counted() {
+    let mut t = TestLab::start(&["a", "c"]);
+    t.start_sink("c", 9000);
+    set_policies(&t, DENY_8080);
+    let c = pod("c").ip;
+
+    let out = t.curl("a", &format!("http://{c}:8080/"));
+    assert!(
+        !out.status.success(),
+        "port 8080 reached despite the Deny policy: {}",
+        stdout(&out)
+    );
+    t.wait_log("n2", "HBONE request denied by policy", 1);
+    // Another port of the same pod still works.
+    let (sent, received) = t.send("a", c, 9000, 4096);
+    assert_eq!(sent, received);
+
+    let out = t
+        .lab
+        .node_command("n2", "curl")
+        .args(["-sS", "http://127.0.0.1:15020/metrics"])
+        .output()
+        .unwrap();
+    let metrics = stdout(&out);
+    let denied = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_connections_failed_total")
+                && l.contains("response_flags=\"DENY\"")
+        })
+        .unwrap_or_else(|| panic!("no DENY in metrics:\n{metrics}"));
+    assert!(
+        denied.contains("reporter=\"destination\"") && denied.contains("source_workload=\"a\""),
+        "{denied}"
+    );
+    t.wait_log("n2", "policy=\"deny (default/deny-8080)\"", 1);
+}
+
+#[test]
+fn plaintext_is_denied_by_an_allow_policy_for_mesh_identities_only() {
+    let t = TestLab::start(&["a", "c"]);
+    set_policies(&t, ONLY_SLEEP);
+    let url = format!("http://{}:8080/", pod("c").ip);
+    assert_ok(&t.curl("a", &url), "a (sa/sleep over HBONE) is allowed");
+    let out = t.curl("b", &url);
+    assert!(
+        !out.status.success() || stdout(&out).is_empty(),
+        "plaintext from b allowed"
+    );
+    t.wait_log("n2", "plaintext inbound denied by policy", 1);
+}
+
+#[test]
+fn tightening_a_policy_closes_an_open_connection_it_no_longer_allows() {
+    let mut t = TestLab::start(&["a", "c"]);
+    t.start_sink("c", 9000);
+    let slow = t
+        .lab
+        .pod_command("a", "python3")
+        .arg(common::tool("slow.py"))
+        .args([pod("c").ip, "9000", "8"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    t.wait_log("n2", "HBONE stream accepted", 1);
+    set_policies(&t, DENY_9000);
+    t.wait_log("n2", "closing a connection the new policy denies", 1);
+    let out = slow.wait_with_output().unwrap();
+    let line = stdout(&out);
+    let completed = out.status.success()
+        && line
+            .trim()
+            .split_once(" received=")
+            .is_some_and(|(s, r)| s.trim_start_matches("sent=") == r);
+    assert!(
+        !completed,
+        "the connection survived the policy that denies it: {line}"
+    );
+}

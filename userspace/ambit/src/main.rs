@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -20,6 +20,7 @@ use tracing::{error, info};
 
 use ambit::{
     agent::{
+        kubernetes::{discovery::ProcLocator, KubernetesSource},
         source::{FileSource, StateSource},
         Agent,
     },
@@ -80,14 +81,32 @@ enum CaCommand {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SourceKind {
+    /// A ztunnel-format local config file, watched.
+    File,
+    /// The Kubernetes API (in-cluster config or KUBECONFIG).
+    Kubernetes,
+}
+
 #[derive(clap::Args)]
 struct NodeArgs {
     /// This node's name: workloads whose `node` matches are local.
     #[arg(long, env = "AMBIT_NODE")]
     node: String,
-    /// ztunnel-format local config file (with Ambit's `ambit.pods` section).
-    #[arg(long)]
-    config: PathBuf,
+    /// Where the desired state comes from.
+    #[arg(long, value_enum, default_value = "file")]
+    source: SourceKind,
+    /// ztunnel-format local config file (with Ambit's `ambit.pods` section); `--source file`.
+    #[arg(long, required_if_eq("source", "file"))]
+    config: Option<PathBuf>,
+    /// The host's procfs, where pods' processes (and so their netns and cgroups) are found;
+    /// `--source kubernetes` (in a DaemonSet: the host's /proc mounted read-only).
+    #[arg(long, default_value = "/proc")]
+    proc_root: PathBuf,
+    /// `namespace/name` of the agent's own pod, never enrolled.
+    #[arg(long, env = "AMBIT_POD")]
+    own_pod: Option<String>,
     /// Where bpffs is mounted.
     #[arg(long, default_value = datapath::pins::DEFAULT_BPFFS)]
     bpffs: PathBuf,
@@ -225,11 +244,29 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
         None => cgroup::cgroup2_root()?,
     };
     raise_fd_limit();
-    let mut source: Box<dyn StateSource> = Box::new(FileSource::new(
-        &args.config,
-        &args.node,
-        &args.trust_domain,
-    ));
+    let mut source: Box<dyn StateSource> = match args.source {
+        SourceKind::File => {
+            let config = args
+                .config
+                .as_deref()
+                .context("--config is required with --source file")?;
+            Box::new(FileSource::new(config, &args.node, &args.trust_domain))
+        }
+        SourceKind::Kubernetes => {
+            let locator = Arc::new(ProcLocator {
+                proc_root: args.proc_root.clone(),
+                cgroup_root: cgroup_root.clone(),
+            });
+            let mut k8s = KubernetesSource::new(
+                &args.node,
+                &args.trust_domain,
+                args.own_pod.clone(),
+                locator,
+            );
+            k8s.connect(Duration::from_secs(60)).await?;
+            Box::new(k8s)
+        }
+    };
     let initial = source.initial()?;
     let ca = certificate_authority(&args)?;
     let certs = Arc::new(CertManager::new(ca, args.cert_lifetime));
@@ -280,7 +317,7 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
     ready.store(!agent.has_failed_pods(), Ordering::Release);
     info!(
         node = %args.node,
-        config = %args.config.display(),
+        source = %args.config.as_ref().map(|c| c.display().to_string()).unwrap_or_else(|| "kubernetes".into()),
         pins = %agent.datapath().pins().root().display(),
         enrolled = initial.enrolled.len(),
         "node ready"

@@ -332,10 +332,15 @@ ambit:
 
     /// A command that runs inside a pod: in its netns and its cgroup.
     pub fn pod_command(&self, pod: &str, program: &str) -> Command {
+        self.command_in(pod, &self.pod_cgroup(pod), program)
+    }
+
+    /// A command in the netns of lab pod `netns_of` and in the cgroup directory `cgroup` (which
+    /// must be under this lab's cgroup, so that teardown removes it).
+    pub fn command_in(&self, netns_of: &str, cgroup: &Path, program: &str) -> Command {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.netns(pod), program]);
-        let procs =
-            CString::new(self.pod_cgroup(pod).join("cgroup.procs").to_str().unwrap()).unwrap();
+        cmd.args(["netns", "exec", &self.netns(netns_of), program]);
+        let procs = CString::new(cgroup.join("cgroup.procs").to_str().unwrap()).unwrap();
         // SAFETY: between fork and exec only async-signal-safe calls (open, write, close).
         unsafe {
             cmd.pre_exec(move || {
@@ -455,15 +460,27 @@ ambit:
             .stderr(log_file);
         self.spawn(&format!("ambit node {node}"), cmd)?;
         let log = log.to_owned();
+        // vm-tests (issue 5): a node that exited (e.g. a program the verifier rejected) will
+        // never be ready; say so now instead of at the (scaled) timeout.
+        let child = &mut self.children.last_mut().unwrap().1;
+        let mut exited = None;
         wait_until(
             Duration::from_secs(20),
             &format!("ambit node {node} ready"),
             || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    exited = Some(status);
+                    return true;
+                }
                 fs::read_to_string(&log)
                     .map(|l| l.contains("node ready"))
                     .unwrap_or(false)
             },
         )
+        .and_then(|()| match exited {
+            Some(status) => bail!("ambit node {node} exited ({status}) before it was ready"),
+            None => Ok(()),
+        })
         .with_context(|| {
             format!(
                 "log of node {node}:\n{}",
@@ -674,6 +691,7 @@ pub fn ensure_bpffs(path: &Path) -> Result<()> {
 
 /// Polls `check` until it holds, or fails after `timeout` naming `what`.
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> Result<()> {
+    let timeout = timeout.mul_f64(timeout_scale()); // vm-tests (issue 5), see timeout_scale
     let deadline = Instant::now() + timeout;
     loop {
         if check() {
@@ -685,6 +703,18 @@ pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+// --- vm-tests (issue 5) ---
+/// Factor for the tests' wait timeouts: `AMBIT_TEST_TIMEOUT_SCALE` (default 1), which
+/// `cargo xtask vm-test` sets in its guests, where qemu's emulation (TCG) is 10-30x slower.
+pub fn timeout_scale() -> f64 {
+    std::env::var("AMBIT_TEST_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|f| f.is_finite() && *f >= 1.0)
+        .unwrap_or(1.0)
+}
+// --- end vm-tests ---
 
 /// Writes `text` to `path` atomically (write to a temp file, then rename), as editors do.
 pub fn write_atomically(path: &Path, text: &str) -> Result<()> {

@@ -4,6 +4,7 @@
 //! netns handle → netns cookie → listeners opened in the netns → programs attached to the pod's
 //! cgroup and netns → maps written (capture is on from that last write).
 
+pub mod kubernetes;
 pub mod source;
 
 use std::{collections::BTreeMap, net::IpAddr, os::fd::AsRawFd, path::PathBuf, sync::Arc};

@@ -3,6 +3,7 @@
 //! keeps the maps' contents equal to the desired state.
 
 pub mod pins;
+pub mod probe;
 
 use std::{
     collections::BTreeSet,
@@ -59,6 +60,11 @@ impl Datapath {
                 bpffs.display(),
                 bpffs.display()
             );
+        }
+        let features = probe::KernelFeatures::probe();
+        features.require()?;
+        if ebpf_log != EbpfLogLevel::Off && !features.has_ring_buffers() {
+            bail!("--ebpf-log needs BPF ring buffers (Linux 5.8)");
         }
         let pins = PinLayout::new(bpffs, node)?;
         fs::create_dir_all(pins.pods_dir())

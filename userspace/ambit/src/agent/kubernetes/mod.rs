@@ -1,0 +1,197 @@
+//! The Kubernetes source of desired state (`ambit node --source kubernetes`): watches of Pods,
+//! Namespaces, Services and EndpointSlices (read-only RBAC), turned into a `State` by `model`,
+//! with each local pod's netns and cgroup found by `discovery`.
+//!
+//! Watches reconnect with backoff on their own; while the API server is away the last state stays
+//! in force, so pods already enrolled keep their data path.
+
+pub mod discovery;
+pub mod model;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use futures::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    runtime::{reflector, watcher, WatchStreamExt as _},
+    Api, Client, Resource,
+};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::source::StateSource;
+use crate::state::State;
+use discovery::PodLocator;
+use model::{build_config, ClusterView};
+
+pub struct KubernetesSource {
+    node: String,
+    trust_domain: String,
+    /// `namespace/name` of the agent's own pod (never enrolled).
+    own_pod: Option<String>,
+    locator: Arc<dyn PodLocator>,
+    stores: Option<Stores>,
+}
+
+struct Stores {
+    pods: reflector::Store<Pod>,
+    namespaces: reflector::Store<Namespace>,
+    services: reflector::Store<Service>,
+    slices: reflector::Store<EndpointSlice>,
+    changed: Arc<AtomicBool>,
+}
+
+impl KubernetesSource {
+    pub fn new(
+        node: &str,
+        trust_domain: &str,
+        own_pod: Option<String>,
+        locator: Arc<dyn PodLocator>,
+    ) -> Self {
+        Self {
+            node: node.to_owned(),
+            trust_domain: trust_domain.to_owned(),
+            own_pod,
+            locator,
+            stores: None,
+        }
+    }
+
+    /// Starts the watches and waits (up to `timeout`) for their first complete lists.
+    pub async fn connect(&mut self, timeout: Duration) -> Result<()> {
+        let client = Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+        let changed = Arc::new(AtomicBool::new(true));
+        let pods = watch(Api::<Pod>::all(client.clone()), changed.clone());
+        let namespaces = watch(Api::<Namespace>::all(client.clone()), changed.clone());
+        let services = watch(Api::<Service>::all(client.clone()), changed.clone());
+        let slices = watch(Api::<EndpointSlice>::all(client), changed.clone());
+        let ready = async {
+            pods.wait_until_ready().await?;
+            namespaces.wait_until_ready().await?;
+            services.wait_until_ready().await?;
+            slices.wait_until_ready().await
+        };
+        tokio::time::timeout(timeout, ready)
+            .await
+            .context("the Kubernetes API did not list pods, namespaces, services and endpointslices in time")?
+            .context("waiting for the first lists")?;
+        info!(node = %self.node, "watching Pods, Namespaces, Services and EndpointSlices");
+        self.stores = Some(Stores {
+            pods,
+            namespaces,
+            services,
+            slices,
+            changed,
+        });
+        Ok(())
+    }
+
+    fn build(&self) -> Result<Arc<State>> {
+        let stores = self.stores.as_ref().context("not connected")?;
+        let (pods, namespaces, services, slices) = (
+            stores.pods.state(),
+            stores.namespaces.state(),
+            stores.services.state(),
+            stores.slices.state(),
+        );
+        let view = ClusterView {
+            pods: pods.iter().map(|p| p.as_ref()).collect(),
+            namespaces: namespaces.iter().map(|n| n.as_ref()).collect(),
+            services: services.iter().map(|s| s.as_ref()).collect(),
+            slices: slices.iter().map(|s| s.as_ref()).collect(),
+        };
+        let config = build_config(
+            &view,
+            &self.node,
+            self.own_pod.as_deref(),
+            self.locator.as_ref(),
+        );
+        Ok(Arc::new(State::from_config(
+            &config,
+            &self.node,
+            &self.trust_domain,
+        )?))
+    }
+}
+
+/// A reflector store fed by a watch that retries with backoff forever; `changed` is set on
+/// every event.
+fn watch<K>(api: Api<K>, changed: Arc<AtomicBool>) -> reflector::Store<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.store(true, Ordering::Release),
+                Err(e) => {
+                    warn!(kind = %K::kind(&K::DynamicType::default()), "watch error (retrying): {e}")
+                }
+            }
+        }
+    });
+    store
+}
+
+impl StateSource for KubernetesSource {
+    fn initial(&mut self) -> Result<Arc<State>> {
+        self.build()
+    }
+
+    fn watch(self: Box<Self>, updates: mpsc::Sender<Arc<State>>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            // Rebuild on changes, and every few seconds anyway: a new pod's containers appear in
+            // /proc a moment after the API says it runs.
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut since_rebuild = 0u32;
+            let mut last = String::new();
+            loop {
+                tick.tick().await;
+                since_rebuild += 1;
+                let Some(stores) = self.stores.as_ref() else {
+                    return;
+                };
+                if !stores.changed.swap(false, Ordering::AcqRel) && since_rebuild < 10 {
+                    continue;
+                }
+                since_rebuild = 0;
+                match self.build() {
+                    Ok(state) => {
+                        // Only a different state is news (the periodic rebuild mostly is not).
+                        let fingerprint =
+                            format!("{:?}", (&state.workloads, &state.services, &state.enrolled));
+                        if fingerprint == last {
+                            continue;
+                        }
+                        last = fingerprint;
+                        if updates.send(state).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        warn!("cluster state rejected, the last good state stays in force: {e:#}")
+                    }
+                }
+            }
+        })
+    }
+}

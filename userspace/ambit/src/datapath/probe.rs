@@ -1,0 +1,213 @@
+//! Kernel feature probes, run before anything is loaded: Ambit either has every feature its
+//! data path needs, or refuses to start with the missing one and the first kernel that has it
+//! — it never half-works. Probes ask the kernel itself (loading tiny test programs and maps),
+//! so backports in distribution kernels count; the kernel version is only reported.
+
+use std::fmt;
+
+use anyhow::{bail, Result};
+use aya::{
+    maps::MapType,
+    programs::ProgramType,
+    sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
+    util::KernelVersion,
+};
+use tracing::info;
+
+/// One feature and where it comes from.
+struct Feature {
+    name: &'static str,
+    since: &'static str,
+    required: bool,
+    present: bool,
+}
+
+pub struct KernelFeatures {
+    pub version: Option<KernelVersion>,
+    features: Vec<Feature>,
+}
+
+impl KernelFeatures {
+    pub fn probe() -> Self {
+        let prog = |t| is_program_supported(t).unwrap_or(false);
+        let map = |t| is_map_supported(t).unwrap_or(false);
+        let helper = |t, h| is_helper_supported(t, h).unwrap_or(false);
+        let version = KernelVersion::current().ok();
+        let at_least =
+            |major, minor| version.is_some_and(|v| v >= KernelVersion::new(major, minor, 0));
+        let features = vec![
+            Feature {
+                name: "cgroup sock_addr programs (connect4/connect6)",
+                since: "4.17",
+                required: true,
+                present: prog(ProgramType::CgroupSockAddr),
+            },
+            Feature {
+                name: "sock_ops programs",
+                since: "4.13",
+                required: true,
+                present: prog(ProgramType::SockOps),
+            },
+            Feature {
+                name: "sk_lookup programs",
+                since: "5.9",
+                required: true,
+                present: prog(ProgramType::SkLookup),
+            },
+            Feature {
+                name: "bpf_sk_assign in sk_lookup",
+                since: "5.9",
+                required: true,
+                present: helper(ProgramType::SkLookup, BpfHelper::BPF_FUNC_sk_assign),
+            },
+            Feature {
+                name: "bpf_get_netns_cookie in cgroup sock_addr",
+                since: "5.7",
+                required: true,
+                present: helper(
+                    ProgramType::CgroupSockAddr,
+                    BpfHelper::BPF_FUNC_get_netns_cookie,
+                ),
+            },
+            Feature {
+                name: "bpf_get_netns_cookie in sock_ops",
+                since: "5.15",
+                required: true,
+                present: helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_netns_cookie),
+            },
+            Feature {
+                name: "SOCKHASH maps",
+                since: "4.18",
+                required: true,
+                present: map(MapType::SockHash),
+            },
+            Feature {
+                name: "LRU hash maps",
+                since: "4.10",
+                required: true,
+                present: map(MapType::LruHash),
+            },
+            Feature {
+                name: "per-CPU arrays",
+                since: "4.6",
+                required: true,
+                present: map(MapType::PerCpuArray),
+            },
+            Feature {
+                name: "ring buffers (eBPF-side logging)",
+                since: "5.8",
+                required: false,
+                present: map(MapType::RingBuf),
+            },
+            // Not probed by loading: bpf_link for cgroups (5.7) is what pinned, adoptable
+            // capture needs; attach fails clearly without it. SO_NETNS_COOKIE (5.14) is checked
+            // when the first netns is opened.
+            Feature {
+                name: "bpf_link for cgroup programs",
+                since: "5.7",
+                required: true,
+                present: version.is_none() || at_least(5, 7),
+            },
+            Feature {
+                name:
+                    "TCX (link-based tc; not used by Ambit, which attaches nothing to interfaces)",
+                since: "6.6",
+                required: false,
+                present: at_least(6, 6),
+            },
+        ];
+        Self { version, features }
+    }
+
+    /// Logs every probe result; fails naming each missing required feature.
+    pub fn require(&self) -> Result<()> {
+        info!(kernel = %self, "kernel features probed");
+        let missing: Vec<String> = self
+            .features
+            .iter()
+            .filter(|f| f.required && !f.present)
+            .map(|f| format!("{} (Linux {})", f.name, f.since))
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "this kernel ({}) lacks what Ambit's data path needs: {}. Ambit needs Linux 5.15 \
+                 or newer.",
+                self.version
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "unknown version".into()),
+                missing.join("; ")
+            );
+        }
+        Ok(())
+    }
+
+    pub fn has_ring_buffers(&self) -> bool {
+        self.features
+            .iter()
+            .any(|f| f.name.starts_with("ring buffers") && f.present)
+    }
+}
+
+impl fmt::Display for KernelFeatures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.version {
+            Some(v) => write!(f, "Linux {v}:")?,
+            None => write!(f, "Linux (unknown version):")?,
+        }
+        for feature in &self.features {
+            write!(
+                f,
+                " {}={}",
+                short(feature.name),
+                if feature.present { "yes" } else { "no" }
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn short(name: &str) -> String {
+    name.split(" (").next().unwrap_or(name).replace(' ', "_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_required_feature_is_named_with_its_kernel() {
+        let features = KernelFeatures {
+            version: Some(KernelVersion::new(5, 4, 0)),
+            features: vec![
+                Feature {
+                    name: "sk_lookup programs",
+                    since: "5.9",
+                    required: true,
+                    present: false,
+                },
+                Feature {
+                    name: "TCX",
+                    since: "6.6",
+                    required: false,
+                    present: false,
+                },
+            ],
+        };
+        let err = features.require().unwrap_err().to_string();
+        assert!(err.contains("sk_lookup programs (Linux 5.9)"), "{err}");
+        assert!(err.contains("5.4.0") && err.contains("Linux 5.15"), "{err}");
+        assert!(
+            !err.contains("TCX"),
+            "optional features are not required: {err}"
+        );
+    }
+
+    #[test]
+    fn this_kernel_has_everything_required() {
+        // The machine the tests run on (and each vm-test kernel) must pass the probe.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // probing loads programs: root only
+        }
+        KernelFeatures::probe().require().unwrap();
+    }
+}

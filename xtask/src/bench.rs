@@ -46,7 +46,10 @@ pub fn run(seconds: u32) -> Result<()> {
         .stdout(Stdio::null());
     lab.spawn("rr server", server)?;
     let mut iperf = lab.pod_command("c", "iperf3");
-    iperf.args(["-s", "-p", IPERF_PORT]).stdout(Stdio::null());
+    iperf
+        .args(["-s", "-p", IPERF_PORT])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     lab.spawn("iperf3 server", iperf)?;
     std::thread::sleep(Duration::from_millis(500));
 
@@ -130,7 +133,7 @@ fn json_number(json: &str, section: &str, key: &str) -> Result<f64> {
         .with_context(|| format!("{key} not in output"))?
         + from
         + key.len();
-    let rest = json[at..].trim_start_matches([':', ' ']);
+    let rest = json[at..].trim_start_matches(|c: char| c == ':' || c.is_whitespace());
     let end = rest
         .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e' || c == '-' || c == '+'))
         .unwrap_or(rest.len());

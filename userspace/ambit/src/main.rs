@@ -244,6 +244,7 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
         None => cgroup::cgroup2_root()?,
     };
     raise_fd_limit();
+    let mut annotator = None;
     let mut source: Box<dyn StateSource> = match args.source {
         SourceKind::File => {
             let config = args
@@ -264,6 +265,7 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
                 locator,
             );
             k8s.connect(Duration::from_secs(60)).await?;
+            annotator = k8s.annotator();
             Box::new(k8s)
         }
     };
@@ -313,6 +315,9 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
     )
     .await?;
     let mut agent = Agent::new(datapath, cgroup_root, proxy.clone());
+    if let Some(annotator) = annotator {
+        agent.on_enrollment_change(move |pod, captured| annotator.mark(pod, captured));
+    }
     agent.apply(&initial)?;
     ready.store(!agent.has_failed_pods(), Ordering::Release);
     info!(

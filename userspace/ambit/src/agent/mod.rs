@@ -35,6 +35,8 @@ pub struct Agent {
     pods: BTreeMap<PodKey, Enrolled>,
     /// Pods that should be enrolled but could not be (netns not there yet, ...): retried.
     failed: BTreeMap<PodKey, String>,
+    /// Told of every enrollment (true) and un-enrollment (false), e.g. to annotate the pod.
+    on_change: Option<Box<dyn Fn(&str, bool) + Send>>,
 }
 
 impl Agent {
@@ -45,7 +47,13 @@ impl Agent {
             proxy,
             pods: BTreeMap::new(),
             failed: BTreeMap::new(),
+            on_change: None,
         }
+    }
+
+    /// Calls `hook(pod, enrolled)` after each enrollment and un-enrollment.
+    pub fn on_enrollment_change(&mut self, hook: impl Fn(&str, bool) + Send + 'static) {
+        self.on_change = Some(Box::new(hook));
     }
 
     pub fn datapath(&self) -> &Datapath {
@@ -94,6 +102,9 @@ impl Agent {
                 Ok(pod) => {
                     info!(pod = %key, netns = %spec.netns.display(), cookie = pod.netns.cookie(), "pod enrolled");
                     self.pods.insert(key.clone(), pod);
+                    if let Some(hook) = &self.on_change {
+                        hook(key, true);
+                    }
                 }
                 Err(e) => {
                     error!(pod = %key, "enrollment failed (will retry): {e:#}");
@@ -172,6 +183,9 @@ impl Agent {
         }
         // Dropping `pod` closes its listeners and the netns handle.
         info!(pod = %key, "pod un-enrolled");
+        if let Some(hook) = &self.on_change {
+            hook(key, false);
+        }
     }
 
     /// Map entries and pins that no enrolled pod owns: left by an earlier node process for pods

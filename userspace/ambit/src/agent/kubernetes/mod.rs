@@ -34,6 +34,55 @@ use crate::state::State;
 use discovery::PodLocator;
 use model::{build_config, ClusterView};
 
+/// Writes back `ambient.istio.io/redirection: enabled` on pods the agent captures (and removes
+/// it when it stops capturing them), as Istio's CNI agent does: istiod only treats a pod as
+/// reachable over HBONE when it is there. Needs `patch` on pods (the optional ClusterRole
+/// `ambit-annotate`); without it the agent logs that once and captures exactly as before.
+#[derive(Clone)]
+pub struct Annotator {
+    client: Client,
+    forbidden: Arc<AtomicBool>,
+}
+
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+
+impl Annotator {
+    /// Marks `pod` (`namespace/name`) captured or not, in the background.
+    pub fn mark(&self, pod: &str, captured: bool) {
+        if self.forbidden.load(Ordering::Acquire) {
+            return;
+        }
+        let Some((ns, name)) = pod.split_once('/') else {
+            return;
+        };
+        let (ns, name) = (ns.to_owned(), name.to_owned());
+        let this = self.clone();
+        tokio::spawn(async move {
+            let api: Api<Pod> = Api::namespaced(this.client.clone(), &ns);
+            let value = if captured {
+                serde_json::json!("enabled")
+            } else {
+                serde_json::Value::Null
+            };
+            let patch =
+                serde_json::json!({"metadata": {"annotations": {REDIRECTION_ANNOTATION: value}}});
+            let params = kube::api::PatchParams::default();
+            match api
+                .patch(&name, &params, &kube::api::Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 403 => {
+                    if !this.forbidden.swap(true, Ordering::AcqRel) {
+                        warn!("no permission to annotate pods (ClusterRole ambit-annotate absent): capture works, the write-back is skipped");
+                    }
+                }
+                Err(e) => warn!(pod = %format!("{ns}/{name}"), "annotating the pod failed: {e}"),
+            }
+        });
+    }
+}
+
 pub struct KubernetesSource {
     node: String,
     trust_domain: String,
@@ -41,6 +90,7 @@ pub struct KubernetesSource {
     own_pod: Option<String>,
     locator: Arc<dyn PodLocator>,
     stores: Option<Stores>,
+    client: Option<Client>,
 }
 
 struct Stores {
@@ -64,14 +114,30 @@ impl KubernetesSource {
             own_pod,
             locator,
             stores: None,
+            client: None,
         }
     }
 
-    /// Starts the watches and waits (up to `timeout`) for their first complete lists.
+    /// The pod annotator, once connected.
+    pub fn annotator(&self) -> Option<Annotator> {
+        Some(Annotator {
+            client: self.client.clone()?,
+            forbidden: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Connects with the in-cluster config (or KUBECONFIG), starts the watches and waits (up to
+    /// `timeout`) for their first complete lists.
     pub async fn connect(&mut self, timeout: Duration) -> Result<()> {
         let client = Client::try_default()
             .await
             .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+        self.connect_with(client, timeout).await
+    }
+
+    /// The same with a given client.
+    pub async fn connect_with(&mut self, client: Client, timeout: Duration) -> Result<()> {
+        self.client = Some(client.clone());
         let changed = Arc::new(AtomicBool::new(true));
         let pods = watch(Api::<Pod>::all(client.clone()), changed.clone());
         let namespaces = watch(Api::<Namespace>::all(client.clone()), changed.clone());

@@ -1,0 +1,183 @@
+//! The Kubernetes source against a fake API server on loopback that serves recorded objects
+//! (userspace/ambit/testdata/kubernetes) and streams watch events: the real kube-rs client,
+//! watches and reflectors, no cluster. Checks that workloads, services and this node's pods
+//! follow label, namespace and pod changes.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use ambit::agent::{
+    kubernetes::{
+        discovery::{PodLocation, PodLocator},
+        KubernetesSource,
+    },
+    source::StateSource,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+    sync::{broadcast, mpsc},
+};
+
+/// Finds every pod (at made-up paths): this test is about which pods are enrolled.
+struct EveryPod;
+impl PodLocator for EveryPod {
+    fn locate(&self, uid: &str) -> Option<PodLocation> {
+        Some(PodLocation {
+            netns: format!("/proc/{uid}/ns/net").into(),
+            cgroup: format!("/kubepods/pod{uid}").into(),
+        })
+    }
+}
+
+fn fixture(file: &str) -> serde_json::Value {
+    let path = format!("{}/testdata/kubernetes/{file}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A minimal API server: lists from fixtures, and watch streams fed by `events`
+/// (path prefix, JSON watch event).
+async fn fake_api(events: broadcast::Sender<(String, String)>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let lists: Arc<HashMap<&str, serde_json::Value>> = Arc::new(HashMap::from([
+        ("/api/v1/pods", fixture("pods.json")),
+        ("/api/v1/namespaces", fixture("namespaces.json")),
+        ("/api/v1/services", fixture("services.json")),
+        (
+            "/apis/discovery.k8s.io/v1/endpointslices",
+            fixture("endpointslices.json"),
+        ),
+    ]));
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let lists = lists.clone();
+            let mut events = events.subscribe();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = stream.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let target = text.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+                let Some(list) = lists.get(path) else {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                };
+                if query
+                    .split('&')
+                    .any(|kv| kv == "watch=true" || kv == "watch=1")
+                {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+                        .await;
+                    while let Ok((prefix, event)) = events.recv().await {
+                        if prefix == path {
+                            let line = format!("{event}\n");
+                            let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+                            if stream.write_all(chunk.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    return;
+                }
+                let mut list = list.clone();
+                list["metadata"] = serde_json::json!({"resourceVersion": "1"});
+                let body = list.to_string();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn modified(kind: &str, object: serde_json::Value) -> String {
+    serde_json::json!({"type": kind, "object": object}).to_string()
+}
+
+#[tokio::test]
+async fn the_kubernetes_source_follows_the_api() {
+    let (events, _) = broadcast::channel(16);
+    let url = fake_api(events.clone()).await;
+    let config = kube::Config::new(url.parse().unwrap());
+    let client = kube::Client::try_from(config).unwrap();
+
+    let mut source = KubernetesSource::new(
+        "worker",
+        "cluster.local",
+        Some("ambit-system/ambit-x1".into()),
+        Arc::new(EveryPod),
+    );
+    source
+        .connect_with(client, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let initial = source.initial().unwrap();
+    assert_eq!(
+        initial.enrolled.keys().collect::<Vec<_>>(),
+        ["demo/sleep", "demo/web"]
+    );
+    assert!(
+        initial
+            .resolve("10.96.100.10:80".parse().unwrap())
+            .is_some(),
+        "the web VIP"
+    );
+
+    let (tx, mut rx) = mpsc::channel(4);
+    let _task = Box::new(source).watch(tx);
+    // Give the watch connections a moment to open before sending events.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The pod demo/sleep opts out with the `none` label: it is un-enrolled.
+    let mut sleep = fixture("pods.json")["items"][0].clone();
+    assert_eq!(sleep["metadata"]["name"], "sleep");
+    sleep["metadata"]["labels"] = serde_json::json!({"istio.io/dataplane-mode": "none"});
+    sleep["metadata"]["resourceVersion"] = "2".into();
+    events
+        .send(("/api/v1/pods".into(), modified("MODIFIED", sleep)))
+        .unwrap();
+    let state = next_state(&mut rx, |s| !s.enrolled.contains_key("demo/sleep")).await;
+    assert_eq!(state.enrolled.keys().collect::<Vec<_>>(), ["demo/web"]);
+
+    // The namespace `demo` leaves ambient mode: every pod in it is un-enrolled, and the web
+    // service, now without mesh endpoints, is no longer captured.
+    let mut demo = fixture("namespaces.json")["items"][0].clone();
+    assert_eq!(demo["metadata"]["name"], "demo");
+    demo["metadata"]["labels"] = serde_json::json!({});
+    demo["metadata"]["resourceVersion"] = "3".into();
+    events
+        .send(("/api/v1/namespaces".into(), modified("MODIFIED", demo)))
+        .unwrap();
+    let state = next_state(&mut rx, |s| s.enrolled.is_empty()).await;
+    assert!(state.resolve("10.96.100.10:80".parse().unwrap()).is_none());
+}
+
+async fn next_state(
+    rx: &mut mpsc::Receiver<Arc<ambit::state::State>>,
+    done: impl Fn(&ambit::state::State) -> bool,
+) -> Arc<ambit::state::State> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let state = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("no matching state from the Kubernetes source in 15 s")
+            .expect("source ended");
+        if done(&state) {
+            return state;
+        }
+    }
+}

@@ -21,6 +21,9 @@ use crate::{
     state::{EnrolledPodSpec, PodKey, State},
 };
 
+/// Called with (pod, enrolled) after each enrollment change.
+type EnrollmentHook = Box<dyn Fn(&str, bool) + Send>;
+
 /// A pod this node has enrolled, and what it holds for it.
 struct Enrolled {
     spec: EnrolledPodSpec,
@@ -36,7 +39,7 @@ pub struct Agent {
     /// Pods that should be enrolled but could not be (netns not there yet, ...): retried.
     failed: BTreeMap<PodKey, String>,
     /// Told of every enrollment (true) and un-enrollment (false), e.g. to annotate the pod.
-    on_change: Option<Box<dyn Fn(&str, bool) + Send>>,
+    on_change: Option<EnrollmentHook>,
 }
 
 impl Agent {

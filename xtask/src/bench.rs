@@ -64,9 +64,13 @@ pub fn run(seconds: u32) -> Result<()> {
         lab.init_ca(&ambit, &ca)?;
     }
     let ca = ca.display().to_string();
+    // AMBIT_BENCH_NODE_ARGS: more `ambit node` flags, to compare settings run against run.
+    let extra = std::env::var("AMBIT_BENCH_NODE_ARGS").unwrap_or_default();
+    let mut args = vec!["--ca-dir", ca.as_str()];
+    args.extend(extra.split_whitespace());
     for node in ["n1", "n2"] {
         let log = dir.join(format!("{node}.log"));
-        lab.start_node(&ambit, node, &config, &log, &["--ca-dir", &ca])?;
+        lab.start_node(&ambit, node, &config, &log, &args)?;
     }
     let through = measure(&lab, &rr, c, seconds)?;
     let captured = fs::read_to_string(dir.join("n1.log"))?

@@ -158,6 +158,9 @@ struct NodeArgs {
     /// nothing: the verifier removes the log calls.
     #[arg(long, value_enum, default_value = "off")]
     ebpf_log: datapath::EbpfLogLevel,
+    /// Tokio worker threads of the tunnel (default: one per CPU).
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -182,7 +185,11 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Node(args) => {
             let set_log_level = init_logging(args.log_json);
-            tokio::runtime::Builder::new_multi_thread()
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = args.worker_threads {
+                runtime.worker_threads(n.max(1));
+            }
+            runtime
                 .enable_all()
                 .build()?
                 .block_on(run_node(*args, set_log_level))

@@ -968,9 +968,13 @@ fn validator_venv(root: &Path) -> Result<PathBuf> {
     eprintln!(
         "xtask: installing {KUBERNETES_VALIDATE} {KUBERNETES_VALIDATE_VERSION} from PyPI into it"
     );
-    let status = Command::new(venv.join("bin/pip"))
+    // `python -m pip`, not `bin/pip`: a venv that was moved keeps stale script shebangs.
+    let status = Command::new(venv.join("bin/python"))
         .args([
+            "-m",
+            "pip",
             "install",
+            "--force-reinstall",
             "--quiet",
             "--disable-pip-version-check",
             &format!("{KUBERNETES_VALIDATE}=={KUBERNETES_VALIDATE_VERSION}"),

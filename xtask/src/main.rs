@@ -8,8 +8,10 @@
 //! - `bench`: plain TCP against Ambit on the lab, as ratios.
 
 mod bench;
+mod kind;
 mod lab;
 mod setup;
+mod vmtest;
 
 use std::process::Command;
 
@@ -32,6 +34,9 @@ enum Task {
         /// Skip fmt and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the vm-tests (the data-path tests on other kernels under qemu).
+        #[arg(long)]
+        no_vm: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
         cargo_args: Vec<String>,
@@ -42,6 +47,27 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
+    /// Run the privileged data-path tests on Debian's 6.1 and 6.12 kernels under qemu, and on
+    /// the host's kernel directly (see vm-tests/README.md); one line per kernel.
+    VmTest {
+        /// `host`, a name from vm-tests/kernels.txt (`6.1`, `6.12`) or a Debian package
+        /// (`linux-image-6.1.0-47-amd64`); repeatable. Default: all of them and the host.
+        #[arg(long)]
+        kernel: Vec<String>,
+        /// Seconds one guest may take, boot to power-off, before it is killed as hung.
+        #[arg(long, default_value_t = 1800)]
+        timeout: u64,
+    },
+    /// Ambit as a DaemonSet on a kind cluster (needs Docker and kind): up, demo, down.
+    Kind {
+        #[command(subcommand)]
+        command: kind::KindCommand,
+        /// Print the commands instead of running them.
+        #[arg(long, global = true)]
+        dry_run: bool,
+    },
+    /// Validate the Kubernetes manifests (schemas, and the DaemonSet against `ambit node`).
+    ValidateManifests,
     /// Benchmark plain TCP against Ambit (eBPF capture + HBONE) on the lab; prints ratios.
     Bench {
         /// Seconds per throughput and connection-rate measurement.
@@ -55,12 +81,23 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::Test {
             no_lint,
+            no_vm,
             cargo_args,
-        } => test(!no_lint, &cargo_args),
+        } => test(!no_lint, !no_vm, &cargo_args),
         Task::Lab { once } => {
             setup::run()?;
             lab::run(once)
         }
+        Task::VmTest { kernel, timeout } => {
+            setup::run()?;
+            vmtest::run(&vmtest::Options {
+                kernels: kernel,
+                with_host: true,
+                timeout: std::time::Duration::from_secs(timeout),
+            })
+        }
+        Task::Kind { command, dry_run } => kind::run(command, dry_run),
+        Task::ValidateManifests => kind::validate_manifests(),
         Task::Bench { seconds } => {
             setup::run()?;
             bench::run(seconds)
@@ -71,7 +108,7 @@ fn main() -> Result<()> {
 /// Prefix of the integration tests' labs (userspace/ambit/tests/common).
 const TEST_LAB_PREFIX: &str = "ambit-t";
 
-fn test(lint: bool, cargo_args: &[String]) -> Result<()> {
+fn test(lint: bool, vm: bool, cargo_args: &[String]) -> Result<()> {
     setup::run()?;
     ambit_lab::require_root()?;
     // No `--workspace`: the default members exclude ebpf/ambit-ebpf, which only builds for
@@ -98,6 +135,16 @@ fn test(lint: bool, cargo_args: &[String]) -> Result<()> {
     // Leftovers of an interrupted earlier run would only confuse this one.
     ambit_lab::sweep(TEST_LAB_PREFIX)?;
     cargo(&["build"])?;
+    // The Kubernetes deployment: every manifest against the schemas and the DaemonSet against
+    // `ambit node`; the kind lab's commands as a dry run (no Docker engine needed).
+    kind::validate_manifests()?;
+    for command in [
+        kind::KindCommand::Up,
+        kind::KindCommand::Demo,
+        kind::KindCommand::Down,
+    ] {
+        kind::run(command, true)?;
+    }
     let mut args = vec!["test", "--no-fail-fast"];
     args.extend(cargo_args.iter().map(String::as_str));
     let result = cargo(&args);
@@ -111,6 +158,14 @@ fn test(lint: bool, cargo_args: &[String]) -> Result<()> {
         );
     }
     println!("all tests passed; no netns, cgroup, pin or process left behind");
+    if vm {
+        // The data-path tests on Debian's kernels under qemu (the host's ran above).
+        vmtest::run(&vmtest::Options {
+            kernels: Vec::new(),
+            with_host: false,
+            timeout: std::time::Duration::from_secs(1800),
+        })?;
+    }
     Ok(())
 }
 

@@ -19,6 +19,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("procps", "pgrep"),
     ("util-linux", "nsenter"),
     ("python3", "python3"),
+    // vm-tests (vm-tests/README.md): the guests and their initramfs.
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("busybox-static", "busybox"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.3";
@@ -34,11 +37,16 @@ pub fn run() -> Result<()> {
 }
 
 fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let mut missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
         .filter(|(_, command)| !has_command(command))
         .map(|(package, _)| *package)
         .collect();
+    // `cargo xtask test` validates the Kubernetes manifests with PyPI's kubernetes-validate in a
+    // venv; python3-venv provides no command to look for.
+    if !python_venv_works() {
+        missing.push("python3-venv");
+    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -94,6 +102,15 @@ fn bpf_linker() -> Result<()> {
         "--locked",
         "--force",
     ]))
+}
+
+fn python_venv_works() -> bool {
+    Command::new("python3")
+        .args(["-c", "import ensurepip, venv"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn has_command(command: &str) -> bool {

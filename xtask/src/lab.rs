@@ -84,10 +84,17 @@ fn demo(lab: &Lab, logs: &[PathBuf]) -> Result<()> {
         }
     }
     std::thread::sleep(Duration::from_millis(300));
-    println!("\n== what the nodes logged (captured, with the original destination):");
+    println!(
+        "\n== what the nodes logged (captured with the original destination, tunnelled as HBONE):"
+    );
     for log in logs {
         let text = fs::read_to_string(log).unwrap_or_default();
-        for line in text.lines().filter(|l| l.contains("captured")) {
+        let shown = [
+            "captured",
+            "HBONE connection established",
+            "HBONE stream accepted",
+        ];
+        for line in text.lines().filter(|l| shown.iter().any(|s| l.contains(s))) {
             println!("  {}", line);
         }
     }
@@ -103,6 +110,9 @@ fn print_where_to_look(lab: &Lab, config: &Path, logs: &[PathBuf], ambit: &Path)
   logs:         tail -f {log1} {log2}
   a request:    ip netns exec {p}-a curl http://{c}:8080/     (b and d are outside the mesh)
   kernel state: {ambit} inspect --node {n1}
+  node:         ip netns exec {p}-n1 curl -s 127.0.0.1:15020/metrics | grep istio_tcp
+                ip netns exec {p}-n1 curl -s 127.0.0.1:15000/config_dump
+  mesh root CA: {ca}
   bpftool:      bpftool prog show name ambit_connect4
                 bpftool cgroup show {cg}
                 bpftool map dump pinned /sys/fs/bpf/ambit/{n1}/MESH_DESTINATIONS
@@ -116,6 +126,7 @@ fn print_where_to_look(lab: &Lab, config: &Path, logs: &[PathBuf], ambit: &Path)
         c = pod("c").ip,
         ambit = ambit.display(),
         cg = lab.pod_cgroup("a").display(),
+        ca = config.with_file_name("ca").join("root-cert.pem").display(),
     );
 }
 

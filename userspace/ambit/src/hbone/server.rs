@@ -223,7 +223,7 @@ impl HboneServer {
                 return Ok(());
             }
         };
-        info!(dst = %target, src_identity = ?peer_identity.map(|i| i.to_string()), "HBONE stream accepted");
+        info!(dst = %target, src_identity = %peer_identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "-".into()), "HBONE stream accepted");
         let response = Response::builder()
             .status(StatusCode::OK)
             .header("baggage", self.baggage())

@@ -22,7 +22,7 @@ def main():
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("0.0.0.0", int(sys.argv[1])))
-    srv.listen(128)
+    srv.listen(4096)  # a burst of 1000 connections must not overflow the accept queue
     while True:
         conn, _ = srv.accept()
         threading.Thread(target=serve, args=(conn,), daemon=True).start()

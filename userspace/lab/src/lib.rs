@@ -403,21 +403,7 @@ ambit:
         .stdout(Stdio::null())
         .stderr(Stdio::null());
         self.spawn(&format!("http server in {pod}"), cmd)?;
-        let ns = self.netns(pod);
-        wait_until(
-            Duration::from_secs(10),
-            &format!("http server in pod {pod}"),
-            || {
-                // Probe from inside the pod's netns over loopback: never captured.
-                Command::new("ip")
-                    .args(["netns", "exec", &ns, "bash", "-c"])
-                    .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{port}"))
-                    .stderr(Stdio::null())
-                    .status()
-                    .map(|s| s.success())
-                    .unwrap_or(false)
-            },
-        )
+        self.wait_listening(pod, port, &format!("http server in pod {pod}"))
     }
 
     /// Creates the lab's CA (Ambit's built-in CA, written in Istio's plug-in CA layout) in
@@ -432,6 +418,21 @@ ambit:
             bail!("ambit ca init: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(())
+    }
+
+    /// Waits until something listens on `port` in a pod, probing over the pod's loopback (which
+    /// capture never touches).
+    pub fn wait_listening(&self, pod: &str, port: u16, what: &str) -> Result<()> {
+        let ns = self.netns(pod);
+        wait_until(Duration::from_secs(10), what, || {
+            Command::new("ip")
+                .args(["netns", "exec", &ns, "bash", "-c"])
+                .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{port}"))
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        })
     }
 
     /// Starts an `ambit node` for a lab node, inside the node's netns, logging to `log`.

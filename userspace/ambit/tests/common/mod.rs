@@ -6,7 +6,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Output, Stdio},
+    process::Output,
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
@@ -137,17 +137,9 @@ impl TestLab {
         let mut cmd = self.lab.pod_command(pod, "python3");
         cmd.arg(tool("sink.py")).arg(port.to_string());
         self.lab.spawn(&format!("sink in {pod}"), cmd).unwrap();
-        let ns = self.lab.netns(pod);
-        wait_until(Duration::from_secs(10), "sink listening", || {
-            std::process::Command::new("ip")
-                .args(["netns", "exec", &ns, "bash", "-c"])
-                .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{port}"))
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        })
-        .unwrap();
+        self.lab
+            .wait_listening(pod, port, "sink listening")
+            .unwrap();
     }
 
     /// Runs tools/source.py in a pod; returns (sent digest, digest the server received).

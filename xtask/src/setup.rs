@@ -19,6 +19,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("procps", "pgrep"),
     ("util-linux", "nsenter"),
     ("python3", "python3"),
+    // `cargo xtask bench`: the iptables-capture baseline (rules only inside lab pods).
+    ("iptables", "iptables"),
     // vm-tests (vm-tests/README.md): the guests and their initramfs.
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", "busybox"),

@@ -158,6 +158,10 @@ struct NodeArgs {
     /// nothing: the verifier removes the log calls.
     #[arg(long, value_enum, default_value = "off")]
     ebpf_log: datapath::EbpfLogLevel,
+    /// How outbound connections are captured: `ebpf` (cgroup connect hooks), or `iptables`
+    /// (REDIRECT rules installed in each pod by someone else; for comparison benchmarks).
+    #[arg(long, value_enum, default_value = "ebpf")]
+    capture: datapath::Capture,
     /// Tokio worker threads of the tunnel (default: one per CPU).
     #[arg(long)]
     worker_threads: Option<usize>,
@@ -233,7 +237,11 @@ fn init_logging(json: bool) -> SetLogLevel {
             }) as SetLogLevel
         }};
     }
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    // Colour codes only for a person at a terminal: a log file or collector gets plain text.
+    use std::io::IsTerminal as _;
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         install!(builder
             .json()
@@ -279,7 +287,7 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
     let initial = source.initial()?;
     let ca = certificate_authority(&args)?;
     let certs = Arc::new(CertManager::new(ca, args.cert_lifetime));
-    let datapath = Datapath::open(&args.bpffs, &args.node, args.ebpf_log)?;
+    let datapath = Datapath::open(&args.bpffs, &args.node, args.ebpf_log, args.capture)?;
     let (state_tx, state_rx) = watch::channel(initial.clone());
     let metrics = Metrics::new();
     metrics.watch_ebpf_counters(&datapath.pins().map(ambit_abi::map_names::COUNTERS))?;
@@ -293,6 +301,7 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
     let proxy = Arc::new(ProxyContext {
         state: state_rx,
         original_destinations: datapath.original_destinations(),
+        capture: args.capture,
         connect_timeout: args.connect_timeout,
         certs: certs.clone(),
         hbone: Arc::new(HboneClient::new(

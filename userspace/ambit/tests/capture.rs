@@ -202,3 +202,76 @@ fn while_a_node_is_down_captured_connections_fail_closed_and_it_recovers() {
         "a restart must replace the old link, not add a second"
     );
 }
+
+/// `--capture iptables` (the benchmark's baseline): the node attaches no cgroup programs, and
+/// iptables REDIRECT rules inside the pod bring the app's connection to the same tunnel, which
+/// reads the destination with SO_ORIGINAL_DST. The tunnel's own sockets carry mark 0x539, so the
+/// rules let them through instead of looping them back.
+#[test]
+fn iptables_capture_feeds_the_same_tunnel() {
+    let t = TestLab::start_with(
+        &ambit_lab::LabConfig {
+            enrolled: &["a", "c"],
+            ..Default::default()
+        },
+        &["--capture", "iptables"],
+    );
+    let c = pod("c").ip;
+    let pin_dir = t.lab.pin_dir("n1");
+    let pod_pins: Vec<String> = std::fs::read_dir(pin_dir.join("pods"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !pod_pins.iter().any(|p| p.contains("connect")),
+        "no connect programs with --capture iptables: {pod_pins:?}"
+    );
+
+    // Before the rules exist nothing captures a's connection on n1: it reaches c in plaintext
+    // (n2 takes it in through sk_lookup, as for any client outside the mesh).
+    assert_ok(
+        &t.curl("a", &format!("http://{c}:8080/")),
+        "curl a → c, no rules",
+    );
+    t.wait_log(
+        "n2",
+        &format!("captured inbound connection original_dst={c}:8080"),
+        1,
+    );
+    assert!(!t.log("n1").contains("captured outbound"));
+
+    for rule in [
+        vec![
+            "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x539", "-j", "RETURN",
+        ],
+        vec![
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            c,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+    ] {
+        let mut args = vec!["-t", "nat"];
+        args.extend(rule);
+        assert_ok(
+            &t.lab.run_in_pod("a", "iptables", &args).unwrap(),
+            "iptables rule in pod a",
+        );
+    }
+    let out = t.curl("a", &format!("http://{c}:8080/"));
+    assert_ok(&out, "curl a → c through iptables capture");
+    assert_eq!(stdout(&out), "hello from pod c\n");
+    t.wait_log(
+        "n1",
+        &format!("captured outbound connection original_dst={c}:8080"),
+        1,
+    );
+    t.wait_log("n2", "HBONE stream accepted", 1);
+}

@@ -39,8 +39,20 @@ const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 /// The compiled eBPF object, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
 
+/// How an enrolled pod's outbound connections reach the tunnel's 15001 listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Capture {
+    /// `ambit_connect4/6` + `ambit_sockops` on the pod's cgroup (the default).
+    Ebpf,
+    /// iptables `REDIRECT` rules that someone else installed inside each pod (the benchmark's
+    /// baseline, to measure what eBPF capture saves). The cgroup programs are not attached; the
+    /// original destination comes from `SO_ORIGINAL_DST`; inbound still uses sk_lookup.
+    Iptables,
+}
+
 pub struct Datapath {
     ebpf: Ebpf,
+    capture: Capture,
     pins: PinLayout,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     mesh: HashMap<MapData, DestinationKey, AbiMeshDestination>,
@@ -53,7 +65,12 @@ impl Datapath {
     /// Loads the programs into the kernel and adopts (or creates and pins) the node's maps.
     /// `ebpf_log` turns on the programs' own log lines (aya-log) at that level and forwards
     /// them to this process's log.
-    pub fn open(bpffs: &Path, node: &str, ebpf_log: EbpfLogLevel) -> Result<Self> {
+    pub fn open(
+        bpffs: &Path,
+        node: &str,
+        ebpf_log: EbpfLogLevel,
+        capture: Capture,
+    ) -> Result<Self> {
         if !pins::is_bpffs(bpffs) {
             bail!(
                 "{} is not a bpf filesystem; mount it first: mount -t bpf bpf {}",
@@ -112,6 +129,7 @@ impl Datapath {
         info!(pins = %pins.root().display(), "eBPF programs loaded");
         Ok(Self {
             ebpf,
+            capture,
             pins,
             enrolled,
             mesh,
@@ -137,6 +155,31 @@ impl Datapath {
     pub fn attach_pod(&mut self, pod: &str, cgroup: &File, netns: &Netns) -> Result<()> {
         let dir = self.pins.pod_dir(pod);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        if self.capture == Capture::Iptables {
+            // No outbound capture of our own: drop any left by an earlier `--capture ebpf` run.
+            for name in [p::CONNECT4, p::CONNECT6, p::SOCKOPS] {
+                match fs::remove_file(dir.join(name)) {
+                    Err(e) if e.kind() != ErrorKind::NotFound => {
+                        return Err(e).with_context(|| format!("unpinning {name} of {pod}"))
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            self.attach_outbound_capture(pod, cgroup)?;
+        }
+        let prog = program::<SkLookup>(&mut self.ebpf, p::SK_LOOKUP)?;
+        let id = prog
+            .attach(netns)
+            .with_context(|| format!("attaching {} to the netns of {pod}", p::SK_LOOKUP))?;
+        let link: FdLink = prog.take_link(id)?.into();
+        replace_pin(&dir, p::SK_LOOKUP, link)?;
+        debug!(pod, "programs attached");
+        Ok(())
+    }
+
+    fn attach_outbound_capture(&mut self, pod: &str, cgroup: &File) -> Result<()> {
+        let dir = self.pins.pod_dir(pod);
         for name in [p::CONNECT4, p::CONNECT6] {
             let prog = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
             let id = prog
@@ -152,16 +195,7 @@ impl Datapath {
             .with_context(|| format!("attaching {} to the cgroup of {pod}", p::SOCKOPS))?;
         let link = FdLink::try_from(prog.take_link(id)?)
             .map_err(|e| anyhow!("{}: no bpf_link: {e}", p::SOCKOPS))?;
-        replace_pin(&dir, p::SOCKOPS, link)?;
-
-        let prog = program::<SkLookup>(&mut self.ebpf, p::SK_LOOKUP)?;
-        let id = prog
-            .attach(netns)
-            .with_context(|| format!("attaching {} to the netns of {pod}", p::SK_LOOKUP))?;
-        let link: FdLink = prog.take_link(id)?.into();
-        replace_pin(&dir, p::SK_LOOKUP, link)?;
-        debug!(pod, "programs attached");
-        Ok(())
+        replace_pin(&dir, p::SOCKOPS, link)
     }
 
     /// Detaches a pod's programs by removing their pins (the links have no other owner).

@@ -28,7 +28,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::debug;
 
 use crate::{
-    datapath::OriginalDestinations,
+    datapath::{Capture, OriginalDestinations},
     hbone::{client::HboneClient, server::HboneServer, HboneSettings},
     netns::Netns,
     observability::Metrics,
@@ -40,6 +40,7 @@ use crate::{
 pub struct ProxyContext {
     pub state: watch::Receiver<Arc<State>>,
     pub original_destinations: OriginalDestinations,
+    pub capture: Capture,
     pub connect_timeout: Duration,
     pub certs: Arc<CertManager>,
     pub hbone: Arc<HboneClient>,

@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context as _, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn, Instrument as _};
 
@@ -12,12 +12,12 @@ use super::{
     connector::{self, Source, UpstreamConnection},
     relay, ProxyContext,
 };
-use crate::netns::Netns;
 use crate::{
     config::Protocol,
     hbone::bridge::bridge,
     observability::{ConnectionRecord, Outcome, Peer, Reporter},
 };
+use crate::{datapath::Capture, netns::Netns};
 
 pub struct Outbound {
     ctx: Arc<ProxyContext>,
@@ -54,11 +54,15 @@ impl Outbound {
     }
 
     async fn handle(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {
-        let original = self
-            .ctx
-            .original_destinations
-            .lookup(self.netns.cookie(), peer)
-            .ok_or_else(|| anyhow!("no original destination recorded for {peer}"))?;
+        let original = match self.ctx.capture {
+            Capture::Ebpf => self
+                .ctx
+                .original_destinations
+                .lookup(self.netns.cookie(), peer)
+                .ok_or_else(|| anyhow!("no original destination recorded for {peer}"))?,
+            Capture::Iptables => iptables_original_destination(&stream)
+                .with_context(|| format!("SO_ORIGINAL_DST of the connection from {peer}"))?,
+        };
         let (upstream, source_workload) = {
             let state = self.ctx.state.borrow();
             (
@@ -131,4 +135,35 @@ impl Outbound {
         });
         Ok(())
     }
+}
+
+/// The destination before an iptables `REDIRECT` (`SO_ORIGINAL_DST`, from conntrack).
+fn iptables_original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    use std::os::fd::AsRawFd as _;
+    // SO_ORIGINAL_DST = IP6T_SO_ORIGINAL_DST = 80 (linux/netfilter_ipv4.h, netfilter_ipv6).
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    let level = if stream.local_addr()?.is_ipv6() {
+        libc::SOL_IPV6
+    } else {
+        libc::SOL_IP
+    };
+    // SAFETY: storage is large enough for either family and len says so.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            level,
+            SO_ORIGINAL_DST,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel wrote a sockaddr of `len` bytes.
+    let addr = unsafe { socket2::SockAddr::new(storage, len) };
+    addr.as_socket()
+        .ok_or_else(|| std::io::Error::other("SO_ORIGINAL_DST is not an IP address"))
 }

@@ -5,7 +5,8 @@
 //! - `test`: lint, build, unit and privileged integration tests, and a check that the tests
 //!   left nothing behind. The README's test command and what CI runs.
 //! - `lab`: Ambit's main job on one machine (see README).
-//! - `bench`: plain TCP against Ambit on the lab, as ratios.
+//! - `bench`: every mode (plain, iptables capture, Ambit across and within a node) on the lab,
+//!   repeated, as a table with the spread and ratios to plain, JSON and a chart.
 
 mod bench;
 mod kind;
@@ -68,12 +69,9 @@ enum Task {
     },
     /// Validate the Kubernetes manifests (schemas, and the DaemonSet against `ambit node`).
     ValidateManifests,
-    /// Benchmark plain TCP against Ambit (eBPF capture + HBONE) on the lab; prints ratios.
-    Bench {
-        /// Seconds per throughput and connection-rate measurement.
-        #[arg(long, default_value_t = 5)]
-        seconds: u32,
-    },
+    /// Benchmark every mode on the lab (plain, iptables capture, Ambit across and within a
+    /// node), repeated; prints the table and writes target/bench/{results.json,results.md,chart.svg}.
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -98,9 +96,9 @@ fn main() -> Result<()> {
         }
         Task::Kind { command, dry_run } => kind::run(command, dry_run),
         Task::ValidateManifests => kind::validate_manifests(),
-        Task::Bench { seconds } => {
+        Task::Bench(args) => {
             setup::run()?;
-            bench::run(seconds)
+            bench::run(&args)
         }
     }
 }

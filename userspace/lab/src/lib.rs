@@ -330,6 +330,34 @@ ambit:
         )
     }
 
+    /// A config in which exactly `pods` are mesh workloads (HBONE, service account = pod name),
+    /// all of them enrolled, with no services and no policies: e.g. the benchmark's same-node
+    /// pair a and b, which `config_yaml` cannot express.
+    pub fn config_yaml_workloads(&self, pods: &[&str]) -> String {
+        let mut workloads = String::new();
+        let mut enrolled = String::new();
+        for name in pods {
+            let p = pod(name);
+            workloads.push_str(&format!(
+                "- uid: lab//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  \
+                 serviceAccount: {name}\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  \
+                 node: {node}\n",
+                ip = p.ip,
+                node = self.node_name(p.node),
+            ));
+            enrolled.push_str(&format!(
+                "  - workload: default/{name}\n    netns: {netns}\n    cgroup: {cgroup}\n    \
+                 dataplaneMode: ambient\n",
+                netns = self.netns_path(name).display(),
+                cgroup = self.pod_cgroup_rel(name),
+            ));
+        }
+        format!(
+            "# Ambit lab: ztunnel's local config format, plus Ambit's `ambit` section.\n\
+             workloads:\n{workloads}services: []\npolicies: []\nambit:\n  pods:\n{enrolled}"
+        )
+    }
+
     /// A command that runs inside a pod: in its netns and its cgroup.
     pub fn pod_command(&self, pod: &str, program: &str) -> Command {
         self.command_in(pod, &self.pod_cgroup(pod), program)
@@ -384,6 +412,20 @@ ambit:
         let pid = child.id();
         self.children.push((what.to_owned(), child));
         Ok(pid)
+    }
+
+    /// The pid of a running process the lab started, by the name it was started under (`spawn`).
+    pub fn pid(&self, what: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(w, _)| w == what)
+            .map(|(_, child)| child.id())
+    }
+
+    /// The pid of the `ambit node` process of lab node `node` (see `start_node`), e.g. to read
+    /// its CPU time and memory from /proc. `nsenter` execs it, so this is Ambit's own pid.
+    pub fn node_pid(&self, node: &str) -> Option<u32> {
+        self.pid(&format!("ambit node {node}"))
     }
 
     /// Starts an HTTP server (python3 http.server) in a pod, serving `dir`, and waits until it

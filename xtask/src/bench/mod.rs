@@ -1,0 +1,292 @@
+//! `cargo xtask bench`: every mode side by side on one lab, each measured several times with
+//! the modes alternating, so that drift hits every mode alike and the spread is visible.
+//!
+//! Modes (`mode.rs`), all measured from pod a with the same unmodified clients:
+//! - **plain**: pod a → pod c across the two lab nodes, no Ambit (the physical limit here);
+//! - **iptables**: Ambit's HBONE tunnel, captured by iptables REDIRECT rules in pod a instead of
+//!   eBPF (`ambit node --capture iptables`): isolates the cost of capture;
+//! - **ambit**: eBPF capture + HBONE mTLS between the two lab nodes (a on n1 → c on n2);
+//! - **ambit-same-node**: the same between two pods of one node (a → b, both on n1);
+//! - **ambit+sockmap**: the optional sk_msg local-hop bypass. Ambit does not implement it, so it
+//!   is listed as "not implemented" and never measured.
+//!
+//! Figures (`stats.rs`): single- and 8-stream throughput (iperf3); request/response latency
+//! p50/p90/p99 for 1 B, 100 B and 1 KiB messages over a long-lived connection; new connections
+//! per second (connect, one 1-byte exchange, close); CPU seconds per GiB moved, of the whole
+//! machine and of the `ambit node` processes (also as proxy cores per Gbit/s); the client
+//! node's RSS idle, under load, and per 1,000 idle connections.
+//!
+//! One lab (prefix `ambit-bench`) serves the whole run: the echo server (rr.py) and `iperf3 -s`
+//! run in the server pods throughout; each repetition starts each mode's nodes, measures
+//! (`measure.rs`) and stops them again (`session.rs`). Output (`report.rs`, `svg.rs`): the table
+//! on stdout — median (min–max) and the ratio to plain per figure and mode — and
+//! target/bench/results.json, results.md and chart.svg.
+//!
+//! `AMBIT_BENCH_NODE_ARGS`: more `ambit node` flags (split on whitespace), to compare settings
+//! run against run. This is a benchmark, not a test: nothing here has a threshold.
+
+mod measure;
+mod mode;
+mod report;
+mod session;
+mod stats;
+mod svg;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ambit_lab::Lab;
+use anyhow::{bail, Context as _, Result};
+use serde_json::json;
+
+use self::{
+    mode::Mode,
+    session::Session,
+    stats::{format_value, Figure, Figures, Results},
+};
+
+const PREFIX: &str = "ambit-bench";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Repetitions of every mode (the modes alternate within each), for the spread.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    reps: u32,
+    /// Seconds per throughput and connection-rate measurement.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    seconds: u32,
+    /// Modes to run, comma-separated, in the order given (ambit+sockmap is not implemented:
+    /// listed in the output, never measured).
+    #[arg(long, value_delimiter = ',', default_values_t = Mode::ALL)]
+    modes: Vec<Mode>,
+}
+
+/// What every step needs: where things are, and the settings.
+pub struct Env {
+    pub ambit: PathBuf,
+    pub rr: PathBuf,
+    pub hold: PathBuf,
+    /// target/bench: configs, node logs, CA, results.
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    /// More `ambit node` flags (AMBIT_BENCH_NODE_ARGS).
+    pub node_args: Vec<String>,
+    pub seconds: u32,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let started = Instant::now();
+    ambit_lab::require_root()?;
+    let mut modes: Vec<Mode> = Vec::new();
+    for &mode in &args.modes {
+        if !modes.contains(&mode) {
+            modes.push(mode);
+        }
+    }
+    crate::cargo(&["build", "--release", "-p", "ambit"])?;
+    let built = started.elapsed();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let dir = root.join("target/bench");
+    let env = Env {
+        ambit: root.join("target/release/ambit"),
+        rr: root.join("xtask/bench/rr.py"),
+        hold: root.join("xtask/bench/hold.py"),
+        ca: dir.join("ca"),
+        dir,
+        node_args: std::env::var("AMBIT_BENCH_NODE_ARGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+        seconds: args.seconds,
+    };
+    fs::create_dir_all(&env.dir)?;
+    if modes.contains(&Mode::Iptables) {
+        require_iptables_capture(&env.ambit)?;
+    }
+
+    let mut lab = Lab::create(PREFIX)?;
+    if !env.ca.join("root-cert.pem").exists() {
+        lab.init_ca(&env.ambit, &env.ca)?;
+    }
+    start_servers(&mut lab, &env, &modes)?;
+    let mut results = Results::new(&modes, args.reps);
+    for mode in &results.skipped {
+        println!(
+            "== {mode}: not implemented ({}); not measured",
+            mode.description()
+        );
+    }
+    let measured = results.modes.clone();
+    for rep in 1..=args.reps {
+        for &mode in &measured {
+            println!("== {rep}/{} {mode}: {}", args.reps, mode.description());
+            if rep == 1 && mode == Mode::Ambit {
+                let per_1000 = rss_per_1000_idle(&mut lab, &env, mode)?;
+                println!("   RSS per 1,000 idle connections: {per_1000:.2} MiB");
+                results.push(mode, Figure::RssPer1000, per_1000);
+            }
+            let figures = measure_mode(&mut lab, &env, mode)?;
+            println!("   {}", summary_line(&figures));
+            results.add(mode, &figures);
+        }
+    }
+    drop(lab);
+
+    let wall = started.elapsed();
+    write_results(&env, args, &results, built, wall)?;
+    println!("\n{}", report::text_table(&results));
+    println!(
+        "results: {0}/results.json, {0}/results.md, {0}/chart.svg; node logs and configs in {0}",
+        env.dir.display()
+    );
+    println!(
+        "cargo xtask bench took {} (build {}, lab and measurements {})",
+        format_duration(wall),
+        format_duration(built),
+        format_duration(wall - built)
+    );
+    Ok(())
+}
+
+/// `--capture iptables` is what the iptables mode is made of; without it, say so up front.
+fn require_iptables_capture(ambit: &Path) -> Result<()> {
+    let out = Command::new(ambit)
+        .args(["node", "--help"])
+        .output()
+        .with_context(|| format!("running {} node --help", ambit.display()))?;
+    if !String::from_utf8_lossy(&out.stdout).contains("--capture") {
+        bail!(
+            "mode iptables needs `ambit node --capture iptables`, which {} does not have (yet); \
+             leave the mode out: --modes plain,ambit,ambit-same-node,ambit+sockmap",
+            ambit.display()
+        );
+    }
+    Ok(())
+}
+
+/// The echo server and `iperf3 -s` in every server pod the modes use, for the whole run.
+fn start_servers(lab: &mut Lab, env: &Env, modes: &[Mode]) -> Result<()> {
+    let mut pods: Vec<&str> = modes
+        .iter()
+        .filter(|m| m.implemented())
+        .map(|m| m.server())
+        .collect();
+    pods.sort_unstable();
+    pods.dedup();
+    for pod in pods {
+        let mut echo = lab.pod_command(pod, "python3");
+        echo.arg(&env.rr)
+            .args(["server", &measure::RR_PORT.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        lab.spawn(&format!("echo server in {pod}"), echo)?;
+        let mut iperf = lab.pod_command(pod, "iperf3");
+        iperf
+            .args(["-s", "-p", &measure::IPERF_PORT.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        lab.spawn(&format!("iperf3 server in {pod}"), iperf)?;
+        lab.wait_listening(pod, measure::RR_PORT, &format!("echo server in pod {pod}"))?;
+    }
+    // iperf3 -s is not probed (a probe would count as a failed test); give it a moment.
+    thread::sleep(Duration::from_millis(500));
+    Ok(())
+}
+
+/// One measurement of one mode: its nodes start, the clients run, its nodes stop.
+fn measure_mode(lab: &mut Lab, env: &Env, mode: Mode) -> Result<Figures> {
+    let session = Session::start(lab, env, mode, mode.name())?;
+    let figures = measure::figures(lab, env, &session)?;
+    session.stop(lab, env)?;
+    Ok(figures)
+}
+
+/// Once per run, in nodes of its own so that no other traffic has touched them.
+fn rss_per_1000_idle(lab: &mut Lab, env: &Env, mode: Mode) -> Result<f64> {
+    let session = Session::start(lab, env, mode, &format!("{mode}-idle-conns"))?;
+    let per_1000 = measure::rss_per_1000_idle(lab, env, &session)?;
+    session.stop(lab, env)?;
+    Ok(per_1000)
+}
+
+fn summary_line(f: &Figures) -> String {
+    let value = |figure| f.get(figure).map_or("n/a".into(), format_value);
+    let latency = |pct| value(Figure::Latency { bytes: 100, pct });
+    let mut line = format!(
+        "{} Gbit/s (8 streams {}), 100 B p50 {} µs p99 {} µs, {} conn/s, machine {} CPU s/GiB",
+        value(Figure::Throughput1),
+        value(Figure::Throughput8),
+        latency(50),
+        latency(99),
+        value(Figure::ConnRate),
+        value(Figure::MachineCpuPerGib),
+    );
+    if f.get(Figure::ProxyCpuPerGib).is_some() {
+        line.push_str(&format!(
+            ", proxy {} CPU s/GiB, RSS {} MiB idle {} MiB load",
+            value(Figure::ProxyCpuPerGib),
+            value(Figure::RssIdle),
+            value(Figure::RssLoad),
+        ));
+    }
+    line
+}
+
+fn write_results(
+    env: &Env,
+    args: &Args,
+    results: &Results,
+    built: Duration,
+    wall: Duration,
+) -> Result<()> {
+    let settings = json!({
+        "reps": args.reps,
+        "seconds": args.seconds,
+        "modes": results.modes.iter().chain(&results.skipped).map(|m| m.name()).collect::<Vec<_>>(),
+        "node_args": env.node_args,
+        "latency_round_trips": 5000,
+        "idle_connections": measure::IDLE_CONNECTIONS,
+        "build_seconds": built.as_secs_f64(),
+        "wall_seconds": wall.as_secs_f64(),
+    });
+    let json = report::json(results, machine(), settings);
+    let write = |name: &str, text: String| {
+        let path = env.dir.join(name);
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    };
+    write("results.json", serde_json::to_string_pretty(&json)? + "\n")?;
+    write("results.md", report::markdown_table(results))?;
+    write("chart.svg", svg::chart(results))
+}
+
+/// What the figures were measured on.
+fn machine() -> serde_json::Value {
+    let read = |path: &str| fs::read_to_string(path).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned());
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    json!({
+        "nproc": thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu,
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "date": date,
+    })
+}
+
+fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}m {:02}s", s / 60, s % 60)
+}

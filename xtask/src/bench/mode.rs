@@ -1,0 +1,139 @@
+//! The modes the benchmark compares: which pods talk, which pods are enrolled, how the nodes run.
+
+use std::{fmt, str::FromStr};
+
+use ambit_lab::pod;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mode {
+    /// Pod a → pod c, no Ambit: the physical limit on this machine.
+    Plain,
+    /// The same tunnel as `Ambit`, captured by iptables REDIRECT rules in pod a.
+    Iptables,
+    /// eBPF capture + HBONE mTLS between the two lab nodes (a on n1 → c on n2).
+    Ambit,
+    /// eBPF capture + HBONE between two pods of one node (a → b, both on n1).
+    AmbitSameNode,
+    /// `AmbitSameNode` with an sk_msg local-hop bypass: not implemented in Ambit.
+    AmbitSockmap,
+}
+
+impl Mode {
+    /// Every mode, in the order one repetition runs them.
+    pub const ALL: [Mode; 5] = [
+        Mode::Plain,
+        Mode::Iptables,
+        Mode::Ambit,
+        Mode::AmbitSameNode,
+        Mode::AmbitSockmap,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain",
+            Mode::Iptables => "iptables",
+            Mode::Ambit => "ambit",
+            Mode::AmbitSameNode => "ambit-same-node",
+            Mode::AmbitSockmap => "ambit+sockmap",
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            Mode::Plain => "pod a → pod c (two lab nodes), no Ambit",
+            Mode::Iptables => {
+                "pod a → pod c, Ambit's HBONE tunnel, captured by iptables REDIRECT in pod a"
+            }
+            Mode::Ambit => "pod a → pod c, eBPF capture + HBONE mTLS between the two lab nodes",
+            Mode::AmbitSameNode => "pod a → pod b (both on n1), eBPF capture + HBONE mTLS",
+            Mode::AmbitSockmap => "ambit-same-node with the optional sk_msg local-hop bypass",
+        }
+    }
+
+    /// False for a mode Ambit does not have: it is listed as "not implemented", never faked.
+    pub fn implemented(self) -> bool {
+        self != Mode::AmbitSockmap
+    }
+
+    /// The pod the clients run in.
+    pub fn client(self) -> &'static str {
+        "a"
+    }
+
+    /// The pod the servers (echo server, iperf3 -s) run in.
+    pub fn server(self) -> &'static str {
+        match self {
+            Mode::AmbitSameNode | Mode::AmbitSockmap => "b",
+            _ => "c",
+        }
+    }
+
+    /// The pods this mode enrolls in Ambit (none: no `ambit node` runs).
+    pub fn enrolled(self) -> Vec<&'static str> {
+        match self {
+            Mode::Plain | Mode::AmbitSockmap => Vec::new(),
+            _ => vec![self.client(), self.server()],
+        }
+    }
+
+    /// The lab nodes that need an `ambit node`: those of the enrolled pods.
+    pub fn nodes(self) -> Vec<&'static str> {
+        let mut nodes: Vec<&str> = self.enrolled().iter().map(|p| pod(p).node).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        nodes
+    }
+
+    /// `ambit node` flags this mode needs.
+    pub fn node_flags(self) -> &'static [&'static str] {
+        match self {
+            Mode::Iptables => &["--capture", "iptables"],
+            _ => &[],
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name() == s.trim())
+            .ok_or_else(|| {
+                let names: Vec<_> = Mode::ALL.iter().map(|m| m.name()).collect();
+                format!("unknown mode {s:?}; modes: {}", names.join(", "))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for mode in Mode::ALL {
+            assert_eq!(mode.name().parse::<Mode>(), Ok(mode));
+        }
+        assert!("sockmap".parse::<Mode>().is_err());
+    }
+
+    #[test]
+    fn pods_and_nodes() {
+        assert!(Mode::Plain.nodes().is_empty());
+        assert_eq!(Mode::Ambit.enrolled(), ["a", "c"]);
+        assert_eq!(Mode::Ambit.nodes(), ["n1", "n2"]);
+        assert_eq!(Mode::Iptables.nodes(), ["n1", "n2"]);
+        assert_eq!(Mode::AmbitSameNode.enrolled(), ["a", "b"]);
+        assert_eq!(Mode::AmbitSameNode.nodes(), ["n1"]);
+        assert!(!Mode::AmbitSockmap.implemented());
+        assert_eq!(Mode::Iptables.node_flags(), ["--capture", "iptables"]);
+    }
+}

@@ -16,7 +16,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::{mpsc, watch},
 };
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use ambit::{
     agent::{
@@ -162,6 +162,10 @@ struct NodeArgs {
     /// (REDIRECT rules installed in each pod by someone else; for comparison benchmarks).
     #[arg(long, value_enum, default_value = "ebpf")]
     capture: datapath::Capture,
+    /// On SIGTERM: how long open connections may go on before the node exits anyway. Keep it
+    /// below the pod's terminationGracePeriodSeconds.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    drain_timeout: Duration,
     /// Tokio worker threads of the tunnel (default: one per CPU).
     #[arg(long)]
     worker_threads: Option<usize>,
@@ -312,6 +316,7 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
         hbone_settings,
         metrics: metrics.clone(),
         tracker: Default::default(),
+        drain: Default::default(),
     });
     let ready = Arc::new(AtomicBool::new(false));
     let _admin = admin::start(
@@ -378,6 +383,25 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
+    }
+    // Drain: no new connections (listeners closed, capture stays attached and refuses them),
+    // the open ones may finish until the deadline; a second signal cuts them now.
+    ready.store(false, Ordering::Release);
+    agent.close_listeners();
+    proxy.drain.start();
+    info!(
+        open = proxy.drain.open(),
+        deadline = ?args.drain_timeout,
+        "draining: listeners closed, waiting for open connections"
+    );
+    tokio::select! {
+        () = proxy.drain.idle() => info!("drained: every connection finished"),
+        () = tokio::time::sleep(args.drain_timeout) => warn!(
+            open = proxy.drain.open(),
+            "drain deadline reached: cutting the connections still open"
+        ),
+        _ = sigterm.recv() => warn!(open = proxy.drain.open(), "second SIGTERM: cutting open connections"),
+        _ = sigint.recv() => warn!(open = proxy.drain.open(), "second SIGINT: cutting open connections"),
     }
     if args.detach_on_exit {
         agent.unenroll_all();

@@ -532,6 +532,35 @@ ambit:
         })
     }
 
+    /// Sends `signal` to a process the lab started, without waiting for it.
+    pub fn signal(&self, what: &str, signal: i32) -> Result<()> {
+        let pid = self
+            .pid(what)
+            .with_context(|| format!("no process {what:?}"))?;
+        // SAFETY: signalling a child we own (not yet reaped, so the pid is still ours).
+        if unsafe { libc::kill(pid as i32, signal) } != 0 {
+            bail!("kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for a process the lab started to exit; its exit status, or None
+    /// if it is still running. An exited process is forgotten by the lab.
+    pub fn wait_exit(&mut self, what: &str, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let i = self.children.iter().position(|(w, _)| w == what)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.children[i].1.try_wait() {
+                self.children.remove(i);
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops a process the lab started (SIGTERM, then SIGKILL after 5 s).
     pub fn stop(&mut self, what: &str) -> Result<()> {
         if let Some(i) = self.children.iter().position(|(w, _)| w == what) {

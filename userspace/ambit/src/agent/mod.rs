@@ -28,7 +28,7 @@ type EnrollmentHook = Box<dyn Fn(&str, bool) + Send>;
 struct Enrolled {
     spec: EnrolledPodSpec,
     netns: Arc<Netns>,
-    _tunnel: PodTunnel,
+    tunnel: PodTunnel,
 }
 
 pub struct Agent {
@@ -163,7 +163,7 @@ impl Agent {
         Ok(Enrolled {
             spec: spec.clone(),
             netns,
-            _tunnel: tunnel,
+            tunnel,
         })
     }
 
@@ -227,6 +227,14 @@ impl Agent {
             if let Err(e) = self.proxy.certs.get(&pod.spec.identity) {
                 error!(pod = %pod.spec.key, "certificate renewal failed: {e:#}");
             }
+        }
+    }
+
+    /// Closes every pod's listeners and leaves capture attached: new connections from and to
+    /// enrolled pods are refused (fail closed) while those in flight go on. Draining.
+    pub fn close_listeners(&mut self) {
+        for pod in self.pods.values_mut() {
+            pod.tunnel.close_listeners();
         }
     }
 

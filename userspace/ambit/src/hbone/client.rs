@@ -123,18 +123,37 @@ impl HboneClient {
     }
 
     pub async fn open(&self, req: TunnelRequest<'_>) -> Result<Tunnel> {
-        let conn = self.checkout(&req).await?;
-        let lease = StreamLease(conn.clone());
-        let request = connect_request(&req)?;
-        let sender = conn.sender.clone();
-        let stream = async {
-            let mut ready = sender.ready().await?;
-            ready.send_request(request, false)
+        let mut attempt = 0;
+        let (conn, response, send) = loop {
+            attempt += 1;
+            let request = connect_request(&req)?;
+            // The slot is counted from here: every path below either leases or releases it.
+            let conn = self.checkout(&req).await?;
+            let sender = conn.sender.clone();
+            let stream = async {
+                let mut ready = sender.ready().await?;
+                ready.send_request(request, false)
+            };
+            match tokio::time::timeout(self.connect_timeout, stream).await {
+                Ok(Ok((response, send))) => break (conn, response, send),
+                // The peer is closing this connection (GOAWAY: it drains or restarts) and
+                // takes no new streams: retire it and try once more on a fresh one.
+                Ok(Err(e)) if attempt == 1 => {
+                    debug!(conn = conn.id, error = %e, "pooled HBONE connection refused a stream; retrying on a new one");
+                    conn.closed.store(true, Ordering::Release);
+                    conn.streams.fetch_sub(1, Ordering::AcqRel);
+                }
+                Ok(Err(e)) => {
+                    conn.streams.fetch_sub(1, Ordering::AcqRel);
+                    return Err(e).with_context(|| format!("HBONE stream to {}", req.hbone_addr));
+                }
+                Err(_) => {
+                    conn.streams.fetch_sub(1, Ordering::AcqRel);
+                    bail!("HBONE stream to {} timed out", req.hbone_addr)
+                }
+            }
         };
-        let (response, send) = tokio::time::timeout(self.connect_timeout, stream)
-            .await
-            .map_err(|_| anyhow!("HBONE stream to {} timed out", req.hbone_addr))?
-            .with_context(|| format!("HBONE stream to {}", req.hbone_addr))?;
+        let lease = StreamLease(conn);
         let response = tokio::time::timeout(self.connect_timeout, response)
             .await
             .map_err(|_| {

@@ -116,7 +116,19 @@ impl HboneServer {
             .handshake::<_, Bytes>(tls)
             .await
             .context("HTTP/2 handshake")?;
-        while let Some(next) = connection.accept().await {
+        let mut draining = false;
+        loop {
+            let next = tokio::select! {
+                next = connection.accept() => next,
+                () = self.ctx.drain.started(), if !draining => {
+                    // SIGTERM: GOAWAY, so the peer opens new streams elsewhere; the streams
+                    // already open go on, and accept() ends once they are done.
+                    connection.graceful_shutdown();
+                    draining = true;
+                    continue;
+                }
+            };
+            let Some(next) = next else { break };
             let (request, respond) = next.context("HTTP/2")?;
             let this = self.clone();
             let peer_identity = peer_identity.clone();
@@ -143,6 +155,7 @@ impl HboneServer {
         peer: SocketAddr,
         peer_identity: Option<Identity>,
     ) -> Result<()> {
+        let _open = self.ctx.drain.track();
         let target = match self.check(&request, local) {
             Ok(target) => target,
             Err((status, why)) => {

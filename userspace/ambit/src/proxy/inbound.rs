@@ -53,6 +53,7 @@ impl InboundPlaintext {
     }
 
     async fn handle(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {
+        let _open = self.ctx.drain.track();
         // sk_lookup keeps the destination the client used as our local address.
         let original = stream.local_addr()?;
         if TUNNEL_PORTS.contains(&original.port()) {

@@ -11,6 +11,7 @@
 //! How a connection reaches its upstream depends on the upstream's protocol (`connector.rs`).
 
 pub mod connector;
+pub mod drain;
 pub mod inbound;
 pub mod outbound;
 pub mod relay;
@@ -48,6 +49,8 @@ pub struct ProxyContext {
     pub metrics: Arc<Metrics>,
     /// Live inbound connections, re-checked when policies change.
     pub tracker: Arc<tracker::ConnectionTracker>,
+    /// Open connections, and the shutdown signal (SIGTERM).
+    pub drain: Arc<drain::Drain>,
 }
 
 /// One pod's tunnel: its listeners and accept loops. Dropping it closes the listeners (so
@@ -105,6 +108,13 @@ fn listen(netns: &Netns, addr: SocketAddr) -> Result<TcpListener> {
 }
 
 impl PodTunnel {
+    /// Closes the listeners (connections in flight go on): the first step of draining.
+    pub fn close_listeners(&mut self) {
+        for task in self.accept_loops.drain(..) {
+            task.abort();
+        }
+    }
+
     pub fn start(
         ctx: Arc<ProxyContext>,
         pod: String,

@@ -54,6 +54,7 @@ impl Outbound {
     }
 
     async fn handle(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {
+        let _open = self.ctx.drain.track();
         let original = match self.ctx.capture {
             Capture::Ebpf => self
                 .ctx

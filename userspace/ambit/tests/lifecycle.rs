@@ -1,0 +1,120 @@
+//! Privileged integration tests of the node's lifecycle (issue 8): SIGTERM drains open
+//! connections up to a deadline, and while the node is going away capture stays attached and
+//! refuses new connections instead of letting them out around the tunnel.
+
+mod common;
+
+use std::{
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use ambit_lab::pod;
+use common::{stdout, TestLab};
+
+/// tools/slow.py from pod a to c's sink: one connection sending 512 B every 100 ms.
+fn slow_transfer(t: &TestLab, seconds: &str) -> Child {
+    t.lab
+        .pod_command("a", "python3")
+        .arg(common::tool("slow.py"))
+        .args([pod("c").ip, "9000", seconds])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Whether slow.py finished with the sink's digest equal to what it sent.
+fn completed_intact(slow: Child) -> (bool, String) {
+    let out = slow.wait_with_output().unwrap();
+    let line = stdout(&out);
+    let intact = out.status.success()
+        && line
+            .trim()
+            .split_once(" received=")
+            .is_some_and(|(sent, received)| sent.trim_start_matches("sent=") == received);
+    (intact, line)
+}
+
+#[test]
+fn sigterm_drains_open_connections_refuses_new_ones_then_exits() {
+    let mut t = TestLab::start_with(
+        &ambit_lab::LabConfig {
+            enrolled: &["a", "c"],
+            ..Default::default()
+        },
+        &["--drain-timeout", "20s"],
+    );
+    t.start_sink("c", 9000);
+    let slow = slow_transfer(&t, "4");
+    t.wait_log("n2", "HBONE stream accepted", 1);
+
+    // Both ends go down at once, as in a node drain.
+    let signalled = Instant::now();
+    for node in ["n1", "n2"] {
+        t.lab
+            .signal(&format!("ambit node {node}"), libc::SIGTERM)
+            .unwrap();
+    }
+    t.wait_log("n1", "draining: listeners closed", 1);
+
+    // A new connection from the enrolled pod is refused at once, not sent around the tunnel.
+    let started = Instant::now();
+    let out = t.curl("a", &format!("http://{}:8080/", pod("c").ip));
+    assert!(
+        !out.status.success(),
+        "a new connection got through while draining"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // The open connection finishes intact through both draining nodes.
+    let (intact, line) = completed_intact(slow);
+    assert!(
+        intact,
+        "the open connection did not survive the drain: {line}"
+    );
+
+    // Then each node exits on its own, long before the 20 s deadline.
+    for node in ["n1", "n2"] {
+        let status = t
+            .lab
+            .wait_exit(&format!("ambit node {node}"), Duration::from_secs(8))
+            .unwrap_or_else(|| panic!("node {node} still running after its connections ended"));
+        assert!(status.success(), "node {node} exited with {status}");
+        assert!(t.log(node).contains("drained: every connection finished"));
+    }
+    assert!(signalled.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn the_drain_deadline_cuts_connections_still_open() {
+    let mut t = TestLab::start_with(
+        &ambit_lab::LabConfig {
+            enrolled: &["a", "c"],
+            ..Default::default()
+        },
+        &["--drain-timeout", "1s"],
+    );
+    t.start_sink("c", 9000);
+    let slow = slow_transfer(&t, "10");
+    t.wait_log("n2", "HBONE stream accepted", 1);
+
+    let signalled = Instant::now();
+    t.lab.signal("ambit node n1", libc::SIGTERM).unwrap();
+    let status = t
+        .lab
+        .wait_exit("ambit node n1", Duration::from_secs(6))
+        .expect("node n1 still running after its drain deadline");
+    assert!(status.success(), "node n1 exited with {status}");
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(4),
+        "exit {took:?} after SIGTERM with a 1 s deadline"
+    );
+    assert!(t
+        .log("n1")
+        .contains("drain deadline reached: cutting the connections still open open=1"));
+    // The cut connection fails visibly; it is not completed in plaintext around the tunnel.
+    let (intact, line) = completed_intact(slow);
+    assert!(!intact, "a connection outlived the deadline: {line}");
+}

@@ -38,6 +38,8 @@ pub mod program_names {
     pub const CONNECT6: &str = "ambit_connect6";
     pub const SOCKOPS: &str = "ambit_sockops";
     pub const SK_LOOKUP: &str = "ambit_sk_lookup";
+    pub const BIND4: &str = "ambit_bind4";
+    pub const BIND6: &str = "ambit_bind6";
 }
 
 /// Map sizes. Large enough for a busy node; hash maps only use memory for live entries.
@@ -204,11 +206,13 @@ pub enum Counter {
     InboundRefused = 5,
     /// Inbound connection left alone (tunnel port, or from inside the pod itself).
     InboundPassed = 6,
+    /// An app in an enrolled pod tried to bind one of the tunnel's ports: refused.
+    BindRefused = 7,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 7;
-    pub const ALL: [Counter; 7] = [
+    pub const COUNT: u32 = 8;
+    pub const ALL: [Counter; 8] = [
         Counter::OutboundCaptured,
         Counter::OutboundPassed,
         Counter::OriginalDestinationRecorded,
@@ -216,6 +220,7 @@ impl Counter {
         Counter::InboundCaptured,
         Counter::InboundRefused,
         Counter::InboundPassed,
+        Counter::BindRefused,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -227,6 +232,7 @@ impl Counter {
             Counter::InboundCaptured => "inbound_captured",
             Counter::InboundRefused => "inbound_refused",
             Counter::InboundPassed => "inbound_passed",
+            Counter::BindRefused => "bind_refused",
         }
     }
 }

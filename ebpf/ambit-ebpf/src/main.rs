@@ -17,8 +17,9 @@ use core::ptr::read_volatile;
 
 use ambit_abi::{
     ConnectionKey, Counter, DestinationKey, EnrolledPod, InboundPod, IpKey, MeshDestination,
-    OriginalDestination, PendingConnect, AF_INET, AF_INET6, HBONE_PORT, MAX_ENROLLED_PODS,
-    MAX_MESH_DESTINATIONS, MAX_TRACKED_CONNECTIONS, POD_FLAG_CAPTURE_ALL,
+    OriginalDestination, PendingConnect, AF_INET, AF_INET6, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
+    MAX_ENROLLED_PODS, MAX_MESH_DESTINATIONS, MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT,
+    POD_FLAG_CAPTURE_ALL,
 };
 // eBPF-side logging (aya-log): off unless the node is started with --ebpf-log. The level is a
 // load-time constant (AYA_LOG_LEVEL, patched by the loader), so with logging off the verifier
@@ -142,6 +143,40 @@ pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
         }
         Capture::Refuse => REJECT,
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tunnel's ports: bind4 / bind6
+// ---------------------------------------------------------------------------------------------
+
+/// An app in an enrolled pod may not bind the tunnel's ports in its netns. While the node is
+/// down (its listeners closed, capture still attached) an app could otherwise take 15001 and
+/// receive its neighbours' captured connections, take 15006/15008 and receive inbound traffic
+/// meant for the tunnel, or make the node's re-enrollment fail. The node binds them from
+/// outside the pod's cgroup, so this never applies to it.
+#[cgroup_sock_addr(bind4)]
+pub fn ambit_bind4(ctx: SockAddrContext) -> i32 {
+    refuse_tunnel_ports(&ctx)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn ambit_bind6(ctx: SockAddrContext) -> i32 {
+    refuse_tunnel_ports(&ctx)
+}
+
+#[inline(always)]
+fn refuse_tunnel_ports(ctx: &SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    let port = u16::from_be(sa.user_port as u16);
+    if port != OUTBOUND_PORT && port != INBOUND_PLAINTEXT_PORT && port != HBONE_PORT {
+        return ALLOW;
+    }
+    if enrolled_pod(ctx).is_none() {
+        return ALLOW;
+    }
+    count(Counter::BindRefused);
+    warn!(ctx, "bind: port {} belongs to the tunnel, refused", port);
+    REJECT
 }
 
 enum Capture {

@@ -227,7 +227,7 @@ fn inspect_reads_the_pins_while_running_and_after_the_node_stopped() {
         let text = t.inspect("n1");
         assert!(
             text.contains(
-                "default/a: ambit_connect4, ambit_connect6, ambit_sk_lookup, ambit_sockops"
+                "default/a: ambit_bind4, ambit_bind6, ambit_connect4, ambit_connect6, ambit_sk_lookup, ambit_sockops"
             ),
             "{text}"
         );

@@ -100,7 +100,7 @@ impl Datapath {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
-        for name in [p::CONNECT4, p::CONNECT6] {
+        for name in [p::CONNECT4, p::CONNECT6, p::BIND4, p::BIND6] {
             program::<CgroupSockAddr>(&mut ebpf, name)?
                 .load()
                 .with_context(|| format!("verifier rejected {name}"))?;
@@ -167,6 +167,16 @@ impl Datapath {
             }
         } else {
             self.attach_outbound_capture(pod, cgroup)?;
+        }
+        // The tunnel's ports are the pod's to keep out of, whatever captures its traffic.
+        for name in [p::BIND4, p::BIND6] {
+            let prog = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(cgroup, LINK_MODE)
+                .with_context(|| format!("attaching {name} to the cgroup of {pod}"))?;
+            let link = FdLink::try_from(prog.take_link(id)?)
+                .map_err(|e| anyhow!("{name}: no bpf_link: {e}"))?;
+            replace_pin(&dir, name, link)?;
         }
         let prog = program::<SkLookup>(&mut self.ebpf, p::SK_LOOKUP)?;
         let id = prog

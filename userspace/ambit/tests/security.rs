@@ -1,0 +1,60 @@
+//! Privileged integration tests of what a pod must not be able to do to the data path
+//! (issue 8): take the tunnel's ports in its own netns, running or not.
+
+mod common;
+
+use common::{assert_ok, stdout, TestLab};
+
+/// Tries to bind (TCP and, for good measure, on both loopback and the wildcard) each port in a
+/// pod; prints `port:errno-name` per attempt.
+const TRY_BIND: &str = r#"
+import errno, socket, sys
+for port in map(int, sys.argv[1:]):
+    for host in ("0.0.0.0", "127.0.0.1"):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            print(f"{host}:{port}:ok")
+        except OSError as e:
+            print(f"{host}:{port}:{errno.errorcode[e.errno]}")
+        s.close()
+"#;
+
+fn try_bind(t: &TestLab, pod: &str, ports: &[&str]) -> String {
+    let mut args = vec!["-c", TRY_BIND];
+    args.extend(ports);
+    let out = t.lab.run_in_pod(pod, "python3", &args).unwrap();
+    assert_ok(&out, "bind attempts");
+    stdout(&out)
+}
+
+#[test]
+fn an_enrolled_pod_cannot_bind_the_tunnel_ports_even_while_the_node_is_down() {
+    let mut t = TestLab::start(&["a", "c"]);
+    let tunnel_ports = ["15001", "15006", "15008"];
+
+    for running in [true, false] {
+        if !running {
+            // Down: the listeners are gone, the pinned programs stay. This is when a port
+            // could otherwise be taken.
+            t.lab.stop("ambit node n1").unwrap();
+        }
+        let text = try_bind(&t, "a", &tunnel_ports);
+        for port in tunnel_ports {
+            for host in ["0.0.0.0", "127.0.0.1"] {
+                assert!(
+                    text.contains(&format!("{host}:{port}:EPERM")),
+                    "pod a bound {host}:{port} (node running: {running}):\n{text}"
+                );
+            }
+        }
+        // Other ports are the app's.
+        assert!(try_bind(&t, "a", &["8081"]).contains("0.0.0.0:8081:ok"));
+    }
+    assert!(common::counter(&t.inspect("n1"), "bind_refused") >= 12);
+
+    // A pod outside the mesh is not affected.
+    let text = try_bind(&t, "b", &tunnel_ports);
+    assert!(!text.contains("EPERM"), "pod b is not enrolled:\n{text}");
+}

@@ -118,3 +118,91 @@ fn the_drain_deadline_cuts_connections_still_open() {
     let (intact, line) = completed_intact(slow);
     assert!(!intact, "a connection outlived the deadline: {line}");
 }
+
+/// The mesh's Prometheus text from a node.
+fn metrics(t: &TestLab, node: &str) -> String {
+    let out = t
+        .lab
+        .node_command(node, "curl")
+        .args(["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"])
+        .output()
+        .unwrap();
+    stdout(&out)
+}
+
+fn failed_connects(text: &str) -> usize {
+    text.lines()
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_failed_total")
+                && l.contains("response_flags=\"CONNECT\"")
+                && l.contains("reporter=\"source\"")
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<usize>().unwrap())
+        .sum()
+}
+
+#[test]
+fn an_unreachable_peer_fails_promptly_says_why_and_traffic_resumes_when_it_returns() {
+    let t = TestLab::start_with(
+        &ambit_lab::LabConfig {
+            enrolled: &["a", "c"],
+            ..Default::default()
+        },
+        &["--connect-timeout", "1s"],
+    );
+    let c = pod("c").ip;
+    let url = format!("http://{c}:8080/");
+    // A pooled HBONE connection to node 2 exists before the network goes away.
+    common::assert_ok(&t.curl("a", &url), "curl a → c");
+
+    // Node 1 loses its route to c: packets (SYNs, and the pooled connection's) vanish.
+    let route = |verb: &str| {
+        let out = t
+            .lab
+            .node_command("n1", "ip")
+            .args(["route", verb, "blackhole", &format!("{c}/32")])
+            .output()
+            .unwrap();
+        common::assert_ok(&out, &format!("ip route {verb} blackhole"));
+    };
+    route("add");
+    for attempt in 1..=2 {
+        let started = Instant::now();
+        let out = t.curl("a", &url);
+        let took = started.elapsed();
+        assert!(
+            !out.status.success(),
+            "curl {attempt} got through a blackhole"
+        );
+        assert!(
+            took < Duration::from_secs(4),
+            "curl {attempt}: failure took {took:?} with --connect-timeout 1s"
+        );
+    }
+    assert!(
+        failed_connects(&metrics(&t, "n1")) >= 2,
+        "{}",
+        metrics(&t, "n1")
+    );
+    let log = t.log("n1");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("connection complete") && l.contains("timed out")),
+        "the access log does not say why:\n{log}"
+    );
+
+    // The network is back: new connections work again without restarting anything.
+    route("del");
+    let mut recovered = false;
+    for _ in 0..10 {
+        if t.curl("a", &url).status.success() {
+            recovered = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        recovered,
+        "traffic did not resume after the route came back"
+    );
+}

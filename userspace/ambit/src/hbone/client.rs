@@ -153,10 +153,13 @@ impl HboneClient {
                 }
             }
         };
-        let lease = StreamLease(conn);
+        let lease = StreamLease(conn.clone());
         let response = tokio::time::timeout(self.connect_timeout, response)
             .await
             .map_err(|_| {
+                // A peer that cannot answer a CONNECT in time is unreachable or stuck: retire
+                // the connection, so later streams do not queue on it until the PING timeout.
+                conn.closed.store(true, Ordering::Release);
                 anyhow!(
                     "HBONE CONNECT {} via {}: no answer in {:?}",
                     req.target,

@@ -354,6 +354,8 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut retry = tokio::time::interval(Duration::from_secs(2));
+    // A killed pod's netns can vanish before the source says the pod is gone.
+    let mut vanished = tokio::time::interval(Duration::from_secs(1));
     // Renewal happens at half the lifetime; check often enough to be on time.
     let mut renew = tokio::time::interval(
         (args.cert_lifetime / 10).clamp(Duration::from_millis(200), Duration::from_secs(60)),
@@ -380,6 +382,11 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
                 ready.store(!agent.has_failed_pods(), Ordering::Release);
             }
             _ = renew.tick() => agent.refresh_certificates(),
+            _ = vanished.tick() => {
+                if agent.release_vanished_pods() > 0 {
+                    ready.store(!agent.has_failed_pods(), Ordering::Release);
+                }
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }

@@ -53,6 +53,25 @@ impl Netns {
         self.cookie
     }
 
+    /// Why this handle no longer names the netns at its path (path removed, or now another
+    /// netns), or None while it does. Our open handle keeps a removed netns alive: this is how
+    /// the agent notices it should let go.
+    pub fn vanished(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt as _;
+        let ours = match self.file.metadata() {
+            Ok(m) => (m.dev(), m.ino()),
+            Err(e) => return Some(format!("netns handle unreadable: {e}")),
+        };
+        match std::fs::metadata(&self.path) {
+            Err(e) => Some(format!("netns {} is gone ({e})", self.path.display())),
+            Ok(m) if (m.dev(), m.ino()) != ours => Some(format!(
+                "netns {} is now another network namespace",
+                self.path.display()
+            )),
+            Ok(_) => None,
+        }
+    }
+
     /// Runs `f` with the current thread inside this netns. `f` must not block or yield.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
         setns(self.file.as_fd())

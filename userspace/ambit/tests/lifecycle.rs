@@ -206,3 +206,44 @@ fn an_unreachable_peer_fails_promptly_says_why_and_traffic_resumes_when_it_retur
         "traffic did not resume after the route came back"
     );
 }
+
+#[test]
+fn a_pod_whose_netns_vanishes_is_released() {
+    use std::os::unix::fs::MetadataExt as _;
+    let t = TestLab::start(&["a", "c"]);
+    let url = format!("http://{}:8080/", pod("c").ip);
+    common::assert_ok(&t.curl("a", &url), "curl a → c");
+
+    let netns = t.lab.netns_path("c");
+    let meta = std::fs::metadata(&netns).unwrap();
+    let id = (meta.dev(), meta.ino());
+    let n2 = t.lab.node_pid("n2").unwrap();
+    // Whether node 2 still has c's netns open (an fd whose file is that nsfs inode).
+    let holds_netns = || {
+        std::fs::read_dir(format!("/proc/{n2}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::metadata(e.unwrap().path()).ok())
+            .any(|m| (m.dev(), m.ino()) == id)
+    };
+    assert!(
+        holds_netns(),
+        "node 2 should hold c's netns while c is enrolled"
+    );
+    let pod_pins = t.lab.pin_dir("n2").join("pods/default_c");
+    assert!(pod_pins.exists());
+
+    // The pod is killed: its netns goes away while the config still lists it.
+    ambit_lab::ip(&["netns", "del", &t.lab.netns("c")]).unwrap();
+    t.wait_log("n2", "pod released", 1);
+    ambit_lab::wait_until(
+        Duration::from_secs(5),
+        "node 2 lets go of c's netns",
+        || !holds_netns(),
+    )
+    .unwrap();
+    assert!(!pod_pins.exists(), "c's programs are still pinned");
+    let inspect = t.inspect("n2");
+    assert!(!inspect.contains("default/c"), "{inspect}");
+    // Node 1's pod is not touched by it.
+    assert!(t.inspect("n1").contains("default/a"));
+}

@@ -184,6 +184,7 @@ impl Agent {
                 warn!(pod = %key, "un-enrollment step failed: {e:#}");
             }
         }
+        self.proxy.hbone.forget_netns(pod.netns.cookie());
         // Dropping `pod` closes its listeners and the netns handle.
         info!(pod = %key, "pod un-enrolled");
         if let Some(hook) = &self.on_change {
@@ -228,6 +229,28 @@ impl Agent {
                 error!(pod = %pod.spec.key, "certificate renewal failed: {e:#}");
             }
         }
+    }
+
+    /// Releases every enrolled pod whose netns is no longer where the desired state says (the
+    /// pod was killed and its netns removed, or replaced by a new one): its listeners, netns
+    /// handle, programs, map entries and pooled connections. While the desired state still
+    /// lists it, the pod is retried like any pod that cannot be enrolled. Returns how many.
+    pub fn release_vanished_pods(&mut self) -> usize {
+        let vanished: Vec<(PodKey, String)> = self
+            .pods
+            .iter()
+            .filter_map(|(key, pod)| {
+                pod.netns
+                    .vanished()
+                    .map(|why| (key.clone(), format!("{why}: pod released")))
+            })
+            .collect();
+        for (key, why) in &vanished {
+            warn!(pod = %key, "{why}");
+            self.unenroll(key);
+            self.failed.insert(key.clone(), why.clone());
+        }
+        vanished.len()
     }
 
     /// Closes every pod's listeners and leaves capture attached: new connections from and to

@@ -122,6 +122,15 @@ impl HboneClient {
             .sum()
     }
 
+    /// Drops the pooled connections opened from a pod's netns (the pod left): their sockets
+    /// would otherwise keep its netns alive until the idle timeout. Streams in flight go on.
+    pub fn forget_netns(&self, netns_cookie: u64) {
+        self.pool
+            .lock()
+            .unwrap()
+            .retain(|key, _| key.netns != netns_cookie);
+    }
+
     pub async fn open(&self, req: TunnelRequest<'_>) -> Result<Tunnel> {
         let mut attempt = 0;
         let (conn, response, send) = loop {

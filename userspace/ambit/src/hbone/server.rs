@@ -15,7 +15,10 @@ use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn, Instrument as _};
 
@@ -24,6 +27,7 @@ use crate::{
     netns::Netns,
     observability::{ConnectionRecord, Outcome, Peer, Reporter},
     policy::{ConnectionInfo, Decision},
+    proxy::drain::Drain,
     proxy::{connector::connect_tcp, ProxyContext},
     tls::{self, Identity, WorkloadCert},
 };
@@ -46,17 +50,26 @@ pub struct HboneServer {
     pod: String,
     identity: Identity,
     netns: Arc<Netns>,
+    /// Closed when the pod's tunnel is dropped (un-enrolled, or its netns vanished).
+    pod_gone: watch::Receiver<()>,
     /// The server config for the current certificate; rebuilt when the certificate rotates.
     config: Mutex<Option<(Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
 }
 
 impl HboneServer {
-    pub fn new(ctx: Arc<ProxyContext>, pod: String, identity: Identity, netns: Arc<Netns>) -> Self {
+    pub fn new(
+        ctx: Arc<ProxyContext>,
+        pod: String,
+        identity: Identity,
+        netns: Arc<Netns>,
+        pod_gone: watch::Receiver<()>,
+    ) -> Self {
         Self {
             ctx,
             pod,
             identity,
             netns,
+            pod_gone,
             config: Mutex::new(None),
         }
     }
@@ -117,12 +130,13 @@ impl HboneServer {
             .await
             .context("HTTP/2 handshake")?;
         let mut draining = false;
+        let mut pod_gone = self.pod_gone.clone();
         loop {
             let next = tokio::select! {
                 next = connection.accept() => next,
-                () = self.ctx.drain.started(), if !draining => {
-                    // SIGTERM: GOAWAY, so the peer opens new streams elsewhere; the streams
-                    // already open go on, and accept() ends once they are done.
+                () = stop_taking_streams(&self.ctx.drain, &mut pod_gone), if !draining => {
+                    // SIGTERM, or the pod left: GOAWAY, so the peer opens new streams elsewhere;
+                    // the streams already open go on, and accept() ends once they are done.
                     connection.graceful_shutdown();
                     draining = true;
                     continue;
@@ -302,5 +316,14 @@ impl HboneServer {
             Some(w) => w.baggage(),
             None => String::new(),
         }
+    }
+}
+
+/// Resolves when an HBONE connection should take no more streams: the node drains, or the pod's
+/// tunnel was dropped (the sender side of `pod_gone` closed).
+async fn stop_taking_streams(drain: &Drain, pod_gone: &mut watch::Receiver<()>) {
+    tokio::select! {
+        () = drain.started() => {}
+        _ = pod_gone.changed() => {}
     }
 }

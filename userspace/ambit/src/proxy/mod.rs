@@ -57,6 +57,9 @@ pub struct ProxyContext {
 /// captured connections to this pod fail closed); connections in flight run to completion.
 pub struct PodTunnel {
     accept_loops: Vec<JoinHandle<()>>,
+    /// Dropped with the tunnel: tells the pod's HBONE connections to take no more streams
+    /// (GOAWAY), so that idle pooled connections from other nodes let go of the pod's netns.
+    _gone: watch::Sender<()>,
 }
 
 /// A pod's listeners, opened inside its netns before any program is attached to the pod.
@@ -123,6 +126,7 @@ impl PodTunnel {
         listeners: PodListeners,
     ) -> Self {
         let mut accept_loops = Vec::new();
+        let (gone, gone_rx) = watch::channel(());
         for listener in listeners.outbound {
             let handler = outbound::Outbound::new(ctx.clone(), pod.clone(), netns.clone());
             accept_loops.push(tokio::spawn(handler.run(listener)));
@@ -135,11 +139,19 @@ impl PodTunnel {
             accept_loops.push(tokio::spawn(handler.run(listener)));
         }
         for listener in listeners.hbone {
-            let server =
-                HboneServer::new(ctx.clone(), pod.clone(), identity.clone(), netns.clone());
+            let server = HboneServer::new(
+                ctx.clone(),
+                pod.clone(),
+                identity.clone(),
+                netns.clone(),
+                gone_rx.clone(),
+            );
             accept_loops.push(tokio::spawn(server.run(listener)));
         }
-        Self { accept_loops }
+        Self {
+            accept_loops,
+            _gone: gone,
+        }
     }
 }
 

@@ -202,9 +202,19 @@ struct HandMadeClient {
 
 impl HandMadeClient {
     fn new(t: &TestLab, ca: &dyn CertificateAuthority, td: &str, expected: &str) -> Self {
+        Self::with_lifetime(t, ca, td, expected, Duration::from_secs(3600))
+    }
+
+    fn with_lifetime(
+        t: &TestLab,
+        ca: &dyn CertificateAuthority,
+        td: &str,
+        expected: &str,
+        lifetime: Duration,
+    ) -> Self {
         let lab_ca = PluginCa::load(&t.dir.join("ca"), "cluster.local").unwrap();
         let me = Identity::new(td, "default", "tester");
-        let cert = ca.issue(&me, Duration::from_secs(3600)).unwrap();
+        let cert = ca.issue(&me, lifetime).unwrap();
         let expected = Identity::parse(expected).unwrap();
         let config = tls::client_config(&cert, &lab_ca.roots(), &[expected]).unwrap();
         Self {
@@ -310,6 +320,17 @@ fn the_hbone_server_answers_like_ztunnel_and_checks_the_client() {
     )
     .request(http::Method::CONNECT, &format!("{c}:8080"));
     assert!(r.is_err(), "server with the wrong identity accepted: {r:?}");
+
+    // A client whose certificate has expired is refused, and the server says why.
+    let expiring =
+        HandMadeClient::with_lifetime(&t, &lab_ca, "cluster.local", web, Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(2));
+    let r = expiring.request(http::Method::CONNECT, &format!("{c}:8080"));
+    assert!(
+        r.is_err(),
+        "an expired client certificate was accepted: {r:?}"
+    );
+    t.wait_log("n2", "expired", 1);
 }
 
 #[test]

@@ -58,3 +58,31 @@ fn an_enrolled_pod_cannot_bind_the_tunnel_ports_even_while_the_node_is_down() {
     let text = try_bind(&t, "b", &tunnel_ports);
     assert!(!text.contains("EPERM"), "pod b is not enrolled:\n{text}");
 }
+
+/// A client in pod a sending to c through `sendto(MSG_FASTOPEN)` (TCP Fast Open: connect and
+/// data in one call) instead of connect(); prints the HTTP status line it gets back.
+const FAST_OPEN_GET: &str = r#"
+import socket, sys
+s = socket.socket()  # blocking: a timeout would make sendto return EINPROGRESS
+s.sendto(b"GET / HTTP/1.0\r\n\r\n", socket.MSG_FASTOPEN, (sys.argv[1], 8080))
+print(s.recv(4096).split(b"\r\n")[0].decode())
+"#;
+
+#[test]
+fn tcp_fast_open_does_not_bypass_capture() {
+    let t = TestLab::start(&["a", "c"]);
+    let c = ambit_lab::pod("c").ip;
+    let out = t
+        .lab
+        .run_in_pod("a", "timeout", &["10", "python3", "-c", FAST_OPEN_GET, c])
+        .unwrap();
+    assert_ok(&out, "sendto(MSG_FASTOPEN) from pod a");
+    assert!(stdout(&out).starts_with("HTTP/1.0 200"), "{}", stdout(&out));
+    // It went through the tunnel: captured on node 1, arrived over HBONE on node 2.
+    t.wait_log(
+        "n1",
+        &format!("captured outbound connection original_dst={c}:8080"),
+        1,
+    );
+    t.wait_log("n2", "HBONE stream accepted", 1);
+}

@@ -247,3 +247,89 @@ fn a_pod_whose_netns_vanishes_is_released() {
     // Node 1's pod is not touched by it.
     assert!(t.inspect("n1").contains("default/a"));
 }
+
+#[test]
+fn without_a_bpf_filesystem_the_node_refuses_to_start_and_says_how_to_fix_it() {
+    let t = TestLab::start(&[]);
+    let not_bpffs = t.dir.join("not-bpffs");
+    std::fs::create_dir_all(&not_bpffs).unwrap();
+    let out = std::process::Command::new(common::AMBIT)
+        .args(["node", "--node", &t.lab.node_name("n3"), "--config"])
+        .arg(&t.config)
+        .arg("--ca-dir")
+        .arg(t.dir.join("ca"))
+        .arg("--bpffs")
+        .arg(&not_bpffs)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without bpffs: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{} is not a bpf filesystem; mount it first: mount -t bpf bpf",
+            not_bpffs.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn pins_from_another_ambit_version_are_refused_with_the_fix() {
+    let t = TestLab::start(&[]);
+    // An older Ambit pinned COUNTERS with one counter fewer (before bind_refused).
+    let node = t.lab.node_name("n3");
+    let pins = t.lab.pin_dir("n3");
+    std::fs::create_dir_all(&pins).unwrap();
+    let counters = pins.join("COUNTERS");
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&counters)
+        .args(["type", "percpu_array", "key", "4", "value", "8", "entries"])
+        .arg((ambit_abi::Counter::COUNT - 1).to_string())
+        .args(["name", "COUNTERS"])
+        .output()
+        .unwrap();
+    common::assert_ok(&created, "bpftool map create");
+
+    let out = std::process::Command::new(common::AMBIT)
+        .args(["node", "--node", &node, "--config"])
+        .arg(&t.config)
+        .arg("--ca-dir")
+        .arg(t.dir.join("ca"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "adopted an incompatible pin: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("pinned map {}", counters.display()))
+            && stderr.contains("ambit reset --node"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_pinned_map_removed_by_hand_is_recreated_on_restart() {
+    let mut t = TestLab::start(&["a", "c"]);
+    let url = format!("http://{}:8080/", pod("c").ip);
+    common::assert_ok(&t.curl("a", &url), "curl a → c");
+
+    let pin = t.lab.pin_dir("n1").join("ORIGINAL_DESTINATIONS");
+    std::fs::remove_file(&pin).unwrap();
+    // The running node and its programs hold the map by fd: capture goes on.
+    common::assert_ok(&t.curl("a", &url), "curl a → c with the pin gone");
+
+    // A restart pins a new map and re-attaches the programs that use it.
+    t.restart_node("n1", "n1-restarted.log");
+    assert!(pin.exists(), "the map was not pinned again");
+    common::assert_ok(&t.curl("a", &url), "curl a → c after the restart");
+    t.wait_log("n1", "captured outbound connection", 1);
+    assert_eq!(
+        t.bpftool(&["cgroup", "show", t.lab.pod_cgroup("a").to_str().unwrap()])
+            .matches("ambit_connect4")
+            .count(),
+        1
+    );
+}

@@ -413,6 +413,18 @@ fn check_pinned_maps(pins: &PinLayout) -> Result<()> {
                 info.value_size()
             );
         }
+        // COUNTERS grows when a program learns to count something new (bind_refused did): an
+        // older, shorter array would be adopted as is and the new counters silently lost.
+        if name == m::COUNTERS && info.max_entries() != ambit_abi::Counter::COUNT {
+            bail!(
+                "pinned map {} has {} counters but this Ambit counts {}: it was made by another \
+                 Ambit version. Remove the node's pins with `ambit reset --node <node>` and start \
+                 again.",
+                path.display(),
+                info.max_entries(),
+                ambit_abi::Counter::COUNT
+            );
+        }
     }
     Ok(())
 }

@@ -7,11 +7,14 @@
 //! - `lab`: Ambit's main job on one machine (see README).
 //! - `bench`: every mode (plain, iptables capture, Ambit across and within a node) on the lab,
 //!   repeated, as a table with the spread and ratios to plain, JSON and a chart.
+//! - `stress`: the reliability tests at full scale (10,000 held, 100,000 churned, faults), as a
+//!   table.
 
 mod bench;
 mod kind;
 mod lab;
 mod setup;
+mod stress;
 mod vmtest;
 
 use std::process::Command;
@@ -72,6 +75,8 @@ enum Task {
     /// Benchmark every mode on the lab (plain, iptables capture, Ambit across and within a
     /// node), repeated; prints the table and writes target/bench/{results.json,results.md,chart.svg}.
     Bench(bench::Args),
+    /// The reliability tests at full scale (load, churn, faults) in a release build; a table.
+    Stress(stress::Args),
 }
 
 fn main() -> Result<()> {
@@ -99,6 +104,10 @@ fn main() -> Result<()> {
         Task::Bench(args) => {
             setup::run()?;
             bench::run(&args)
+        }
+        Task::Stress(args) => {
+            setup::run()?;
+            stress::run(&args)
         }
     }
 }

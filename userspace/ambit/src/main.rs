@@ -142,6 +142,9 @@ struct NodeArgs {
     /// HBONE: a pooled connection without streams for this long is released.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     hbone_idle_timeout: Duration,
+    /// HBONE server: a peer that has not finished its TLS handshake after this long is dropped.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    hbone_handshake_timeout: Duration,
     /// Prometheus metrics (`/metrics`).
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
@@ -300,6 +303,7 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
         ping_interval: args.hbone_ping_interval,
         ping_timeout: args.hbone_ping_timeout,
         idle_timeout: args.hbone_idle_timeout,
+        handshake_timeout: args.hbone_handshake_timeout,
         ..HboneSettings::default()
     };
     let proxy = Arc::new(ProxyContext {

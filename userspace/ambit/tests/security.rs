@@ -86,3 +86,60 @@ fn tcp_fast_open_does_not_bypass_capture() {
     );
     t.wait_log("n2", "HBONE stream accepted", 1);
 }
+
+/// Opens N connections to HOST:15008 and sends the first bytes of a TLS record on each, never
+/// the rest; prints "closed N max <seconds>" once the server has closed every one of them.
+const STALLED_HANDSHAKES: &str = r#"
+import socket, sys, time
+host, n = sys.argv[1], int(sys.argv[2])
+conns = [socket.create_connection((host, 15008), timeout=30) for _ in range(n)]
+for s in conns:
+    s.sendall(b"\x16\x03\x01")
+start, last = time.monotonic(), 0.0
+for s in conns:
+    try:
+        s.recv(1)
+    except ConnectionResetError:
+        pass
+    last = time.monotonic() - start
+print(f"closed {n} max {last:.1f}", flush=True)
+"#;
+
+#[test]
+fn peers_that_never_finish_the_tls_handshake_are_dropped_and_others_are_unaffected() {
+    let t = TestLab::start_with(
+        &ambit_lab::LabConfig {
+            enrolled: &["a", "c"],
+            ..Default::default()
+        },
+        &["--hbone-handshake-timeout", "2s"],
+    );
+    let c = ambit_lab::pod("c").ip;
+    // From node 1's own netns: a peer outside any pod, holding 50 half-started handshakes.
+    let stalled = t
+        .lab
+        .node_command("n1", "timeout")
+        .args(["30", "python3", "-c", STALLED_HANDSHAKES, c, "50"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Meanwhile a mesh client's HBONE connection to the same server works.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out = t.curl("a", &format!("http://{c}:8080/"));
+    assert_ok(&out, "curl a → c while 50 handshakes are stalled");
+    assert_eq!(stdout(&out), "hello from pod c\n");
+
+    let out = stalled.wait_with_output().unwrap();
+    assert_ok(&out, "stalled handshakes");
+    let line = stdout(&out);
+    let max: f64 = line
+        .trim()
+        .strip_prefix("closed 50 max ")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output: {line}"));
+    assert!(
+        (1.0..6.0).contains(&max),
+        "stalled handshakes closed after {max} s with a 2 s timeout"
+    );
+    assert!(t.log("n2").contains("TLS handshake timed out"));
+}

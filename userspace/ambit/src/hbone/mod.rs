@@ -23,6 +23,9 @@ pub struct HboneSettings {
     pub idle_timeout: Duration,
     /// Bound on a request's header block (hostile peers).
     pub max_header_list_size: u32,
+    /// A peer that does not finish its TLS handshake in this time is dropped (hostile or
+    /// broken peers must not hold sockets and memory).
+    pub handshake_timeout: Duration,
 }
 
 impl Default for HboneSettings {
@@ -37,6 +40,7 @@ impl Default for HboneSettings {
             ping_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(300),
             max_header_list_size: 16 * 1024,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }

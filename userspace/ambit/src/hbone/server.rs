@@ -7,7 +7,6 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use ambit_abi::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
@@ -41,9 +40,6 @@ pub const TUNNEL_PORTS: [u16; 6] = [
     15020,
     15021,
 ];
-
-/// A client that does not finish its TLS handshake in this time is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct HboneServer {
     ctx: Arc<ProxyContext>,
@@ -114,10 +110,13 @@ impl HboneServer {
         let local = tcp.local_addr()?;
         tcp.set_nodelay(true)?;
         let acceptor = TlsAcceptor::from(self.server_config()?);
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-            .await
-            .context("TLS handshake timed out")?
-            .context("TLS handshake")?;
+        let tls = tokio::time::timeout(
+            self.ctx.hbone_settings.handshake_timeout,
+            acceptor.accept(tcp),
+        )
+        .await
+        .context("TLS handshake timed out")?
+        .context("TLS handshake")?;
         let peer_identity = tls::peer_identity(tls.get_ref().1);
         let s: &HboneSettings = &self.ctx.hbone_settings;
         let mut connection = h2::server::Builder::new()

@@ -119,26 +119,12 @@ fn the_drain_deadline_cuts_connections_still_open() {
     assert!(!intact, "a connection outlived the deadline: {line}");
 }
 
-/// The mesh's Prometheus text from a node.
-fn metrics(t: &TestLab, node: &str) -> String {
-    let out = t
-        .lab
-        .node_command(node, "curl")
-        .args(["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"])
-        .output()
-        .unwrap();
-    stdout(&out)
-}
-
-fn failed_connects(text: &str) -> usize {
-    text.lines()
-        .filter(|l| {
-            l.starts_with("istio_tcp_connections_failed_total")
-                && l.contains("response_flags=\"CONNECT\"")
-                && l.contains("reporter=\"source\"")
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<usize>().unwrap())
-        .sum()
+fn failed_connects(t: &TestLab) -> u64 {
+    common::metric(
+        &t.metrics("n1"),
+        "istio_tcp_connections_failed_total",
+        &["response_flags=\"CONNECT\"", "reporter=\"source\""],
+    )
 }
 
 #[test]
@@ -179,11 +165,7 @@ fn an_unreachable_peer_fails_promptly_says_why_and_traffic_resumes_when_it_retur
             "curl {attempt}: failure took {took:?} with --connect-timeout 1s"
         );
     }
-    assert!(
-        failed_connects(&metrics(&t, "n1")) >= 2,
-        "{}",
-        metrics(&t, "n1")
-    );
+    assert!(failed_connects(&t) >= 2, "{}", t.metrics("n1"));
     let log = t.log("n1");
     assert!(
         log.lines()

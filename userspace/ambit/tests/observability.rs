@@ -4,7 +4,7 @@
 mod common;
 
 use ambit_lab::pod;
-use common::{assert_ok, stdout, TestLab};
+use common::{assert_ok, metric, stdout, TestLab};
 
 fn node_http(t: &TestLab, node: &str, args: &[&str]) -> (bool, String) {
     let out = t
@@ -15,13 +15,6 @@ fn node_http(t: &TestLab, node: &str, args: &[&str]) -> (bool, String) {
         .output()
         .unwrap();
     (out.status.success(), stdout(&out))
-}
-
-fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
 }
 
 #[test]

@@ -89,17 +89,11 @@ fn map_entries(t: &TestLab, node: &str, map: &str) -> usize {
 }
 
 fn connection_counter(t: &TestLab, node: &str, name: &str, reporter: &str) -> u64 {
-    let out = t
-        .lab
-        .node_command(node, "curl")
-        .args(["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"])
-        .output()
-        .unwrap();
-    stdout(&out)
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(&format!("reporter=\"{reporter}\"")))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
+    common::metric(
+        &t.metrics(node),
+        name,
+        &[&format!("reporter=\"{reporter}\"")],
+    )
 }
 
 #[test]

@@ -170,13 +170,7 @@ impl Datapath {
         }
         // The tunnel's ports are the pod's to keep out of, whatever captures its traffic.
         for name in [p::BIND4, p::BIND6] {
-            let prog = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
-            let id = prog
-                .attach(cgroup, LINK_MODE)
-                .with_context(|| format!("attaching {name} to the cgroup of {pod}"))?;
-            let link = FdLink::try_from(prog.take_link(id)?)
-                .map_err(|e| anyhow!("{name}: no bpf_link: {e}"))?;
-            replace_pin(&dir, name, link)?;
+            self.attach_sock_addr(pod, cgroup, name)?;
         }
         let prog = program::<SkLookup>(&mut self.ebpf, p::SK_LOOKUP)?;
         let id = prog
@@ -188,17 +182,22 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches one cgroup/{connect,bind}{4,6} program to a pod's cgroup and pins its link.
+    fn attach_sock_addr(&mut self, pod: &str, cgroup: &File, name: &str) -> Result<()> {
+        let prog = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
+        let id = prog
+            .attach(cgroup, LINK_MODE)
+            .with_context(|| format!("attaching {name} to the cgroup of {pod}"))?;
+        let link = FdLink::try_from(prog.take_link(id)?)
+            .map_err(|e| anyhow!("{name}: no bpf_link (kernel older than 5.7?): {e}"))?;
+        replace_pin(&self.pins.pod_dir(pod), name, link)
+    }
+
     fn attach_outbound_capture(&mut self, pod: &str, cgroup: &File) -> Result<()> {
-        let dir = self.pins.pod_dir(pod);
         for name in [p::CONNECT4, p::CONNECT6] {
-            let prog = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
-            let id = prog
-                .attach(cgroup, LINK_MODE)
-                .with_context(|| format!("attaching {name} to the cgroup of {pod}"))?;
-            let link = FdLink::try_from(prog.take_link(id)?)
-                .map_err(|e| anyhow!("{name}: no bpf_link (kernel older than 5.7?): {e}"))?;
-            replace_pin(&dir, name, link)?;
+            self.attach_sock_addr(pod, cgroup, name)?;
         }
+        let dir = self.pins.pod_dir(pod);
         let prog = program::<SockOps>(&mut self.ebpf, p::SOCKOPS)?;
         let id = prog
             .attach(cgroup, LINK_MODE)

@@ -163,6 +163,17 @@ impl TestLab {
         )
     }
 
+    /// The Prometheus text of a lab node's `/metrics` (port 15020).
+    pub fn metrics(&self, node: &str) -> String {
+        let out = self
+            .lab
+            .node_command(node, "curl")
+            .args(["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"])
+            .output()
+            .unwrap();
+        stdout(&out)
+    }
+
     /// `ambit inspect` for a lab node.
     pub fn inspect(&self, node: &str) -> String {
         let out = std::process::Command::new(AMBIT)
@@ -259,4 +270,12 @@ pub fn assert_ok(out: &Output, what: &str) {
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// The sum of a metric's samples whose labels include every one of `labels` (`key="value"`).
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
 }

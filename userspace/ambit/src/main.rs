@@ -32,7 +32,7 @@ use ambit::{
         admin::{self, Addresses, AdminContext, SetLogLevel},
         Metrics,
     },
-    proxy::ProxyContext,
+    proxy::{drain::Drain, ProxyContext},
     tls::{BuiltinCa, CertManager, CertificateAuthority, PluginCa, DEFAULT_TRUST_DOMAIN},
 };
 
@@ -306,6 +306,7 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
         handshake_timeout: args.hbone_handshake_timeout,
         ..HboneSettings::default()
     };
+    let drain = Arc::new(Drain::default());
     let proxy = Arc::new(ProxyContext {
         state: state_rx,
         original_destinations: datapath.original_destinations(),
@@ -316,11 +317,12 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
             hbone_settings.clone(),
             certs,
             args.connect_timeout,
+            drain.clone(),
         )),
         hbone_settings,
         metrics: metrics.clone(),
         tracker: Default::default(),
-        drain: Default::default(),
+        drain,
     });
     let ready = Arc::new(AtomicBool::new(false));
     let _admin = admin::start(
@@ -400,19 +402,23 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
     ready.store(false, Ordering::Release);
     agent.close_listeners();
     proxy.drain.start();
+    proxy.hbone.stop_pooling();
+    let drain = &proxy.drain;
     info!(
-        open = proxy.drain.open(),
+        open = drain.open(),
+        hbone_connections = drain.open_hbone(),
         deadline = ?args.drain_timeout,
         "draining: listeners closed, waiting for open connections"
     );
     tokio::select! {
-        () = proxy.drain.idle() => info!("drained: every connection finished"),
+        () = drain.idle() => info!("drained: every connection finished"),
         () = tokio::time::sleep(args.drain_timeout) => warn!(
-            open = proxy.drain.open(),
+            open = drain.open(),
+            hbone_connections = drain.open_hbone(),
             "drain deadline reached: cutting the connections still open"
         ),
-        _ = sigterm.recv() => warn!(open = proxy.drain.open(), "second SIGTERM: cutting open connections"),
-        _ = sigint.recv() => warn!(open = proxy.drain.open(), "second SIGINT: cutting open connections"),
+        _ = sigterm.recv() => warn!(open = drain.open(), "second SIGTERM: cutting open connections"),
+        _ = sigint.recv() => warn!(open = drain.open(), "second SIGINT: cutting open connections"),
     }
     if args.detach_on_exit {
         agent.unenroll_all();

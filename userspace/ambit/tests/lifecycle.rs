@@ -111,9 +111,9 @@ fn the_drain_deadline_cuts_connections_still_open() {
         took >= Duration::from_secs(1) && took < Duration::from_secs(4),
         "exit {took:?} after SIGTERM with a 1 s deadline"
     );
-    assert!(t
-        .log("n1")
-        .contains("drain deadline reached: cutting the connections still open open=1"));
+    assert!(t.log("n1").contains(
+        "drain deadline reached: cutting the connections still open open=1 hbone_connections=1"
+    ));
     // The cut connection fails visibly; it is not completed in plaintext around the tunnel.
     let (intact, line) = completed_intact(slow);
     assert!(!intact, "a connection outlived the deadline: {line}");

@@ -11,7 +11,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, Weak,
     },
     time::{Duration, Instant},
 };
@@ -25,7 +25,7 @@ use tracing::{debug, info};
 use super::HboneSettings;
 use crate::{
     netns::Netns,
-    proxy::connector::connect_tcp,
+    proxy::{connector::connect_tcp, drain::Drain},
     tls::{self, CertManager, Identity},
 };
 
@@ -88,6 +88,7 @@ pub struct HboneClient {
     connect_timeout: Duration,
     pool: Mutex<HashMap<PoolKey, Slot>>,
     next_id: AtomicU64,
+    drain: Arc<Drain>,
 }
 
 impl HboneClient {
@@ -95,6 +96,7 @@ impl HboneClient {
         settings: HboneSettings,
         certs: Arc<CertManager>,
         connect_timeout: Duration,
+        drain: Arc<Drain>,
     ) -> Self {
         Self {
             settings,
@@ -102,6 +104,7 @@ impl HboneClient {
             connect_timeout,
             pool: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            drain,
         }
     }
 
@@ -129,6 +132,13 @@ impl HboneClient {
             .lock()
             .unwrap()
             .retain(|key, _| key.netns != netns_cookie);
+    }
+
+    /// Draining: forgets every pooled connection, so that each one closes (GOAWAY, frames
+    /// flushed) once its last stream ends. Streams opened from now on get a connection of their
+    /// own that closes the same way.
+    pub fn stop_pooling(&self) {
+        self.pool.lock().unwrap().clear();
     }
 
     pub async fn open(&self, req: TunnelRequest<'_>) -> Result<Tunnel> {
@@ -195,6 +205,11 @@ impl HboneClient {
     /// A pooled connection with a free stream slot, opening one if there is none. The slot is
     /// already counted when this returns.
     async fn checkout(&self, req: &TunnelRequest<'_>) -> Result<Arc<PooledConnection>> {
+        if self.drain.is_draining() {
+            let conn = self.connect(req).await?;
+            conn.streams.fetch_add(1, Ordering::AcqRel);
+            return Ok(conn);
+        }
         let key = PoolKey {
             netns: req.netns.cookie(),
             source: req.source.clone(),
@@ -255,25 +270,32 @@ impl HboneClient {
             "HBONE connection established"
         );
         let ping_pong = connection.ping_pong();
-        let watched = pooled.clone();
+        // The task must not keep the connection's SendRequest alive: h2 closes a client
+        // connection gracefully only once every SendRequest and stream is gone.
+        let watched = Arc::downgrade(&pooled);
         let settings = self.settings.clone();
+        let open = self.drain.track_hbone();
         tokio::spawn(async move {
             let reason = tokio::select! {
                 r = &mut connection => format!("{:?}", r.err()),
                 r = keepalive(ping_pong, &watched, &settings) => r,
             };
-            watched.closed.store(true, Ordering::Release);
-            debug!(conn = watched.id, reason, "HBONE connection closed");
+            if let Some(conn) = watched.upgrade() {
+                conn.closed.store(true, Ordering::Release);
+            }
+            debug!(conn = id, reason, "HBONE connection closed");
+            drop(open);
         });
         Ok(pooled)
     }
 }
 
 /// PINGs the peer every `ping_interval` and gives up when one is not answered within
-/// `ping_timeout`; releases the connection after `idle_timeout` without streams.
+/// `ping_timeout`; releases the connection after `idle_timeout` without streams. Once the pool
+/// and every stream let go of the connection, h2 closes it by itself: keepalive then only waits.
 async fn keepalive(
     ping_pong: Option<h2::PingPong>,
-    conn: &PooledConnection,
+    conn: &Weak<PooledConnection>,
     s: &HboneSettings,
 ) -> String {
     let Some(mut ping_pong) = ping_pong else {
@@ -281,12 +303,16 @@ async fn keepalive(
     };
     loop {
         tokio::time::sleep(s.ping_interval).await;
+        let Some(conn) = conn.upgrade() else {
+            return std::future::pending().await;
+        };
         if conn.streams.load(Ordering::Acquire) == 0
             && conn.last_used.lock().unwrap().elapsed() >= s.idle_timeout
         {
             conn.closed.store(true, Ordering::Release);
             return "idle".into();
         }
+        drop(conn);
         match tokio::time::timeout(s.ping_timeout, ping_pong.ping(h2::Ping::opaque())).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return format!("ping failed: {e}"),

@@ -128,6 +128,8 @@ impl HboneServer {
             .handshake::<_, Bytes>(tls)
             .await
             .context("HTTP/2 handshake")?;
+        // Held until h2 has written the last frame and closed the connection.
+        let _open = self.ctx.drain.track_hbone();
         let mut draining = false;
         let mut pod_gone = self.pod_gone.clone();
         loop {

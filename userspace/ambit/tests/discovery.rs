@@ -10,7 +10,7 @@ use ambit_lab::{wait_until, Lab};
 
 #[test]
 fn the_locator_finds_a_pods_netns_and_pod_level_cgroup_from_procfs() {
-    let prefix = format!("{}k{}", common::TEST_PREFIX, std::process::id() % 100_000);
+    let prefix = format!("{}k{}", common::test_prefix(), std::process::id() % 100_000);
     let mut lab = Lab::create(&prefix).unwrap();
     let uid = "6b1d2c3e-aaaa-4bbb-8ccc-0123456789ab";
     let pod_slice = lab.cgroup_dir().join(format!(

@@ -15,8 +15,12 @@ use ambit_lab::{wait_until, write_atomically, Lab, LabConfig};
 
 pub const AMBIT: &str = env!("CARGO_BIN_EXE_ambit");
 
-/// Prefix of every test lab: `cargo xtask test` sweeps leftovers with it.
-pub const TEST_PREFIX: &str = "ambit-t";
+/// Prefix of every test lab: `cargo xtask test` sweeps leftovers with it. A developer running
+/// tests by hand while `cargo xtask test` runs on the same machine sets AMBIT_TEST_PREFIX (seven
+/// characters, e.g. `ambit-h`: interface names are short) so that neither sweeps the other's labs.
+pub fn test_prefix() -> String {
+    std::env::var("AMBIT_TEST_PREFIX").unwrap_or_else(|_| "ambit-t".to_owned())
+}
 
 pub struct TestLab {
     pub lab: Lab,
@@ -58,7 +62,8 @@ impl TestLab {
     pub fn start_with(options: &LabConfig<'_>, node_args: &[&str]) -> TestLab {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let prefix = format!(
-            "{TEST_PREFIX}{}x{}",
+            "{}{}x{}",
+            test_prefix(),
             std::process::id() % 100_000,
             NEXT.fetch_add(1, Ordering::Relaxed)
         );

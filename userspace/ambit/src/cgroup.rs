@@ -36,11 +36,34 @@ pub fn resolve(root: &Path, cgroup: &Path) -> PathBuf {
     }
 }
 
-pub fn open_dir(path: &Path) -> Result<File> {
-    if !path.join("cgroup.procs").exists() {
-        bail!("{} is not a cgroup v2 directory", path.display());
+/// An open pod cgroup directory: what the programs are attached to.
+pub struct PodCgroup {
+    path: PathBuf,
+    dir: File,
+}
+
+impl PodCgroup {
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.join("cgroup.procs").exists() {
+            bail!("{} is not a cgroup v2 directory", path.display());
+        }
+        let dir = File::open(path).with_context(|| format!("opening cgroup {}", path.display()))?;
+        Ok(Self {
+            path: path.to_owned(),
+            dir,
+        })
     }
-    File::open(path).with_context(|| format!("opening cgroup {}", path.display()))
+
+    pub fn dir(&self) -> &File {
+        &self.dir
+    }
+
+    /// Why the cgroup we attached to is no longer at its path, or None while it is. A cgroup
+    /// that is removed takes its programs with it, and one made again at the same path starts
+    /// with none: the pod's traffic would leave uncaptured if the agent did not notice.
+    pub fn vanished(&self) -> Option<String> {
+        crate::handle::replaced_or_gone(&self.dir, &self.path, "cgroup")
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod config;
 pub mod datapath;
+pub mod handle;
 pub mod hbone;
 pub mod inspect;
 pub mod netns;

@@ -57,19 +57,7 @@ impl Netns {
     /// netns), or None while it does. Our open handle keeps a removed netns alive: this is how
     /// the agent notices it should let go.
     pub fn vanished(&self) -> Option<String> {
-        use std::os::unix::fs::MetadataExt as _;
-        let ours = match self.file.metadata() {
-            Ok(m) => (m.dev(), m.ino()),
-            Err(e) => return Some(format!("netns handle unreadable: {e}")),
-        };
-        match std::fs::metadata(&self.path) {
-            Err(e) => Some(format!("netns {} is gone ({e})", self.path.display())),
-            Ok(m) if (m.dev(), m.ino()) != ours => Some(format!(
-                "netns {} is now another network namespace",
-                self.path.display()
-            )),
-            Ok(_) => None,
-        }
+        crate::handle::replaced_or_gone(&self.file, &self.path, "netns")
     }
 
     /// Runs `f` with the current thread inside this netns. `f` must not block or yield.

@@ -230,6 +230,60 @@ fn a_pod_whose_netns_vanishes_is_released() {
     assert!(t.inspect("n1").contains("default/a"));
 }
 
+/// A pod's cgroup replaced under a running node (removed and made again at the same path: the
+/// new one has no programs) is noticed, the pod released and enrolled again on the new cgroup,
+/// so its connections stay captured. A cgroup missing at start is a clear error naming the path,
+/// and the pod is enrolled once the cgroup is there.
+#[test]
+fn a_pod_whose_cgroup_is_replaced_or_missing_is_enrolled_again_on_the_new_one() {
+    let mut t = TestLab::start(&["a", "c"]);
+    let url = format!("http://{}:8080/", pod("c").ip);
+    common::assert_ok(&t.curl("a", &url), "curl a → c");
+    t.wait_log("n1", "captured outbound connection", 1);
+
+    // Replaced while running: nothing is in a's cgroup between commands, so it can go.
+    let cgroup = t.lab.pod_cgroup("a");
+    std::fs::remove_dir(&cgroup).unwrap();
+    std::fs::create_dir(&cgroup).unwrap();
+    t.wait_log("n1", "pod released", 1);
+    let log = t.log("n1");
+    let released = log.lines().find(|l| l.contains("pod released")).unwrap();
+    assert!(
+        released.contains(&format!("cgroup {}", cgroup.display())),
+        "{released}"
+    );
+    t.wait_log("n1", "pod enrolled", 2);
+    common::assert_ok(&t.curl("a", &url), "curl a → c on the new cgroup");
+    t.wait_log("n1", "captured outbound connection", 2);
+
+    // Missing when the node starts: an error naming the cgroup; the node runs, not ready, and
+    // enrolls the pod once the cgroup exists.
+    t.lab.stop("ambit node n1").unwrap();
+    std::fs::remove_dir(&cgroup).unwrap();
+    t.restart_node("n1", "n1-restarted.log");
+    t.wait_log("n1", "enrollment failed", 1);
+    let log = t.log("n1");
+    let failed = log
+        .lines()
+        .find(|l| l.contains("enrollment failed"))
+        .unwrap();
+    assert!(
+        failed.contains(&format!(
+            "{} is not a cgroup v2 directory",
+            cgroup.display()
+        )),
+        "{failed}"
+    );
+    assert!(
+        !t.lab.pin_dir("n1").join("pods/default_a").exists(),
+        "programs of a pod without a cgroup are still pinned"
+    );
+    std::fs::create_dir(&cgroup).unwrap();
+    t.wait_log("n1", "pod enrolled", 1);
+    common::assert_ok(&t.curl("a", &url), "curl a → c after the cgroup came back");
+    t.wait_log("n1", "captured outbound connection", 1);
+}
+
 #[test]
 fn without_a_bpf_filesystem_the_node_refuses_to_start_and_says_how_to_fix_it() {
     let t = TestLab::start(&[]);

@@ -28,7 +28,15 @@ type EnrollmentHook = Box<dyn Fn(&str, bool) + Send>;
 struct Enrolled {
     spec: EnrolledPodSpec,
     netns: Arc<Netns>,
+    cgroup: cgroup::PodCgroup,
     tunnel: PodTunnel,
+}
+
+impl Enrolled {
+    /// Why the pod is no longer where it was enrolled (netns or cgroup removed or replaced).
+    fn vanished(&self) -> Option<String> {
+        self.netns.vanished().or_else(|| self.cgroup.vanished())
+    }
 }
 
 pub struct Agent {
@@ -125,7 +133,7 @@ impl Agent {
         self.proxy.certs.get(&spec.identity)?;
         let netns = Arc::new(Netns::open(&spec.netns)?);
         let cgroup_path = cgroup::resolve(&self.cgroup_root, &spec.cgroup);
-        let cgroup_dir = cgroup::open_dir(&cgroup_path)?;
+        let cgroup = cgroup::PodCgroup::open(&cgroup_path)?;
 
         let listeners = PodListeners::open(&netns)?;
         let inbound: Vec<(IpAddr, i32)> = spec
@@ -141,7 +149,7 @@ impl Agent {
             })
             .collect();
 
-        self.datapath.attach_pod(&spec.key, &cgroup_dir, &netns)?;
+        self.datapath.attach_pod(&spec.key, cgroup.dir(), &netns)?;
         for (ip, fd) in &inbound {
             self.datapath.enroll_inbound(*ip, &Fd(*fd))?;
         }
@@ -163,6 +171,7 @@ impl Agent {
         Ok(Enrolled {
             spec: spec.clone(),
             netns,
+            cgroup,
             tunnel,
         })
     }
@@ -231,17 +240,16 @@ impl Agent {
         }
     }
 
-    /// Releases every enrolled pod whose netns is no longer where the desired state says (the
-    /// pod was killed and its netns removed, or replaced by a new one): its listeners, netns
-    /// handle, programs, map entries and pooled connections. While the desired state still
+    /// Releases every enrolled pod whose netns or cgroup is no longer where the desired state
+    /// says (the pod was killed and they were removed, or replaced by new ones): its listeners,
+    /// netns handle, programs, map entries and pooled connections. While the desired state still
     /// lists it, the pod is retried like any pod that cannot be enrolled. Returns how many.
     pub fn release_vanished_pods(&mut self) -> usize {
         let vanished: Vec<(PodKey, String)> = self
             .pods
             .iter()
             .filter_map(|(key, pod)| {
-                pod.netns
-                    .vanished()
+                pod.vanished()
                     .map(|why| (key.clone(), format!("{why}: pod released")))
             })
             .collect();

@@ -284,6 +284,77 @@ fn a_pod_whose_cgroup_is_replaced_or_missing_is_enrolled_again_on_the_new_one() 
     t.wait_log("n1", "captured outbound connection", 1);
 }
 
+/// CPU time (user + system) of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) in parentheses: utime is the 12th.
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A node out of file descriptors cannot accept the connections waiting in its listeners'
+/// queues. It must back off (not spin on accept() and flood its log), keep the connections it
+/// has, and take the waiting ones once descriptors are free again.
+#[test]
+fn running_out_of_file_descriptors_backs_off_and_recovers() {
+    let t = TestLab::start(&["a", "c"]);
+    let url = format!("http://{}:8080/", pod("c").ip);
+    common::assert_ok(&t.curl("a", &url), "curl a → c");
+    let pid = t.lab.node_pid("n1").unwrap();
+    let limit = t.node_fds("n1") as u64 + 40;
+    let rlimit = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: plain syscall on a process of ours, with a valid struct.
+    let set = unsafe {
+        libc::prlimit(
+            pid as i32,
+            libc::RLIMIT_NOFILE,
+            &rlimit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
+
+    // 120 connections from a: node 1 can accept about 40; the rest wait in the kernel's queue.
+    let mut idle = t
+        .lab
+        .pod_command("a", "python3")
+        .arg(common::tool("idle_open.py"))
+        .args([pod("c").ip, "8080", "120"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(idle.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "open 120");
+    t.wait_log("n1", "out of file descriptors", 1);
+
+    // Backing off: little CPU and few log lines while the queue cannot be served.
+    let (cpu, lines) = (cpu_ticks(pid), t.log("n1").lines().count());
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu, lines) = (cpu_ticks(pid) - cpu, t.log("n1").lines().count() - lines);
+    assert!(
+        cpu < 40,
+        "node 1 spent {cpu} ticks of CPU in 2 s out of descriptors"
+    );
+    assert!(
+        lines < 40,
+        "node 1 wrote {lines} log lines in 2 s out of descriptors"
+    );
+
+    // The held connections go; the waiting ones are taken, and new connections work again.
+    drop(idle.stdin.take());
+    assert!(idle.wait().unwrap().success());
+    common::assert_ok(&t.curl("a", &url), "curl a → c once descriptors are free");
+}
+
 #[test]
 fn without_a_bpf_filesystem_the_node_refuses_to_start_and_says_how_to_fix_it() {
     let t = TestLab::start(&[]);

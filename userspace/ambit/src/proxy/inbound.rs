@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn, Instrument as _};
 
-use super::{connector, relay, ProxyContext};
+use super::{accept, connector, relay, ProxyContext};
 use crate::{
     config::MtlsMode,
     hbone::server::TUNNEL_PORTS,
@@ -31,25 +31,18 @@ impl InboundPlaintext {
 
     pub async fn run(self, listener: TcpListener) {
         let this = Arc::new(self);
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(pod = %this.pod, error = %e, "inbound accept failed");
-                    continue;
-                }
-            };
+        let pod = this.pod.clone();
+        accept::serve(listener, "inbound", &pod, move |stream, peer| {
             let this = this.clone();
             let span = tracing::info_span!("inbound", pod = %this.pod, src = %peer);
-            tokio::spawn(
-                async move {
-                    if let Err(e) = this.handle(stream, peer).await {
-                        warn!(error = %format!("{e:#}"), "inbound connection failed");
-                    }
+            async move {
+                if let Err(e) = this.handle(stream, peer).await {
+                    warn!(error = %format!("{e:#}"), "inbound connection failed");
                 }
-                .instrument(span),
-            );
-        }
+            }
+            .instrument(span)
+        })
+        .await
     }
 
     async fn handle(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {

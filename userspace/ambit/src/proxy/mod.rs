@@ -10,6 +10,7 @@
 //!
 //! How a connection reaches its upstream depends on the upstream's protocol (`connector.rs`).
 
+pub mod accept;
 pub mod connector;
 pub mod drain;
 pub mod inbound;

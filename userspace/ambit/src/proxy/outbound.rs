@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn, Instrument as _};
 
 use super::{
+    accept,
     connector::{self, Source, UpstreamConnection},
     relay, ProxyContext,
 };
@@ -32,25 +33,18 @@ impl Outbound {
 
     pub async fn run(self, listener: TcpListener) {
         let this = Arc::new(self);
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(pod = %this.pod, error = %e, "outbound accept failed");
-                    continue;
-                }
-            };
+        let pod = this.pod.clone();
+        accept::serve(listener, "outbound", &pod, move |stream, peer| {
             let this = this.clone();
             let span = tracing::info_span!("outbound", pod = %this.pod, src = %peer);
-            tokio::spawn(
-                async move {
-                    if let Err(e) = this.handle(stream, peer).await {
-                        warn!(error = %format!("{e:#}"), "outbound connection failed");
-                    }
+            async move {
+                if let Err(e) = this.handle(stream, peer).await {
+                    warn!(error = %format!("{e:#}"), "outbound connection failed");
                 }
-                .instrument(span),
-            );
-        }
+            }
+            .instrument(span)
+        })
+        .await
     }
 
     async fn handle(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {

@@ -75,21 +75,14 @@ fn churn(t: &TestLab, n: usize, concurrency: usize) {
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Holdings {
     fds: usize,
-    rss_kib: usize,
+    rss_kib: u64,
 }
 
 fn holdings(t: &TestLab, node: &str) -> Holdings {
-    let pid = t.lab.node_pid(node).unwrap();
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    Holdings { fds, rss_kib }
+    Holdings {
+        fds: t.node_fds(node),
+        rss_kib: t.node_rss_kib(node),
+    }
 }
 
 /// Entries in a node's pinned map (bpftool's JSON dump: one "key" per entry).

@@ -284,3 +284,24 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum()
 }
+
+/// What a lab node's `ambit node` process holds, from /proc: for tests that bound its memory and
+/// check that it lets go of sockets.
+impl TestLab {
+    /// Resident memory of a lab node's `ambit node` process (VmRSS), in KiB.
+    pub fn node_rss_kib(&self, node: &str) -> u64 {
+        let pid = self.lab.node_pid(node).expect("the node runs");
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+    }
+
+    /// Open file descriptors (sockets included) of a lab node's `ambit node` process.
+    pub fn node_fds(&self, node: &str) -> usize {
+        let pid = self.lab.node_pid(node).expect("the node runs");
+        fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    }
+}

@@ -345,7 +345,7 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
     if let Some(annotator) = annotator {
         agent.on_enrollment_change(move |pod, captured| annotator.mark(pod, captured));
     }
-    agent.apply(&initial)?;
+    agent.apply(&initial).await?;
     ready.store(!agent.has_failed_pods(), Ordering::Release);
     info!(
         node = %args.node,
@@ -370,7 +370,7 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
         tokio::select! {
             Some(state) = updates.recv() => {
                 state_tx.send_replace(state.clone());
-                match agent.apply(&state) {
+                match agent.apply(&state).await {
                     Ok(()) => info!(enrolled = state.enrolled.len(), "config applied"),
                     Err(e) => error!("applying config: {e:#}"),
                 }
@@ -382,14 +382,14 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
             }
             _ = retry.tick(), if agent.has_failed_pods() => {
                 let state = state_tx.borrow().clone();
-                if let Err(e) = agent.apply(&state) {
+                if let Err(e) = agent.apply(&state).await {
                     error!("retrying enrollment: {e:#}");
                 }
                 ready.store(!agent.has_failed_pods(), Ordering::Release);
             }
             _ = renew.tick() => agent.refresh_certificates(),
             _ = vanished.tick() => {
-                if agent.release_vanished_pods() > 0 {
+                if agent.release_vanished_pods().await > 0 {
                     ready.store(!agent.has_failed_pods(), Ordering::Release);
                 }
             }
@@ -421,7 +421,7 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
         _ = sigint.recv() => warn!(open = drain.open(), "second SIGINT: cutting open connections"),
     }
     if args.detach_on_exit {
-        agent.unenroll_all();
+        agent.unenroll_all().await;
         info!("capture detached; node stopped");
     } else {
         info!(

@@ -355,6 +355,110 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
     common::assert_ok(&t.curl("a", &url), "curl a → c once descriptors are free");
 }
 
+/// Whether a lab node answers its readiness probe with 200.
+fn ready(t: &TestLab, node: &str) -> bool {
+    t.lab
+        .node_command(node, "curl")
+        .args([
+            "-sf",
+            "--max-time",
+            "1",
+            "http://127.0.0.1:15021/healthz/ready",
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Makes exactly `pods` the enrolled mesh workloads and waits for `nodes` to apply it.
+fn write_workloads(t: &TestLab, pods: &[&str], nodes: &[&str]) {
+    let before: Vec<usize> = nodes
+        .iter()
+        .map(|n| t.log(n).matches("config applied").count())
+        .collect();
+    let config = t.lab.config_yaml_workloads(pods);
+    ambit_lab::write_atomically(&t.config, &config).unwrap();
+    for (node, before) in nodes.iter().zip(before) {
+        t.wait_log(node, "config applied", before + 1);
+    }
+}
+
+/// A crash (SIGKILL) leaves capture attached and closed; the desired state changes while the
+/// node is down; the next start adopts the pins, removes what is no longer desired, adds what
+/// is, with no stale or duplicate entry, and capture works within a second of readiness.
+#[test]
+fn after_a_crash_the_node_reconciles_and_captures_within_a_second_of_ready() {
+    let mut t = TestLab::start(&["a", "c"]);
+    // a, b (node 1) and c (node 2) in the mesh.
+    write_workloads(&t, &["a", "b", "c"], &["n1", "n2"]);
+    t.wait_log("n1", "pod enrolled", 2);
+    let url = format!("http://{}:8080/", pod("c").ip);
+    // Identities changed (a and c are re-enrolled): a re-enrollment binds the same ports again
+    // at once, it does not fail and leave the pod uncaptured until a retry.
+    for node in ["n1", "n2"] {
+        assert!(
+            !t.log(node).contains("enrollment failed"),
+            "{node}: {}",
+            t.log(node)
+        );
+    }
+    common::assert_ok(&t.curl("a", &url), "curl a → c");
+
+    t.lab.signal("ambit node n1", libc::SIGKILL).unwrap();
+    t.lab
+        .wait_exit("ambit node n1", Duration::from_secs(5))
+        .expect("SIGKILL");
+    let out = t.curl("a", &url);
+    assert!(
+        !out.status.success(),
+        "pod a reached c while its node was dead: plaintext leak"
+    );
+    // While node 1 is dead, b leaves the mesh (node 2 applies it).
+    write_workloads(&t, &["a", "c"], &["n2"]);
+
+    t.restart_node("n1", "n1-restarted.log");
+    let became_ready = {
+        let started = Instant::now();
+        while !ready(&t, "n1") {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "node 1 not ready 10 s after its start: {}",
+                t.log("n1")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Instant::now()
+    };
+    common::assert_ok(&t.curl("a", &url), "curl a → c after the restart");
+    let captured_after = became_ready.elapsed();
+    t.wait_log("n1", "captured outbound connection", 1);
+    assert!(
+        captured_after < Duration::from_secs(1),
+        "capture worked only {captured_after:?} after readiness"
+    );
+
+    // Exactly the desired state: a's entries and one link per program; nothing of b's.
+    for map in ["ENROLLED_NETNS", "INBOUND_PODS"] {
+        assert_eq!(t.map_entries("n1", map), 1, "{map}:\n{}", t.inspect("n1"));
+    }
+    let links = |pod: &str| {
+        t.bpftool(&["cgroup", "show", t.lab.pod_cgroup(pod).to_str().unwrap()])
+            .matches("ambit_")
+            .count()
+    };
+    assert_eq!(links("a"), 5, "connect4/6, sockops, bind4/6 once each");
+    assert_eq!(links("b"), 0, "b left the mesh while the node was down");
+    assert!(!t.lab.pin_dir("n1").join("pods/default_b").exists());
+    // b is no longer captured: its connection reaches c as plaintext from outside the mesh.
+    let before = t.log("n1").matches("captured outbound connection").count();
+    common::assert_ok(&t.curl("b", &url), "curl b → c");
+    assert_eq!(
+        t.log("n1").matches("captured outbound connection").count(),
+        before
+    );
+}
+
 #[test]
 fn without_a_bpf_filesystem_the_node_refuses_to_start_and_says_how_to_fix_it() {
     let t = TestLab::start(&[]);

@@ -85,14 +85,6 @@ fn holdings(t: &TestLab, node: &str) -> Holdings {
     }
 }
 
-/// Entries in a node's pinned map (bpftool's JSON dump: one "key" per entry).
-fn map_entries(t: &TestLab, node: &str, map: &str) -> usize {
-    let path = t.lab.pin_dir(node).join(map);
-    t.bpftool(&["-j", "map", "dump", "pinned", path.to_str().unwrap()])
-        .matches("\"key\"")
-        .count()
-}
-
 fn connection_counter(t: &TestLab, node: &str, name: &str, reporter: &str) -> u64 {
     common::metric(
         &t.metrics(node),
@@ -111,8 +103,8 @@ fn churned_connections_leave_nothing_behind() {
     std::thread::sleep(Duration::from_millis(500));
     let before = [holdings(&t, "n1"), holdings(&t, "n2")];
     let maps_before = [
-        map_entries(&t, "n1", "ORIGINAL_DESTINATIONS"),
-        map_entries(&t, "n1", "PENDING_CONNECTS"),
+        t.map_entries("n1", "ORIGINAL_DESTINATIONS"),
+        t.map_entries("n1", "PENDING_CONNECTS"),
     ];
 
     let started = Instant::now();
@@ -130,8 +122,8 @@ fn churned_connections_leave_nothing_behind() {
             after[0].fds <= before[0].fds
                 && after[1].fds <= before[1].fds
                 && [
-                    map_entries(&t, "n1", "ORIGINAL_DESTINATIONS"),
-                    map_entries(&t, "n1", "PENDING_CONNECTS"),
+                    t.map_entries("n1", "ORIGINAL_DESTINATIONS"),
+                    t.map_entries("n1", "PENDING_CONNECTS"),
                 ] == maps_before
         },
     );
@@ -139,8 +131,8 @@ fn churned_connections_leave_nothing_behind() {
         settled.is_ok(),
         "leak after {} connections: before {before:?} {maps_before:?}, after {after:?} [{}, {}]",
         2 * n,
-        map_entries(&t, "n1", "ORIGINAL_DESTINATIONS"),
-        map_entries(&t, "n1", "PENDING_CONNECTS"),
+        t.map_entries("n1", "ORIGINAL_DESTINATIONS"),
+        t.map_entries("n1", "PENDING_CONNECTS"),
     );
     // Memory: the allocator may keep some of what it had; it must not grow with the count.
     for (node, (b, a)) in ["n1", "n2"].iter().zip(before.iter().zip(after.iter())) {

@@ -77,7 +77,7 @@ impl Agent {
 
     /// Brings kernel and tunnel to `state`. Errors for one pod do not stop the others; they are
     /// logged and the pod is retried on the next call.
-    pub fn apply(&mut self, state: &State) -> Result<()> {
+    pub async fn apply(&mut self, state: &State) -> Result<()> {
         // Un-enroll what is no longer wanted, or wanted differently.
         // Only a change of where the pod is (netns, cgroup, addresses) or who it is needs a
         // re-enrollment; anything else (e.g. its mTLS mode) is read per connection from the
@@ -92,7 +92,7 @@ impl Agent {
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
-            self.unenroll(&key);
+            self.unenroll(&key).await;
         }
         for (key, pod) in self.pods.iter_mut() {
             if let Some(spec) = state.enrolled.get(key) {
@@ -176,7 +176,7 @@ impl Agent {
         })
     }
 
-    fn unenroll(&mut self, key: &str) {
+    async fn unenroll(&mut self, key: &str) {
         let Some(pod) = self.pods.remove(key) else {
             return;
         };
@@ -194,7 +194,9 @@ impl Agent {
             }
         }
         self.proxy.hbone.forget_netns(pod.netns.cookie());
-        // Dropping `pod` closes its listeners and the netns handle.
+        // Listeners closed before returning: the pod may be enrolled again at once. Dropping the
+        // rest closes the netns and cgroup handles.
+        pod.tunnel.stop().await;
         info!(pod = %key, "pod un-enrolled");
         if let Some(hook) = &self.on_change {
             hook(key, false);
@@ -244,7 +246,7 @@ impl Agent {
     /// says (the pod was killed and they were removed, or replaced by new ones): its listeners,
     /// netns handle, programs, map entries and pooled connections. While the desired state still
     /// lists it, the pod is retried like any pod that cannot be enrolled. Returns how many.
-    pub fn release_vanished_pods(&mut self) -> usize {
+    pub async fn release_vanished_pods(&mut self) -> usize {
         let vanished: Vec<(PodKey, String)> = self
             .pods
             .iter()
@@ -255,7 +257,7 @@ impl Agent {
             .collect();
         for (key, why) in &vanished {
             warn!(pod = %key, "{why}");
-            self.unenroll(key);
+            self.unenroll(key).await;
             self.failed.insert(key.clone(), why.clone());
         }
         vanished.len()
@@ -270,10 +272,10 @@ impl Agent {
     }
 
     /// Un-enrolls every pod: used by `--detach-on-exit`.
-    pub fn unenroll_all(&mut self) {
+    pub async fn unenroll_all(&mut self) {
         let keys: Vec<PodKey> = self.pods.keys().cloned().collect();
         for key in keys {
-            self.unenroll(&key);
+            self.unenroll(&key).await;
         }
     }
 }

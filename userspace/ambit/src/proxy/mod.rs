@@ -119,6 +119,19 @@ impl PodTunnel {
         }
     }
 
+    /// Stops the accept loops and returns once their listeners are closed, so that a
+    /// re-enrollment can bind the same ports right away (aborting a task only schedules its
+    /// cancellation; until then its listener still holds the port).
+    pub async fn stop(mut self) {
+        let tasks: Vec<JoinHandle<()>> = self.accept_loops.drain(..).collect();
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
     pub fn start(
         ctx: Arc<ProxyContext>,
         pod: String,

@@ -299,6 +299,15 @@ impl TestLab {
             .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
     }
 
+    /// Entries in one of a lab node's pinned maps (bpftool's JSON dump is an array of entries).
+    pub fn map_entries(&self, node: &str, map: &str) -> usize {
+        let path = self.lab.pin_dir(node).join(map);
+        let dump = self.bpftool(&["-j", "map", "dump", "pinned", path.to_str().unwrap()]);
+        serde_json::from_str::<Vec<serde_json::Value>>(&dump)
+            .unwrap_or_else(|e| panic!("bpftool map dump of {map}: {e}: {dump}"))
+            .len()
+    }
+
     /// Open file descriptors (sockets included) of a lab node's `ambit node` process.
     pub fn node_fds(&self, node: &str) -> usize {
         let pid = self.lab.node_pid(node).expect("the node runs");

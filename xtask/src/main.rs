@@ -7,8 +7,8 @@
 //! - `lab`: Ambit's main job on one machine (see README).
 //! - `bench`: every mode (plain, iptables capture, Ambit across and within a node) on the lab,
 //!   repeated, as a table with the spread and ratios to plain, JSON and a chart.
-//! - `stress`: the reliability tests at full scale (10,000 held, 100,000 churned, faults), as a
-//!   table.
+//! - `stress`: the reliability tests at full scale (10,000 held, 100,000 churned, 5 minutes of
+//!   mixed load, faults, hostile peers) and every fuzz target, as a table.
 
 mod bench;
 mod kind;
@@ -75,7 +75,8 @@ enum Task {
     /// Benchmark every mode on the lab (plain, iptables capture, Ambit across and within a
     /// node), repeated; prints the table and writes target/bench/{results.json,results.md,chart.svg}.
     Bench(bench::Args),
-    /// The reliability tests at full scale (load, churn, faults) in a release build; a table.
+    /// The reliability tests at full scale (load, churn, soak, faults, hostile peers) in a
+    /// release build, then every fuzz target; a table.
     Stress(stress::Args),
 }
 

@@ -106,6 +106,21 @@ fn bpf_linker() -> Result<()> {
     ]))
 }
 
+/// cargo-fuzz, for `cargo xtask stress`'s fuzzing (not part of `run`: only stress needs it).
+pub fn cargo_fuzz() -> Result<()> {
+    let installed = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if installed {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz (a few minutes, once)");
+    run_cmd(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
+}
+
 fn python_venv_works() -> bool {
     Command::new("python3")
         .args(["-c", "import ensurepip, venv"])

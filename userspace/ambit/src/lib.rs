@@ -10,6 +10,8 @@ pub mod agent;
 pub mod cgroup;
 pub mod config;
 pub mod datapath;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handle;
 pub mod hbone;
 pub mod inspect;

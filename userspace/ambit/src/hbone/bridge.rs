@@ -2,9 +2,10 @@
 //! control. An EOF from the TCP side ends the HTTP/2 stream (END_STREAM), and the end of the
 //! HTTP/2 stream shuts down the TCP write side: half-close crosses the tunnel.
 
-use std::time::Instant;
+use std::{future::poll_fn, pin::pin, time::Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures::future::{select, Either};
 use h2::{RecvStream, SendStream};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -30,24 +31,36 @@ pub async fn bridge(
 ) -> (Transferred, Result<(), std::io::Error>) {
     let start = Instant::now();
     let (read, write) = tcp.into_split();
-    let (up, down) = tokio::join!(tcp_to_h2(read, send), h2_to_tcp(recv, write));
-    let result = up
-        .as_ref()
-        .err()
-        .or(down.as_ref().err())
-        .map(|e| std::io::Error::new(e.kind(), e.to_string()));
+    let (mut sent, mut received) = (0, 0);
+    let result = {
+        let up = pin!(tcp_to_h2(read, send, &mut sent));
+        let down = pin!(h2_to_tcp(recv, write, &mut received));
+        // Each direction runs until it ends (half-close), but an error in one ends the other:
+        // once the stream is reset, a direction waiting on an app that neither sends, closes
+        // nor reads would otherwise hold the app's socket and this task forever (measured in
+        // tests/abuse.rs: one fd per such stream, never released).
+        match select(up, down).await {
+            Either::Left((Ok(()), down)) => down.await,
+            Either::Right((Ok(()), up)) => up.await,
+            Either::Left((Err(e), _)) | Either::Right((Err(e), _)) => Err(e),
+        }
+    };
     (
         Transferred {
-            sent: *up.as_ref().unwrap_or(&0),
-            received: *down.as_ref().unwrap_or(&0),
+            sent,
+            received,
             duration: start.elapsed(),
         },
-        result.map_or(Ok(()), Err),
+        result,
     )
 }
 
-async fn tcp_to_h2(from: OwnedReadHalf, mut to: SendStream<Bytes>) -> std::io::Result<u64> {
-    let result = copy_tcp_to_h2(from, &mut to).await;
+async fn tcp_to_h2(
+    from: OwnedReadHalf,
+    mut to: SendStream<Bytes>,
+    total: &mut u64,
+) -> std::io::Result<()> {
+    let result = copy_tcp_to_h2(from, &mut to, total).await;
     if result.is_err() {
         // The TCP side failed (reset): cancel the stream so the peer's side ends too.
         to.send_reset(h2::Reason::CANCEL);
@@ -58,26 +71,38 @@ async fn tcp_to_h2(from: OwnedReadHalf, mut to: SendStream<Bytes>) -> std::io::R
 async fn copy_tcp_to_h2(
     mut from: OwnedReadHalf,
     to: &mut SendStream<Bytes>,
-) -> std::io::Result<u64> {
-    let mut total = 0u64;
+    total: &mut u64,
+) -> std::io::Result<()> {
     let mut chunk = FIRST_READ_CHUNK;
     let mut buf = BytesMut::new();
     loop {
         buf.reserve(chunk);
-        let n = from.read_buf(&mut buf).await?;
+        // While waiting on the app, watch the stream too: a reset (by the peer, or by h2 for a
+        // peer that broke flow control) or the connection's end must end this direction even
+        // if the app never sends again.
+        let n = tokio::select! {
+            read = from.read_buf(&mut buf) => read?,
+            reset = poll_fn(|cx| to.poll_reset(cx)) => {
+                let why = match reset {
+                    Ok(reason) => format!("HTTP/2 stream reset: {reason}"),
+                    Err(e) => format!("HTTP/2 stream ended: {e}"),
+                };
+                return Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, why));
+            }
+        };
         if n >= chunk {
             chunk = (chunk * 2).min(MAX_READ_CHUNK);
         }
         if n == 0 {
             // Half-close: END_STREAM with no data.
             to.send_data(Bytes::new(), true).map_err(h2_to_io)?;
-            return Ok(total);
+            return Ok(());
         }
-        total += n as u64;
+        *total += n as u64;
         let mut data = buf.split().freeze();
         while !data.is_empty() {
             to.reserve_capacity(data.len());
-            let granted = std::future::poll_fn(|cx| to.poll_capacity(cx))
+            let granted = poll_fn(|cx| to.poll_capacity(cx))
                 .await
                 .ok_or_else(|| {
                     std::io::Error::new(std::io::ErrorKind::BrokenPipe, "HTTP/2 stream closed")
@@ -89,17 +114,19 @@ async fn copy_tcp_to_h2(
     }
 }
 
-async fn h2_to_tcp(mut from: RecvStream, mut to: OwnedWriteHalf) -> std::io::Result<u64> {
-    let mut total = 0u64;
+async fn h2_to_tcp(
+    mut from: RecvStream,
+    mut to: OwnedWriteHalf,
+    total: &mut u64,
+) -> std::io::Result<()> {
     while let Some(chunk) = from.data().await {
         let chunk = chunk.map_err(h2_to_io)?;
         to.write_all(&chunk).await?;
-        total += chunk.len() as u64;
+        *total += chunk.len() as u64;
         // Give the window back only once the bytes are written: backpressure end to end.
         let _ = from.flow_control().release_capacity(chunk.len());
     }
-    to.shutdown().await?;
-    Ok(total)
+    to.shutdown().await
 }
 
 fn h2_to_io(e: h2::Error) -> std::io::Error {

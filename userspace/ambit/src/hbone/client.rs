@@ -313,10 +313,8 @@ async fn keepalive(
             return "idle".into();
         }
         drop(conn);
-        match tokio::time::timeout(s.ping_timeout, ping_pong.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return format!("ping failed: {e}"),
-            Err(_) => return "ping timed out".into(),
+        if let Err(why) = super::keepalive::ping(&mut ping_pong, s.ping_timeout).await {
+            return why;
         }
     }
 }

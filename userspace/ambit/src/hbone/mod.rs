@@ -1,9 +1,12 @@
 //! HBONE: HTTP/2 CONNECT over mutual TLS 1.3 on port 15008, as Istio's ztunnel speaks it
-//! (`shared/reference/hbone.md`). `client` opens (pooled) tunnels, `server` answers them, and
-//! `bridge` moves bytes between a TCP stream and an HTTP/2 stream, half-close included.
+//! (`shared/reference/hbone.md`). `client` opens (pooled) tunnels, `server` answers them after
+//! `request`'s checks, and `bridge` moves bytes between a TCP stream and an HTTP/2 stream,
+//! half-close included.
 
 pub mod bridge;
 pub mod client;
+pub mod keepalive;
+pub mod request;
 pub mod server;
 
 use std::time::Duration;
@@ -42,5 +45,28 @@ impl Default for HboneSettings {
             max_header_list_size: 16 * 1024,
             handshake_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+impl HboneSettings {
+    /// The HTTP/2 server side of a tunnel with these settings: the HBONE server's, and the one
+    /// the `hbone_h2` fuzz target serves hostile clients with.
+    pub fn h2_server(&self) -> h2::server::Builder {
+        let mut builder = h2::server::Builder::new();
+        builder
+            .initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_concurrent_streams(self.server_max_concurrent_streams)
+            .max_header_list_size(self.max_header_list_size)
+            // Hostile peers (tests/abuse.rs), h2's defaults pinned so that an upgrade cannot
+            // loosen them: GOAWAY(ENHANCE_YOUR_CALM) after 20 streams reset before the server
+            // took them (rapid reset, CVE-2023-44487) or after 1,024 streams h2 had to refuse
+            // or reset itself; and at most 400 KiB queued per stream for a peer that opens a
+            // huge window but does not read.
+            .max_pending_accept_reset_streams(20)
+            .max_local_error_reset_streams(Some(1024))
+            .max_send_buffer_size(400 * 1024);
+        builder
     }
 }

@@ -13,7 +13,7 @@ use ambit_abi::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -21,12 +21,17 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn, Instrument as _};
 
-use super::{bridge::bridge, HboneSettings};
+use super::{
+    bridge::bridge,
+    keepalive,
+    request::{check_connect, Refusal},
+    HboneSettings,
+};
 use crate::{
     netns::Netns,
     observability::{ConnectionRecord, Outcome, Peer, Reporter},
     policy::{ConnectionInfo, Decision},
-    proxy::drain::Drain,
+    proxy::{accept, drain::Drain},
     proxy::{connector::connect_tcp, ProxyContext},
     tls::{self, Identity, WorkloadCert},
 };
@@ -72,25 +77,18 @@ impl HboneServer {
 
     pub async fn run(self, listener: TcpListener) {
         let this = Arc::new(self);
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(pod = %this.pod, error = %e, "HBONE accept failed");
-                    continue;
-                }
-            };
+        let pod = this.pod.clone();
+        accept::serve(listener, "hbone", &pod, move |tcp, peer| {
             let this = this.clone();
             let span = tracing::info_span!("hbone", pod = %this.pod, src = %peer);
-            tokio::spawn(
-                async move {
-                    if let Err(e) = this.serve_connection(tcp, peer).await {
-                        warn!(error = %format!("{e:#}"), "HBONE connection failed");
-                    }
+            async move {
+                if let Err(e) = this.serve_connection(tcp, peer).await {
+                    warn!(error = %format!("{e:#}"), "HBONE connection failed");
                 }
-                .instrument(span),
-            );
-        }
+            }
+            .instrument(span)
+        })
+        .await
     }
 
     fn server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
@@ -119,12 +117,8 @@ impl HboneServer {
         .context("TLS handshake")?;
         let peer_identity = tls::peer_identity(tls.get_ref().1);
         let s: &HboneSettings = &self.ctx.hbone_settings;
-        let mut connection = h2::server::Builder::new()
-            .initial_window_size(s.stream_window)
-            .initial_connection_window_size(s.connection_window)
-            .max_frame_size(s.max_frame_size)
-            .max_concurrent_streams(s.server_max_concurrent_streams)
-            .max_header_list_size(s.max_header_list_size)
+        let mut connection = s
+            .h2_server()
             .handshake::<_, Bytes>(tls)
             .await
             .context("HTTP/2 handshake")?;
@@ -132,9 +126,18 @@ impl HboneServer {
         let _open = self.ctx.drain.track_hbone();
         let mut draining = false;
         let mut pod_gone = self.pod_gone.clone();
+        let unanswered =
+            keepalive::until_unanswered(connection.ping_pong(), s.ping_interval, s.ping_timeout);
+        tokio::pin!(unanswered);
         loop {
             let next = tokio::select! {
                 next = connection.accept() => next,
+                reason = &mut unanswered => {
+                    // Dropping the connection resets its streams: their bridges end and close
+                    // their sockets to the app.
+                    warn!(reason, "HBONE connection closed: the peer stopped answering PINGs");
+                    break;
+                }
                 () = stop_taking_streams(&self.ctx.drain, &mut pod_gone), if !draining => {
                     // SIGTERM, or the pod left: GOAWAY, so the peer opens new streams elsewhere;
                     // the streams already open go on, and accept() ends once they are done.
@@ -276,39 +279,16 @@ impl HboneServer {
     }
 
     /// Steps 1–3 of the answer order: what to connect to, or the status to refuse with.
+    /// The rules are in `request`; this server only says which address is its pod's.
     fn check(
         &self,
         request: &Request<h2::RecvStream>,
         local: SocketAddr,
-    ) -> Result<SocketAddr, (StatusCode, &'static str)> {
-        if request.method() != Method::CONNECT {
-            return Err((StatusCode::BAD_REQUEST, "not CONNECT"));
-        }
-        let target: SocketAddr = request
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse().ok())
-            .ok_or((StatusCode::BAD_REQUEST, "authority is not ip:port"))?;
-        if target.ip().to_canonical() != local.ip().to_canonical() {
-            return Err((
-                StatusCode::BAD_REQUEST,
-                "authority is not the address the connection arrived on",
-            ));
-        }
-        let state = self.ctx.state.borrow();
-        match state.workload_by_ip(target.ip()) {
-            Some(w) if w.key == self.pod => {}
-            _ => {
-                return Err((
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no local workload has that address",
-                ))
-            }
-        }
-        if TUNNEL_PORTS.contains(&target.port()) {
-            return Err((StatusCode::SERVICE_UNAVAILABLE, "target is a tunnel port"));
-        }
-        Ok(target)
+    ) -> Result<SocketAddr, Refusal> {
+        check_connect(request, local, |ip| {
+            let state = self.ctx.state.borrow();
+            state.workload_by_ip(ip).is_some_and(|w| w.key == self.pod)
+        })
     }
 
     fn baggage(&self) -> String {

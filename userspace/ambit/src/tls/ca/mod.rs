@@ -4,7 +4,8 @@
 //! ([`BuiltinCa`], a root generated at start) and Istio's plug-in CA files ([`PluginCa`]).
 
 mod builtin;
-mod pem;
+// The crate's fuzz entry points parse PEM bytes with it.
+pub(crate) mod pem;
 mod plugin;
 
 use std::{

@@ -9,21 +9,21 @@ use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkc
 /// Reads every certificate in the PEM file at `path`; at least one is required and each
 /// must be valid X.509.
 pub(super) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let data = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&data)
+    parse_certs(&read(path)?, &path.display().to_string())
+}
+
+/// Every certificate in PEM `data` (named `name` in errors); at least one is required and each
+/// must be valid X.509. Separate from the file read so that hostile bytes can be fuzzed.
+pub(crate) fn parse_certs(data: &[u8], name: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(data)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow!("{}: malformed PEM: {e}", path.display()))?;
+        .map_err(|e| anyhow!("{name}: malformed PEM: {e}"))?;
     if certs.is_empty() {
-        bail!("{}: no PEM CERTIFICATE block found", path.display());
+        bail!("{name}: no PEM CERTIFICATE block found");
     }
     for (i, cert) in certs.iter().enumerate() {
-        x509_parser::parse_x509_certificate(cert).map_err(|e| {
-            anyhow!(
-                "{}: certificate #{} is not valid X.509: {e}",
-                path.display(),
-                i + 1
-            )
-        })?;
+        x509_parser::parse_x509_certificate(cert)
+            .map_err(|e| anyhow!("{name}: certificate #{} is not valid X.509: {e}", i + 1))?;
     }
     Ok(certs)
 }
@@ -31,19 +31,17 @@ pub(super) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 /// Reads the private key in the PEM file at `path`: PKCS#8 (`PRIVATE KEY`), PKCS#1
 /// (`RSA PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`, P-256 or P-384).
 pub(super) fn read_key(path: &Path) -> Result<KeyPair> {
-    let data = read(path)?;
-    let key = PrivateKeyDer::from_pem_slice(&data).map_err(|e| {
+    parse_key(&read(path)?, &path.display().to_string())
+}
+
+/// The private key in PEM `data` (named `name` in errors), in any of `read_key`'s encodings.
+pub(crate) fn parse_key(data: &[u8], name: &str) -> Result<KeyPair> {
+    let key = PrivateKeyDer::from_pem_slice(data).map_err(|e| {
         anyhow!(
-            "{}: no usable PEM private key (PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY): {e}",
-            path.display()
+            "{name}: no usable PEM private key (PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY): {e}"
         )
     })?;
-    key_pair(&key).map_err(|e| {
-        anyhow!(
-            "{}: unsupported or malformed private key: {e}",
-            path.display()
-        )
-    })
+    key_pair(&key).map_err(|e| anyhow!("{name}: unsupported or malformed private key: {e}"))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {

@@ -373,15 +373,7 @@ fn ready(t: &TestLab, node: &str) -> bool {
 
 /// Makes exactly `pods` the enrolled mesh workloads and waits for `nodes` to apply it.
 fn write_workloads(t: &TestLab, pods: &[&str], nodes: &[&str]) {
-    let before: Vec<usize> = nodes
-        .iter()
-        .map(|n| t.log(n).matches("config applied").count())
-        .collect();
-    let config = t.lab.config_yaml_workloads(pods);
-    ambit_lab::write_atomically(&t.config, &config).unwrap();
-    for (node, before) in nodes.iter().zip(before) {
-        t.wait_log(node, "config applied", before + 1);
-    }
+    t.write_config(&t.lab.config_yaml_workloads(pods), nodes);
 }
 
 /// A crash (SIGKILL) leaves capture attached and closed; the desired state changes while the

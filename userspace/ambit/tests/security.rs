@@ -1,5 +1,7 @@
-//! Privileged integration tests of what a pod must not be able to do to the data path
-//! (issue 8): take the tunnel's ports in its own netns, running or not.
+//! Privileged integration tests of what a pod or a peer must not be able to do to the data path
+//! (issue 8): take the tunnel's ports in its own netns (running or not), leave around capture
+//! with another socket call, pass for another pod, or hold the HBONE server with handshakes that
+//! never finish.
 
 mod common;
 
@@ -142,4 +144,71 @@ fn peers_that_never_finish_the_tls_handshake_are_dropped_and_others_are_unaffect
         "stalled handshakes closed after {max} s with a 2 s timeout"
     );
     assert!(t.log("n2").contains("TLS handshake timed out"));
+}
+
+/// From pod a, a connection whose source address is pod b's (IP_FREEBIND needs no privilege);
+/// prints the HTTP status line, "closed", or the error.
+const GET_FROM_ANOTHER_ADDRESS: &str = r#"
+import socket, sys
+s = socket.socket()
+s.settimeout(5)
+s.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND
+s.bind((sys.argv[1], 0))
+try:
+    s.connect((sys.argv[2], 8080))
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    print(s.recv(4096).split(b"\r\n")[0].decode() or "closed")
+except OSError as e:
+    print(f"error {e}")
+"#;
+
+/// c lets in only b's identity.
+const ONLY_B: &str = "policies:
+- name: only-b
+  namespace: default
+  scope: Namespace
+  action: Allow
+  rules:
+  - - - principals: [!Exact cluster.local/ns/default/sa/b]";
+
+/// A pod's identity is the one of the pod whose netns its connection was captured in, proven by
+/// that pod's certificate: taking another pod's address as the source does not make a pod pass
+/// for it at the destination.
+#[test]
+fn a_pod_cannot_pass_for_another_by_taking_its_address() {
+    let t = TestLab::start(&["a", "c"]);
+    // a and b on node 1, c on node 2; identities .../sa/a, /b, /c; c allows only b.
+    let config = t
+        .lab
+        .config_yaml_workloads(&["a", "b", "c"])
+        .replace("policies: []", ONLY_B);
+    assert!(config.contains("only-b"));
+    t.write_config(&config, &["n1", "n2"]);
+    let (b, c) = (ambit_lab::pod("b").ip, ambit_lab::pod("c").ip);
+    let b_identity = "src_identity=spiffe://cluster.local/ns/default/sa/b";
+
+    // b itself is let in.
+    assert_ok(&t.curl("b", &format!("http://{c}:8080/")), "curl b → c");
+    t.wait_log("n2", b_identity, 1);
+
+    // a, with b's address as its source, is not. (Measured on 6.18: its connect() fails with
+    // ENETUNREACH, since capture redirects it to the tunnel's loopback listener, which a foreign
+    // source address cannot reach; so it never leaves the pod, in plaintext or otherwise.)
+    let out = t
+        .lab
+        .run_in_pod("a", "python3", &["-c", GET_FROM_ANOTHER_ADDRESS, b, c])
+        .unwrap();
+    assert_ok(&out, "the spoofing client");
+    assert!(
+        !stdout(&out).starts_with("HTTP/1.0 200"),
+        "pod a got in with b's address: {}",
+        stdout(&out)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        t.log("n2").matches(b_identity).count(),
+        1,
+        "node 2 saw b's identity on a connection b did not make:\n{}",
+        t.log("n2")
+    );
 }

@@ -129,6 +129,18 @@ impl TestLab {
         self.wait_log(node, "config applied", before + 1);
     }
 
+    /// Writes a whole config (atomically) and waits for each of `nodes` to apply it.
+    pub fn write_config(&self, text: &str, nodes: &[&str]) {
+        let before: Vec<usize> = nodes
+            .iter()
+            .map(|n| self.log(n).matches("config applied").count())
+            .collect();
+        write_atomically(&self.config, text).unwrap();
+        for (node, before) in nodes.iter().zip(before) {
+            self.wait_log(node, "config applied", before + 1);
+        }
+    }
+
     pub fn curl(&self, pod: &str, url: &str) -> Output {
         // vm-tests (issue 5): scaled like every wait (AMBIT_TEST_TIMEOUT_SCALE).
         let max_time = (10.0 * ambit_lab::timeout_scale()).to_string();

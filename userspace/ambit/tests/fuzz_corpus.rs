@@ -17,7 +17,7 @@ use ambit::fuzzing;
 /// `fuzz/corpus/<target>`.
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/corpus")
+        .join("fuzz/corpus")
         .join(target)
 }
 

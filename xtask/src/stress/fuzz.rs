@@ -1,12 +1,14 @@
-//! The fuzzing part of `cargo xtask stress`: each cargo-fuzz target in `fuzz/` (libFuzzer,
-//! nightly) for a bounded time, one at a time (the machine is shared), and a table row each
-//! from libFuzzer's own final line, `Done <N> runs in <S> second(s)`.
+//! The fuzzing part of `cargo xtask stress`: each cargo-fuzz target in `userspace/ambit/fuzz/`
+//! (libFuzzer, nightly; cargo-fuzz's place for it, beside the crate it fuzzes) for a bounded
+//! time, one at a time (the machine is shared), and a table row each from libFuzzer's own final
+//! line, `Done <N> runs in <S> second(s)`.
 //!
 //! Corpus: libFuzzer reads every corpus directory given but writes new inputs only to the first.
 //! The first is `target/fuzz-corpus/<target>` (kept between runs, outside git), the second the
-//! checked-in seeds `fuzz/corpus/<target>`, so a stress run never dirties the tree; worthwhile
-//! finds are copied into `fuzz/corpus` by hand (after `cargo fuzz cmin`). A crash or a hang is
-//! written by cargo-fuzz to `fuzz/artifacts/<target>/` (ignored by git) and fails the run.
+//! checked-in seeds `userspace/ambit/fuzz/corpus/<target>`, so a stress run never dirties the
+//! tree; worthwhile finds are copied into the seeds by hand (after `cargo fuzz cmin`). A crash or
+//! a hang is written by cargo-fuzz to `userspace/ambit/fuzz/artifacts/<target>/` (ignored by
+//! git) and fails the run.
 
 use std::{
     fs,
@@ -57,7 +59,10 @@ impl Outcome {
     }
 }
 
-/// Fuzzes every target in `root/fuzz` for `seconds` each.
+/// The crate whose `fuzz/` directory holds the targets, relative to the repository root.
+const FUZZED_CRATE: &str = "userspace/ambit";
+
+/// Fuzzes every target for `seconds` each; `root` is the repository's root.
 pub fn run_all(root: &Path, seconds: u64) -> Result<Vec<Outcome>> {
     crate::setup::cargo_fuzz()?;
     cargo_fuzz(root, &["build"]).context("building the fuzz targets")?;
@@ -68,7 +73,7 @@ pub fn run_all(root: &Path, seconds: u64) -> Result<Vec<Outcome>> {
     Ok(outcomes)
 }
 
-/// `cargo fuzz list`: the targets of `fuzz/Cargo.toml`.
+/// `cargo fuzz list`: the targets of `userspace/ambit/fuzz/Cargo.toml`.
 fn targets(root: &Path) -> Result<Vec<String>> {
     let out = nightly_cargo_fuzz(root)
         .arg("list")
@@ -95,7 +100,7 @@ fn targets(root: &Path) -> Result<Vec<String>> {
 
 /// Fuzzes `target` for `seconds`, echoing libFuzzer's output (stderr) as it reads it.
 fn run(root: &Path, target: &str, seconds: u64) -> Result<Outcome> {
-    let seeds_dir = root.join("fuzz/corpus").join(target);
+    let seeds_dir = root.join(FUZZED_CRATE).join("fuzz/corpus").join(target);
     let found_dir = root.join("target/fuzz-corpus").join(target);
     fs::create_dir_all(&found_dir).with_context(|| format!("creating {}", found_dir.display()))?;
     println!("\n== fuzzing {target} for {seconds} s");
@@ -147,11 +152,12 @@ fn cargo_fuzz(root: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// `cargo +nightly fuzz`, through rustup's proxy (as `crate::cargo` runs `+nightly`), in `root`.
+/// `cargo +nightly fuzz`, through rustup's proxy (as `crate::cargo` runs `+nightly`), in the
+/// fuzzed crate.
 fn nightly_cargo_fuzz(root: &Path) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.args(["+nightly", "fuzz"])
-        .current_dir(root)
+        .current_dir(root.join(FUZZED_CRATE))
         .env_remove("RUSTUP_TOOLCHAIN");
     cmd
 }

@@ -133,10 +133,11 @@ struct NodeArgs {
     /// HBONE: streams per pooled connection before another is opened.
     #[arg(long, default_value_t = 100)]
     hbone_max_streams: usize,
-    /// HBONE: PING interval on pooled connections.
+    /// HBONE: PING interval on every HBONE connection (the pooled ones this node opens and the
+    /// ones its pods' servers accept).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     hbone_ping_interval: Duration,
-    /// HBONE: a pooled connection whose PING is not answered in this time is closed.
+    /// HBONE: a connection whose PING is not answered in this time is closed, with its streams.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     hbone_ping_timeout: Duration,
     /// HBONE: a pooled connection without streams for this long is released.

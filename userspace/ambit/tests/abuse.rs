@@ -26,10 +26,7 @@ use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     process::Stdio,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Mutex, MutexGuard,
-    },
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -44,14 +41,6 @@ use rustls::{ClientConnection, StreamOwned};
 /// The sink (tools/sink.py) in pod c that abusive streams target; port 8080 stays for the
 /// bystander's requests.
 const SINK_PORT: u16 = 9000;
-
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    // A failed test poisons the lock; the next one may still run.
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 // HTTP/2 frame types, flags and error codes (RFC 9113) this file uses.
 const DATA: u8 = 0x0;
@@ -402,16 +391,9 @@ fn wait_fds_back(t: &TestLab, baseline: usize) {
     );
 }
 
-fn scale(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[test]
 fn too_many_streams_are_refused_and_rapid_resets_are_cut_off() {
-    let _serial = one_at_a_time();
+    let _serial = common::one_at_a_time();
     let t = lab_with_sink();
     let target = format!("{}:{SINK_PORT}", pod("c").ip);
     let (rss_before, fds_before) = (t.node_rss_kib("n2"), t.node_fds("n2"));
@@ -444,7 +426,7 @@ fn too_many_streams_are_refused_and_rapid_resets_are_cut_off() {
 
     // Rapid reset: HEADERS then RST_STREAM at once, over and over; an abuser whose connection
     // is cut off reconnects, until it has sent `resets` streams.
-    let resets = scale("AMBIT_ABUSE_RESETS", 5000);
+    let resets = common::scale("AMBIT_ABUSE_RESETS", 5000);
     let (cut_off, rapid) = while_sampling(&t, || {
         std::thread::scope(|s| {
             let abuser = s.spawn(|| rapid_reset(&t, &target, resets));
@@ -533,7 +515,7 @@ fn rapid_reset(t: &TestLab, target: &str, streams: usize) -> CutOff {
 
 #[test]
 fn huge_header_blocks_and_continuation_floods_are_refused_early() {
-    let _serial = one_at_a_time();
+    let _serial = common::one_at_a_time();
     let t = lab_with_sink();
     let target = format!("{}:{SINK_PORT}", pod("c").ip);
     let (rss_before, fds_before) = (t.node_rss_kib("n2"), t.node_fds("n2"));
@@ -692,7 +674,7 @@ fn sender_said(progress: &std::path::Path) -> String {
 
 #[test]
 fn slow_readers_get_backpressure_not_buffers() {
-    let _serial = one_at_a_time();
+    let _serial = common::one_at_a_time();
     let mut t = lab_with_sink();
     let c = pod("c").ip;
     let (rss_before, fds_before) = (t.node_rss_kib("n2"), t.node_fds("n2"));
@@ -816,7 +798,7 @@ fn slow_readers_get_backpressure_not_buffers() {
 /// its PINGs (node n1's pooled connection) is kept.
 #[test]
 fn a_client_that_stops_answering_pings_is_dropped() {
-    let _serial = one_at_a_time();
+    let _serial = common::one_at_a_time();
     let mut t = TestLab::start_with(
         &ambit_lab::LabConfig {
             enrolled: &["a", "c"],

@@ -5,36 +5,12 @@
 mod common;
 
 use std::{
-    process::{Child, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use ambit_lab::pod;
-use common::{stdout, TestLab};
-
-/// tools/slow.py from pod a to c's sink: one connection sending 512 B every 100 ms.
-fn slow_transfer(t: &TestLab, seconds: &str) -> Child {
-    t.lab
-        .pod_command("a", "python3")
-        .arg(common::tool("slow.py"))
-        .args([pod("c").ip, "9000", seconds])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// Whether slow.py finished with the sink's digest equal to what it sent.
-fn completed_intact(slow: Child) -> (bool, String) {
-    let out = slow.wait_with_output().unwrap();
-    let line = stdout(&out);
-    let intact = out.status.success()
-        && line
-            .trim()
-            .split_once(" received=")
-            .is_some_and(|(sent, received)| sent.trim_start_matches("sent=") == received);
-    (intact, line)
-}
+use common::TestLab;
 
 #[test]
 fn sigterm_drains_open_connections_refuses_new_ones_then_exits() {
@@ -46,7 +22,7 @@ fn sigterm_drains_open_connections_refuses_new_ones_then_exits() {
         &["--drain-timeout", "20s"],
     );
     t.start_sink("c", 9000);
-    let slow = slow_transfer(&t, "4");
+    let slow = t.slow_transfer(9000, "4");
     t.wait_log("n2", "HBONE stream accepted", 1);
 
     // Both ends go down at once, as in a node drain.
@@ -68,7 +44,7 @@ fn sigterm_drains_open_connections_refuses_new_ones_then_exits() {
     assert!(started.elapsed() < Duration::from_secs(3));
 
     // The open connection finishes intact through both draining nodes.
-    let (intact, line) = completed_intact(slow);
+    let (intact, line) = common::completed_intact(slow);
     assert!(
         intact,
         "the open connection did not survive the drain: {line}"
@@ -96,7 +72,7 @@ fn the_drain_deadline_cuts_connections_still_open() {
         &["--drain-timeout", "1s"],
     );
     t.start_sink("c", 9000);
-    let slow = slow_transfer(&t, "10");
+    let slow = t.slow_transfer(9000, "10");
     t.wait_log("n2", "HBONE stream accepted", 1);
 
     let signalled = Instant::now();
@@ -115,7 +91,7 @@ fn the_drain_deadline_cuts_connections_still_open() {
         "drain deadline reached: cutting the connections still open open=1 hbone_connections=1"
     ));
     // The cut connection fails visibly; it is not completed in plaintext around the tunnel.
-    let (intact, line) = completed_intact(slow);
+    let (intact, line) = common::completed_intact(slow);
     assert!(!intact, "a connection outlived the deadline: {line}");
 }
 

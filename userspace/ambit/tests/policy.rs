@@ -100,25 +100,11 @@ fn plaintext_is_denied_by_an_allow_policy_for_mesh_identities_only() {
 fn tightening_a_policy_closes_an_open_connection_it_no_longer_allows() {
     let mut t = TestLab::start(&["a", "c"]);
     t.start_sink("c", 9000);
-    let slow = t
-        .lab
-        .pod_command("a", "python3")
-        .arg(common::tool("slow.py"))
-        .args([pod("c").ip, "9000", "8"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let slow = t.slow_transfer(9000, "8");
     t.wait_log("n2", "HBONE stream accepted", 1);
     set_policies(&t, DENY_9000);
     t.wait_log("n2", "closing a connection the new policy denies", 1);
-    let out = slow.wait_with_output().unwrap();
-    let line = stdout(&out);
-    let completed = out.status.success()
-        && line
-            .trim()
-            .split_once(" received=")
-            .is_some_and(|(s, r)| s.trim_start_matches("sent=") == r);
+    let (completed, line) = common::completed_intact(slow);
     assert!(
         !completed,
         "the connection survived the policy that denies it: {line}"

@@ -10,7 +10,6 @@ mod common;
 use std::{
     io::{BufRead as _, BufReader},
     process::{Child, Stdio},
-    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -18,21 +17,6 @@ use ambit_lab::{pod, wait_until};
 use common::{assert_ok, stdout, TestLab};
 
 const ECHO_PORT: &str = "7000";
-
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    // A failed test poisons the lock; the next one may still run.
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn scale(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A lab with a and c enrolled (HBONE) and tools/echo.py listening in c. Idle pooled HBONE
 /// connections are released after about 2 s (instead of 5 min), so that "back to the baseline"
@@ -95,8 +79,8 @@ fn connection_counter(t: &TestLab, node: &str, name: &str, reporter: &str) -> u6
 
 #[test]
 fn churned_connections_leave_nothing_behind() {
-    let _serial = one_at_a_time();
-    let n = scale("AMBIT_STRESS_CHURN", 1000);
+    let _serial = common::one_at_a_time();
+    let n = common::scale("AMBIT_STRESS_CHURN", 1000);
     let t = lab_with_echo();
     // Warm-up: the pool, metric label sets and buffers that stay by design exist from here on.
     churn(&t, 200, 100);
@@ -178,8 +162,8 @@ impl Drop for Held {
 
 #[test]
 fn many_concurrent_tunneled_connections_are_held_and_released() {
-    let _serial = one_at_a_time();
-    let n = scale("AMBIT_STRESS_CONCURRENT", 1000);
+    let _serial = common::one_at_a_time();
+    let n = common::scale("AMBIT_STRESS_CONCURRENT", 1000);
     let t = lab_with_echo();
     churn(&t, 100, 100);
     // Idle pooled connections released: the baseline is a node holding no connection at all.
@@ -259,8 +243,8 @@ fn median_p50(windows: &[LatencyWindow]) -> u64 {
 /// must level off, and everything is given back at the end.
 #[test]
 fn a_mixed_load_holds_steady_over_time() {
-    let _serial = one_at_a_time();
-    let seconds = scale("AMBIT_STRESS_SOAK_SECONDS", 20) as u64;
+    let _serial = common::one_at_a_time();
+    let seconds = common::scale("AMBIT_STRESS_SOAK_SECONDS", 20) as u64;
     let window = (seconds / 10).max(1);
     let mut t = lab_with_echo();
     t.start_sink("c", 9000);

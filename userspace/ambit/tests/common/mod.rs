@@ -326,3 +326,48 @@ impl TestLab {
         fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
     }
 }
+
+/// Serializes the tests of one test file that measure a node's memory, CPU or latency (which
+/// another test's lab would blur on a 2-core machine). A failed test poisons the lock; the next
+/// one may still run.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A test's scale from an environment variable (`cargo xtask stress` raises them), or `default`.
+pub fn scale(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+impl TestLab {
+    /// tools/slow.py from pod a to c's sink on `port`: one connection sending 512 B every
+    /// 100 ms for `seconds`, then half-closing. See `completed_intact`.
+    pub fn slow_transfer(&self, port: u16, seconds: &str) -> std::process::Child {
+        self.lab
+            .pod_command("a", "python3")
+            .arg(tool("slow.py"))
+            .args([ambit_lab::pod("c").ip, &port.to_string(), seconds])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+/// Whether a `slow_transfer` finished with the sink's digest equal to what it sent, and its line.
+pub fn completed_intact(slow: std::process::Child) -> (bool, String) {
+    let out = slow.wait_with_output().unwrap();
+    let line = stdout(&out);
+    let intact = out.status.success()
+        && line
+            .trim()
+            .split_once(" received=")
+            .is_some_and(|(sent, received)| sent.trim_start_matches("sent=") == received);
+    (intact, line)
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Request/response and connection-rate benchmark tool (the same unmodified client for every mode).
 
-  rr.py server PORT                 echo server: answers every message with the same bytes
+  rr.py server PORT [PORT ...]      echo server on every PORT: answers every message with the
+                                    same bytes
   rr.py latency HOST PORT SIZE N    N round trips of SIZE bytes on one connection; prints JSON
                                     {"p50_us":..,"p90_us":..,"p99_us":..}
   rr.py connrate HOST PORT SECONDS  connect, 1-byte exchange, close, repeated; prints JSON
@@ -13,7 +14,12 @@ import sys
 import threading
 import time
 
-def serve(port):
+def serve(ports):
+    for port in ports[1:]:
+        threading.Thread(target=serve_one, args=(port,), daemon=True).start()
+    serve_one(ports[0])
+
+def serve_one(port):
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("0.0.0.0", port))
@@ -68,7 +74,7 @@ def connrate(host, port, seconds):
 
 cmd = sys.argv[1]
 if cmd == "server":
-    serve(int(sys.argv[2]))
+    serve([int(p) for p in sys.argv[2:]])
 elif cmd == "latency":
     latency(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
 elif cmd == "connrate":

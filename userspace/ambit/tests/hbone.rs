@@ -363,3 +363,96 @@ fn strict_mode_refuses_plaintext_and_permissive_accepts_it() {
         t.log("n2")
     );
 }
+
+/// A new connection's first bytes travel with its CONNECT, not one round trip after it: node 2
+/// is replaced by a stand-in HBONE server (the lab CA's certificate for pod c) that waits for
+/// the stream's first DATA before it answers 200. Had node 1 waited for the 200 before sending
+/// the app's bytes, the stand-in would time out empty-handed.
+#[test]
+fn a_new_connection_sends_the_apps_first_bytes_with_its_connect() {
+    let mut t = TestLab::start(&["a", "c"]);
+    t.lab.stop("ambit node n2").unwrap();
+    let c = pod("c").ip;
+    let hbone: SocketAddr = format!("{c}:15008").parse().unwrap();
+    let lab_ca = PluginCa::load(&t.dir.join("ca"), "cluster.local").unwrap();
+    let web = Identity::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
+    let config = tls::server_config(
+        &lab_ca.issue(&web, Duration::from_secs(3600)).unwrap(),
+        &lab_ca.roots(),
+    )
+    .unwrap();
+    // Bound in pod c's netns, where node 2's HBONE listener was (it let go when it stopped).
+    let netns = Netns::open(&t.lab.netns_path("c")).unwrap();
+    let socket = netns.socket(socket2::Domain::IPV4).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.bind(&hbone.into()).unwrap();
+    socket.listen(16).unwrap();
+    let stand_in = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(socket.into()).unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(config)
+                .accept(tcp)
+                .await
+                .unwrap();
+            let mut h2 = ambit::hbone::HboneSettings::default()
+                .h2_server()
+                .handshake::<_, bytes::Bytes>(tls)
+                .await
+                .unwrap();
+            let (request, mut respond) = h2.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while h2.accept().await.is_some() {} });
+            let mut body = request.into_body();
+            let before_answer = tokio::time::timeout(Duration::from_secs(3), body.data())
+                .await
+                .ok()
+                .flatten()
+                .map(|data| data.unwrap());
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            // Echo what came before the answer, then end the stream.
+            let echo = before_answer.clone().unwrap_or_default();
+            send.send_data(echo, true).unwrap();
+            // Let h2 flush before the runtime ends.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            before_answer
+        })
+    });
+
+    let out = t
+        .lab
+        .pod_command("a", "python3")
+        .args([
+            "-c",
+            "import socket,sys\n\
+             s = socket.create_connection((sys.argv[1], 9000), timeout=10)\n\
+             s.sendall(b'first bytes')\n\
+             got = b''\n\
+             while True:\n\
+             \x20   chunk = s.recv(100)\n\
+             \x20   if not chunk: break\n\
+             \x20   got += chunk\n\
+             print(got.decode())",
+            &c.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let before_answer = stand_in.join().unwrap();
+    assert_eq!(
+        before_answer.as_deref(),
+        Some(&b"first bytes"[..]),
+        "the app's first bytes did not reach the server before its answer"
+    );
+    assert_ok(&out, "the app's connection");
+    assert_eq!(
+        stdout(&out).trim(),
+        "first bytes",
+        "the echo through the tunnel"
+    );
+    t.wait_log("n1", "captured outbound connection", 1);
+}

@@ -57,6 +57,28 @@ fn a_deny_policy_on_a_port_refuses_it_at_the_destination_and_is_counted() {
         stdout(&out)
     );
     t.wait_log("n2", "HBONE request denied by policy", 1);
+    // An app that already sent its request and half-closed learns it was refused by a reset,
+    // not by an orderly close that could pass for "delivered, no answer" (its bytes went out
+    // with the CONNECT, and the destination dropped them).
+    let out = t
+        .lab
+        .pod_command("a", "python3")
+        .args([
+            "-c",
+            "import socket,sys\n\
+             s = socket.create_connection((sys.argv[1], 8080), timeout=10)\n\
+             s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
+             s.shutdown(socket.SHUT_WR)\n\
+             try:\n\
+             \x20   print('eof' if s.recv(100) == b'' else 'data')\n\
+             except ConnectionResetError:\n\
+             \x20   print('reset')",
+            &c.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&out, "the refused app's client");
+    assert_eq!(stdout(&out).trim(), "reset", "what the refused app saw");
     // Another port of the same pod still works.
     let (sent, received) = t.send("a", c, 9000, 4096);
     assert_eq!(sent, received);

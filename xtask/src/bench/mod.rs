@@ -114,8 +114,13 @@ pub fn run(args: &Args) -> Result<()> {
     if !env.ca.join("root-cert.pem").exists() {
         lab.init_ca(&env.ambit, &env.ca)?;
     }
-    start_servers(&mut lab, &env, &modes)?;
     let mut results = Results::new(&modes, args.reps);
+    let measurements = results.modes.len() * args.reps as usize;
+    let connrate_ports: Vec<u16> = (0..measurements)
+        .map(|n| u16::try_from(n).map(|n| measure::CONNRATE_FIRST_PORT + n))
+        .collect::<Result<_, _>>()
+        .context("too many repetitions for one echo port per measurement")?;
+    start_servers(&mut lab, &env, &modes, &connrate_ports)?;
     for mode in &results.skipped {
         println!(
             "== {mode}: not implemented ({}); not measured",
@@ -123,6 +128,7 @@ pub fn run(args: &Args) -> Result<()> {
         );
     }
     let measured = results.modes.clone();
+    let mut connrate_port = connrate_ports.iter().copied();
     for rep in 1..=args.reps {
         for &mode in &measured {
             println!("== {rep}/{} {mode}: {}", args.reps, mode.description());
@@ -131,7 +137,10 @@ pub fn run(args: &Args) -> Result<()> {
                 println!("   RSS per 1,000 idle connections: {per_1000:.2} MiB");
                 results.push(mode, Figure::RssPer1000, per_1000);
             }
-            let figures = measure_mode(&mut lab, &env, mode)?;
+            let port = connrate_port
+                .next()
+                .context("an echo port per measurement")?;
+            let figures = measure_mode(&mut lab, &env, mode, port)?;
             println!("   {}", summary_line(&figures));
             results.add(mode, &figures);
         }
@@ -171,7 +180,7 @@ fn require_iptables_capture(ambit: &Path) -> Result<()> {
 }
 
 /// The echo server and `iperf3 -s` in every server pod the modes use, for the whole run.
-fn start_servers(lab: &mut Lab, env: &Env, modes: &[Mode]) -> Result<()> {
+fn start_servers(lab: &mut Lab, env: &Env, modes: &[Mode], connrate_ports: &[u16]) -> Result<()> {
     let mut pods: Vec<&str> = modes
         .iter()
         .filter(|m| m.implemented())
@@ -182,7 +191,12 @@ fn start_servers(lab: &mut Lab, env: &Env, modes: &[Mode]) -> Result<()> {
     for pod in pods {
         let mut echo = lab.pod_command(pod, "python3");
         echo.arg(&env.rr)
-            .args(["server", &measure::RR_PORT.to_string()])
+            .arg("server")
+            .args(
+                std::iter::once(measure::RR_PORT)
+                    .chain(connrate_ports.iter().copied())
+                    .map(|port| port.to_string()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         lab.spawn(&format!("echo server in {pod}"), echo)?;
@@ -193,7 +207,9 @@ fn start_servers(lab: &mut Lab, env: &Env, modes: &[Mode]) -> Result<()> {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         lab.spawn(&format!("iperf3 server in {pod}"), iperf)?;
-        lab.wait_listening(pod, measure::RR_PORT, &format!("echo server in pod {pod}"))?;
+        for port in std::iter::once(measure::RR_PORT).chain(connrate_ports.iter().copied()) {
+            lab.wait_listening(pod, port, &format!("echo server in pod {pod}"))?;
+        }
     }
     // iperf3 -s is not probed (a probe would count as a failed test); give it a moment.
     thread::sleep(Duration::from_millis(500));
@@ -201,9 +217,9 @@ fn start_servers(lab: &mut Lab, env: &Env, modes: &[Mode]) -> Result<()> {
 }
 
 /// One measurement of one mode: its nodes start, the clients run, its nodes stop.
-fn measure_mode(lab: &mut Lab, env: &Env, mode: Mode) -> Result<Figures> {
+fn measure_mode(lab: &mut Lab, env: &Env, mode: Mode, connrate_port: u16) -> Result<Figures> {
     let session = Session::start(lab, env, mode, mode.name())?;
-    let figures = measure::figures(lab, env, &session)?;
+    let figures = measure::figures(lab, env, &session, connrate_port)?;
     session.stop(lab, env)?;
     Ok(figures)
 }

@@ -2,7 +2,11 @@
 //! control. An EOF from the TCP side ends the HTTP/2 stream (END_STREAM), and the end of the
 //! HTTP/2 stream shuts down the TCP write side: half-close crosses the tunnel.
 
-use std::{future::poll_fn, pin::pin, time::Instant};
+use std::{
+    future::{poll_fn, Future},
+    pin::pin,
+    time::{Duration, Instant},
+};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::{select, Either};
@@ -24,17 +28,57 @@ use crate::proxy::relay::Transferred;
 const FIRST_READ_CHUNK: usize = 16 * 1024;
 const MAX_READ_CHUNK: usize = 256 * 1024;
 
+/// How a bridge ended badly.
+#[derive(Debug)]
+pub enum BridgeError {
+    /// The server did not accept the CONNECT (its answer, or no answer): nothing was delivered.
+    Refused(anyhow::Error),
+    /// Either side failed while bytes were moving.
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for BridgeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BridgeError::Refused(e) => write!(f, "{e:#}"),
+            BridgeError::Io(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Bridges `tcp` and an HTTP/2 stream. `recv` is the stream's receiving half, still to come on
+/// the client (the server's answer to the CONNECT: see `client::Tunnel`); the TCP side's
+/// bytes go out meanwhile.
 pub async fn bridge(
     tcp: TcpStream,
     send: SendStream<Bytes>,
-    recv: RecvStream,
-) -> (Transferred, Result<(), std::io::Error>) {
+    recv: impl Future<Output = anyhow::Result<RecvStream>>,
+) -> (Transferred, Result<(), BridgeError>) {
     let start = Instant::now();
     let (read, write) = tcp.into_split();
     let (mut sent, mut received) = (0, 0);
     let result = {
-        let up = pin!(tcp_to_h2(read, send, &mut sent));
-        let down = pin!(h2_to_tcp(recv, write, &mut received));
+        let up = pin!(async {
+            tcp_to_h2(read, send, &mut sent)
+                .await
+                .map_err(BridgeError::Io)
+        });
+        let down = pin!(async {
+            let recv = match recv.await {
+                Ok(recv) => recv,
+                Err(e) => {
+                    // Refused: the app may have sent bytes that will never arrive, so it must
+                    // not see an orderly close (FIN) but a reset, as for a refused connect.
+                    // (`forget`: dropping the write half would send a FIN first.)
+                    let _ = socket2::SockRef::from(write.as_ref()).set_linger(Some(Duration::ZERO));
+                    write.forget();
+                    return Err(BridgeError::Refused(e));
+                }
+            };
+            h2_to_tcp(recv, write, &mut received)
+                .await
+                .map_err(BridgeError::Io)
+        });
         // Each direction runs until it ends (half-close), but an error in one ends the other:
         // once the stream is reset, a direction waiting on an app that neither sends, closes
         // nor reads would otherwise hold the app's socket and this task forever (measured in

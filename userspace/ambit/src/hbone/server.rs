@@ -262,7 +262,7 @@ impl HboneServer {
         let send = respond.send_response(response, false)?;
         let recv = request.into_body();
         let (t, result) = tokio::select! {
-            r = bridge(app, send, recv) => r,
+            r = bridge(app, send, std::future::ready(Ok(recv))) => r,
             reason = tracked.revoked() => {
                 // Dropping the bridge resets the HTTP/2 stream and closes the app's socket.
                 record.close(Outcome::Denied { policy: reason });

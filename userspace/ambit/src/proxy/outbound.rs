@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     config::Protocol,
-    hbone::bridge::bridge,
+    hbone::bridge::{bridge, BridgeError},
     observability::{ConnectionRecord, Outcome, Peer, Reporter},
 };
 use crate::{datapath::Capture, netns::Netns};
@@ -116,18 +116,29 @@ impl Outbound {
             }
         };
         let (t, result) = match connection {
-            UpstreamConnection::Tcp(upstream) => relay::relay(stream, upstream).await,
+            UpstreamConnection::Tcp(upstream) => {
+                let (t, result) = relay::relay(stream, upstream).await;
+                (t, result.map_err(BridgeError::Io))
+            }
             UpstreamConnection::Hbone(tunnel) => {
-                let result = bridge(stream, tunnel.send, tunnel.recv).await;
+                let result = bridge(stream, tunnel.send, tunnel.response.established()).await;
                 drop(tunnel.lease);
                 result
             }
         };
-        record.close(Outcome::Completed {
-            request_bytes: t.sent,
-            response_bytes: t.received,
-            error: result.err().map(|e| e.to_string()),
-        });
+        match result {
+            // The server refused the CONNECT (policy, no such app, no answer): a failed
+            // connection, as if the connect itself had failed; nothing reached the app.
+            Err(BridgeError::Refused(e)) => record.close(Outcome::Failed {
+                flag: "CONNECT",
+                error: format!("{e:#}"),
+            }),
+            result => record.close(Outcome::Completed {
+                request_bytes: t.sent,
+                response_bytes: t.received,
+                error: result.err().map(|e| e.to_string()),
+            }),
+        }
         Ok(())
     }
 }

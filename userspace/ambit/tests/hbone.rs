@@ -438,7 +438,7 @@ fn a_new_connection_sends_the_apps_first_bytes_with_its_connect() {
              \x20   if not chunk: break\n\
              \x20   got += chunk\n\
              print(got.decode())",
-            &c.to_string(),
+            c,
         ])
         .output()
         .unwrap();

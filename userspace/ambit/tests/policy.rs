@@ -73,7 +73,7 @@ fn a_deny_policy_on_a_port_refuses_it_at_the_destination_and_is_counted() {
              \x20   print('eof' if s.recv(100) == b'' else 'data')\n\
              except ConnectionResetError:\n\
              \x20   print('reset')",
-            &c.to_string(),
+            c,
         ])
         .output()
         .unwrap();

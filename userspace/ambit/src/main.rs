@@ -474,6 +474,17 @@ fn check_root() -> Result<()> {
     Ok(())
 }
 
+/// Hands the heap pages start-up freed back to the kernel. Loading the eBPF object parses the
+/// kernel's BTF (megabytes, freed once the programs are loaded), but glibc keeps freed pages
+/// below the top of its heaps: without this they stay in the node's RSS for its whole life.
+fn release_startup_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free pages; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,16 +495,5 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
         assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
-    }
-}
-
-/// Hands the heap pages start-up freed back to the kernel. Loading the eBPF object parses the
-/// kernel's BTF (megabytes, freed once the programs are loaded), but glibc keeps freed pages
-/// below the top of its heaps: without this they stay in the node's RSS for its whole life.
-fn release_startup_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free pages; it is safe to call at any time.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

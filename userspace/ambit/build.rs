@@ -4,6 +4,11 @@
 use anyhow::{anyhow, Context as _};
 
 fn main() -> anyhow::Result<()> {
+    // Compact relative relocations (DT_RELR): the position-independent binary's 800 KiB
+    // `.rela.dyn` shrinks to a few KiB. The loader reads all of it at every start, so it stayed
+    // resident: ≈ 0.8 MiB of the node's idle RSS. Needs binutils ≥ 2.38 or lld to link and
+    // glibc ≥ 2.36 to run (Debian bookworm, the image's base, has both).
+    println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

@@ -241,30 +241,7 @@ fn iptables_capture_feeds_the_same_tunnel() {
     );
     assert!(!t.log("n1").contains("captured outbound"));
 
-    for rule in [
-        vec![
-            "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x539", "-j", "RETURN",
-        ],
-        vec![
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            c,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ],
-    ] {
-        let mut args = vec!["-t", "nat"];
-        args.extend(rule);
-        assert_ok(
-            &t.lab.run_in_pod("a", "iptables", &args).unwrap(),
-            "iptables rule in pod a",
-        );
-    }
+    t.lab.redirect_to_tunnel("a", c).unwrap();
     let out = t.curl("a", &format!("http://{c}:8080/"));
     assert_ok(&out, "curl a → c through iptables capture");
     assert_eq!(stdout(&out), "hello from pod c\n");

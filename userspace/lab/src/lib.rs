@@ -406,6 +406,54 @@ ambit:
             .with_context(|| format!("running {program} in pod {pod}"))
     }
 
+    /// The iptables capture Ambit's `--capture iptables` mode expects (the baseline the
+    /// benchmark compares eBPF capture with), in `pod`'s netns only: TCP to `destination` (an
+    /// address or CIDR) goes to the tunnel's outbound listener 15001, except the tunnel's own
+    /// sockets (marked 0x539, ztunnel's mark). Undone by `remove_redirect` or the pod's end.
+    pub fn redirect_to_tunnel(&self, pod: &str, destination: &str) -> Result<()> {
+        self.iptables(
+            pod,
+            &[
+                "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x539", "-j",
+                "RETURN",
+            ],
+        )?;
+        self.iptables(
+            pod,
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-d",
+                destination,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15001",
+            ],
+        )
+    }
+
+    /// Removes what `redirect_to_tunnel` added (the pod's nat OUTPUT chain).
+    pub fn remove_redirect(&self, pod: &str) -> Result<()> {
+        self.iptables(pod, &["-t", "nat", "-F", "OUTPUT"])
+    }
+
+    fn iptables(&self, pod: &str, args: &[&str]) -> Result<()> {
+        let out = self.run_in_pod(pod, "iptables", args)?;
+        if !out.status.success() {
+            bail!(
+                "iptables {} in pod {pod}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// Starts a long-running process that the lab stops on drop.
     pub fn spawn(&mut self, what: &str, mut cmd: Command) -> Result<u32> {
         let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
@@ -776,6 +824,32 @@ pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool
     }
 }
 
+/// A process's resident memory (VmRSS of /proc/<pid>/status), in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    vm_rss_kib(&status).with_context(|| format!("no VmRSS in {path}"))
+}
+
+/// The VmRSS line of a /proc/<pid>/status text, in KiB.
+pub fn vm_rss_kib(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A process's open file descriptors (entries of /proc/<pid>/fd).
+pub fn open_fds(pid: u32) -> Result<usize> {
+    let path = format!("/proc/{pid}/fd");
+    Ok(fs::read_dir(&path)
+        .with_context(|| format!("reading {path}"))?
+        .count())
+}
+
 // --- vm-tests (issue 5) ---
 /// Factor for the tests' wait timeouts: `AMBIT_TEST_TIMEOUT_SCALE` (default 1), which
 /// `cargo xtask vm-test` sets in its guests, where qemu's emulation (TCG) is 10-30x slower.
@@ -796,4 +870,23 @@ pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
     f.sync_all()?;
     fs::rename(&tmp, path)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_rss() {
+        let status = "Name:\tambit\nVmPeak:\t  99999 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
+        assert_eq!(vm_rss_kib(status), Some(12345));
+        assert_eq!(vm_rss_kib("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn rss_and_fds_of_this_process() {
+        let me = std::process::id();
+        assert!(rss_kib(me).unwrap() > 0);
+        assert!(open_fds(me).unwrap() >= 3, "stdin, stdout, stderr at least");
+    }
 }

@@ -294,10 +294,7 @@ fn machine_busy_seconds() -> Result<f64> {
 
 /// VmRSS of a process, in MiB.
 fn rss_mib(pid: u32) -> Result<f64> {
-    let path = format!("/proc/{pid}/status");
-    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let kib = vm_rss_kib(&status).with_context(|| format!("no VmRSS in {path}"))?;
-    Ok(kib as f64 * MIB_PER_KIB)
+    Ok(ambit_lab::rss_kib(pid)? as f64 * MIB_PER_KIB)
 }
 
 /// utime + stime (fields 14 and 15) of a /proc/<pid>/stat line, in clock ticks.
@@ -322,17 +319,6 @@ pub fn machine_busy_ticks(stat: &str) -> Option<u64> {
     Some(at(0) + at(1) + at(2) + at(5) + at(6) + at(7))
 }
 
-/// VmRSS of a /proc/<pid>/status text, in KiB.
-pub fn vm_rss_kib(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,13 +335,6 @@ mod tests {
     fn machine_ticks_leave_out_idle_and_iowait() {
         let stat = "cpu  100 5 50 1000 40 3 2 1 7 0\ncpu0 50 2 25 500 20 1 1 0 0 0\n";
         assert_eq!(machine_busy_ticks(stat), Some(161));
-    }
-
-    #[test]
-    fn vm_rss() {
-        let status = "Name:\tambit\nVmPeak:\t  99999 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
-        assert_eq!(vm_rss_kib(status), Some(12345));
-        assert_eq!(vm_rss_kib("Name:\tx\n"), None);
     }
 
     #[test]

@@ -10,10 +10,6 @@ use anyhow::{bail, Context as _, Result};
 
 use super::{mode::Mode, Env};
 
-/// Marks every socket the tunnel itself opens in `--capture iptables` mode (SO_MARK), so that
-/// the REDIRECT rule lets them pass.
-const TUNNEL_MARK: &str = "0x539";
-const OUTBOUND_PORT: &str = "15001";
 /// What the node logs for every outbound connection it captured.
 const CAPTURED: &str = "captured outbound connection";
 
@@ -118,57 +114,9 @@ impl Session {
 /// The iptables mode's capture, in the client pod's netns only: connections to the server
 /// pod go to the tunnel's outbound listener, except the tunnel's own (marked) sockets.
 fn redirect(lab: &Lab, mode: Mode) -> Result<()> {
-    let server = format!("{}/32", pod(mode.server()).ip);
-    iptables(
-        lab,
-        mode.client(),
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-m",
-            "mark",
-            "--mark",
-            TUNNEL_MARK,
-            "-j",
-            "RETURN",
-        ],
-    )?;
-    iptables(
-        lab,
-        mode.client(),
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            &server,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            OUTBOUND_PORT,
-        ],
-    )
+    lab.redirect_to_tunnel(mode.client(), &format!("{}/32", pod(mode.server()).ip))
 }
 
 fn flush_redirect(lab: &Lab, mode: Mode) -> Result<()> {
-    iptables(lab, mode.client(), &["-t", "nat", "-F", "OUTPUT"])
-}
-
-fn iptables(lab: &Lab, pod: &str, args: &[&str]) -> Result<()> {
-    let out = lab.run_in_pod(pod, "iptables", args)?;
-    if !out.status.success() {
-        bail!(
-            "iptables {} in pod {pod}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    lab.remove_redirect(mode.client())
 }

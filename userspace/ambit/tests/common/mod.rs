@@ -303,15 +303,9 @@ impl TestLab {
     /// Resident memory of a lab node's `ambit node` process (VmRSS), in KiB.
     pub fn node_rss_kib(&self, node: &str) -> u64 {
         let pid = self.lab.node_pid(node).expect("the node runs");
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+        ambit_lab::rss_kib(pid).unwrap()
     }
 
-    /// Entries in one of a lab node's pinned maps (bpftool's JSON dump is an array of entries).
     pub fn map_entries(&self, node: &str, map: &str) -> usize {
         let path = self.lab.pin_dir(node).join(map);
         let dump = self.bpftool(&["-j", "map", "dump", "pinned", path.to_str().unwrap()]);
@@ -323,7 +317,7 @@ impl TestLab {
     /// Open file descriptors (sockets included) of a lab node's `ambit node` process.
     pub fn node_fds(&self, node: &str) -> usize {
         let pid = self.lab.node_pid(node).expect("the node runs");
-        fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+        ambit_lab::open_fds(pid).unwrap()
     }
 }
 

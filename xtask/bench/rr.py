@@ -6,7 +6,8 @@
   rr.py latency HOST PORT SIZE N    N round trips of SIZE bytes on one connection; prints JSON
                                     {"p50_us":..,"p90_us":..,"p99_us":..}
   rr.py connrate HOST PORT SECONDS  connect, 1-byte exchange, close, repeated; prints JSON
-                                    {"conn_per_s":..}
+                                    {"conn_per_s":.., "first_byte_p50_us":.., "first_byte_p99_us":..}
+                                    (first byte: from connect() to the answer's byte)
 """
 import json
 import socket
@@ -62,15 +63,20 @@ def latency(host, port, size, n):
     print(json.dumps({"p50_us": pick(0.50), "p90_us": pick(0.90), "p99_us": pick(0.99)}))
 
 def connrate(host, port, seconds):
-    end, count = time.monotonic() + seconds, 0
+    end, count, first_byte = time.monotonic() + seconds, 0, []
     start = time.monotonic()
     while time.monotonic() < end:
+        t0 = time.perf_counter()
         s = socket.create_connection((host, port))
         s.sendall(b"x")
         recv_exact(s, 1)
+        first_byte.append(time.perf_counter() - t0)
         s.close()
         count += 1
-    print(json.dumps({"conn_per_s": count / (time.monotonic() - start)}))
+    first_byte.sort()
+    pct = lambda p: first_byte[min(len(first_byte) - 1, int(len(first_byte) * p / 100))] * 1e6
+    print(json.dumps({"conn_per_s": count / (time.monotonic() - start),
+                      "first_byte_p50_us": pct(50), "first_byte_p99_us": pct(99)}))
 
 cmd = sys.argv[1]
 if cmd == "server":

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use super::{
     session::Session,
-    stats::{Figure, Figures, LATENCY_SIZES, PERCENTILES},
+    stats::{Figure, Figures, FIRST_BYTE_PERCENTILES, LATENCY_SIZES, PERCENTILES},
     Env,
 };
 
@@ -71,6 +71,10 @@ pub fn figures(lab: &Lab, env: &Env, session: &Session, connrate_port: u16) -> R
         &["connrate", server, &connrate_port.to_string(), &secs],
     )?;
     f.set(Figure::ConnRate, number(&out, "conn_per_s")?);
+    for pct in FIRST_BYTE_PERCENTILES {
+        let key = format!("first_byte_p{pct}_us");
+        f.set(Figure::FirstByte { pct }, number(&out, &key)?);
+    }
     Ok(f)
 }
 

@@ -8,6 +8,8 @@ use super::mode::Mode;
 pub const LATENCY_SIZES: [u32; 3] = [1, 100, 1024];
 /// Latency percentiles reported.
 pub const PERCENTILES: [u8; 3] = [50, 90, 99];
+/// Percentiles of a new connection's time to its first answered byte.
+pub const FIRST_BYTE_PERCENTILES: [u8; 2] = [50, 99];
 
 /// One figure of the table. The derived order is the table's row order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -20,6 +22,8 @@ pub enum Figure {
     Latency { bytes: u32, pct: u8 },
     /// Connect, one 1-byte exchange, close.
     ConnRate,
+    /// In that loop, from connect() to the answer's first byte (a new connection's set-up cost).
+    FirstByte { pct: u8 },
     /// Non-idle CPU of the whole machine per GiB moved (single-stream run).
     MachineCpuPerGib,
     /// CPU of the `ambit node` processes per GiB moved (single-stream run).
@@ -41,8 +45,9 @@ impl Figure {
         for bytes in LATENCY_SIZES {
             all.extend(PERCENTILES.map(|pct| Figure::Latency { bytes, pct }));
         }
+        all.push(Figure::ConnRate);
+        all.extend(FIRST_BYTE_PERCENTILES.map(|pct| Figure::FirstByte { pct }));
         all.extend([
-            Figure::ConnRate,
             Figure::MachineCpuPerGib,
             Figure::ProxyCpuPerGib,
             Figure::ProxyCoresPerGbit,
@@ -59,6 +64,7 @@ impl Figure {
             Figure::Throughput8 => "throughput, 8 streams".into(),
             Figure::Latency { bytes, pct } => format!("latency {} p{pct}", size_label(bytes)),
             Figure::ConnRate => "new connections".into(),
+            Figure::FirstByte { pct } => format!("new connection, first byte p{pct}"),
             Figure::MachineCpuPerGib => "machine CPU per GiB".into(),
             Figure::ProxyCpuPerGib => "proxy CPU per GiB".into(),
             Figure::ProxyCoresPerGbit => "proxy cores per Gbit/s".into(),
@@ -71,7 +77,7 @@ impl Figure {
     pub fn unit(self) -> &'static str {
         match self {
             Figure::Throughput1 | Figure::Throughput8 => "Gbit/s",
-            Figure::Latency { .. } => "µs",
+            Figure::Latency { .. } | Figure::FirstByte { .. } => "µs",
             Figure::ConnRate => "conn/s",
             Figure::MachineCpuPerGib | Figure::ProxyCpuPerGib => "CPU s/GiB",
             Figure::ProxyCoresPerGbit => "cores",
@@ -86,6 +92,7 @@ impl Figure {
             Figure::Throughput8 => "throughput_8_streams_gbit_s".into(),
             Figure::Latency { bytes, pct } => format!("latency_{bytes}B_p{pct}_us"),
             Figure::ConnRate => "new_connections_per_s".into(),
+            Figure::FirstByte { pct } => format!("new_connection_first_byte_p{pct}_us"),
             Figure::MachineCpuPerGib => "machine_cpu_s_per_gib".into(),
             Figure::ProxyCpuPerGib => "proxy_cpu_s_per_gib".into(),
             Figure::ProxyCoresPerGbit => "proxy_cores_per_gbit_s".into(),
@@ -274,7 +281,7 @@ mod tests {
     #[test]
     fn figure_order_and_names() {
         let all = Figure::all();
-        assert_eq!(all.len(), 2 + 9 + 7);
+        assert_eq!(all.len(), 2 + 9 + 2 + 7);
         let mut sorted = all.clone();
         sorted.sort();
         assert_eq!(all, sorted, "all() is the derived order");
@@ -285,6 +292,9 @@ mod tests {
         assert_eq!(lat.label(), "latency 1 KiB p99");
         assert_eq!(lat.key(), "latency_1024B_p99_us");
         assert_eq!(size_label(100), "100 B");
+        let first = Figure::FirstByte { pct: 50 };
+        assert_eq!(first.label(), "new connection, first byte p50");
+        assert_eq!(first.key(), "new_connection_first_byte_p50_us");
     }
 
     #[test]

@@ -83,9 +83,11 @@ pub async fn bridge(
         // once the stream is reset, a direction waiting on an app that neither sends, closes
         // nor reads would otherwise hold the app's socket and this task forever (measured in
         // tests/abuse.rs: one fd per such stream, never released).
-        match select(up, down).await {
-            Either::Left((Ok(()), down)) => down.await,
-            Either::Right((Ok(()), up)) => up.await,
+        // `down` is polled first: a refusal ends the stream too (the server's END_STREAM or
+        // reset right after its answer), and must be reported as the refusal it is.
+        match select(down, up).await {
+            Either::Left((Ok(()), up)) => up.await,
+            Either::Right((Ok(()), down)) => down.await,
             Either::Left((Err(e), _)) | Either::Right((Err(e), _)) => Err(e),
         }
     };

@@ -1,15 +1,19 @@
 //! Moves bytes between a TCP stream and an HTTP/2 stream, both ways, respecting HTTP/2 flow
 //! control. An EOF from the TCP side ends the HTTP/2 stream (END_STREAM), and the end of the
-//! HTTP/2 stream shuts down the TCP write side: half-close crosses the tunnel.
+//! HTTP/2 stream shuts down the TCP write side: half-close crosses the tunnel. A failure (the
+//! CONNECT refused, the stream reset, either side broken) resets the TCP side instead.
 
 use std::{
     future::{poll_fn, Future},
     pin::pin,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::{Bytes, BytesMut};
-use futures::future::{select, Either};
+use futures::{
+    future::{select, Either},
+    FutureExt as _,
+};
 use h2::{RecvStream, SendStream};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -19,7 +23,7 @@ use tokio::{
     },
 };
 
-use crate::proxy::relay::Transferred;
+use crate::proxy::relay::{reset_on_close, Transferred};
 
 /// Read size from the TCP side, per connection: it starts small, so that an idle or chatty
 /// connection holds little memory, and doubles each time a read fills it, up to
@@ -55,7 +59,7 @@ pub async fn bridge(
     recv: impl Future<Output = anyhow::Result<RecvStream>>,
 ) -> (Transferred, Result<(), BridgeError>) {
     let start = Instant::now();
-    let (read, write) = tcp.into_split();
+    let (read, mut write) = tcp.into_split();
     let (mut sent, mut received) = (0, 0);
     let result = {
         let up = pin!(async {
@@ -64,18 +68,8 @@ pub async fn bridge(
                 .map_err(BridgeError::Io)
         });
         let down = pin!(async {
-            let recv = match recv.await {
-                Ok(recv) => recv,
-                Err(e) => {
-                    // Refused: the app may have sent bytes that will never arrive, so it must
-                    // not see an orderly close (FIN) but a reset, as for a refused connect.
-                    // (`forget`: dropping the write half would send a FIN first.)
-                    let _ = socket2::SockRef::from(write.as_ref()).set_linger(Some(Duration::ZERO));
-                    write.forget();
-                    return Err(BridgeError::Refused(e));
-                }
-            };
-            h2_to_tcp(recv, write, &mut received)
+            let recv = recv.await.map_err(BridgeError::Refused)?;
+            h2_to_tcp(recv, &mut write, &mut received)
                 .await
                 .map_err(BridgeError::Io)
         });
@@ -83,14 +77,28 @@ pub async fn bridge(
         // once the stream is reset, a direction waiting on an app that neither sends, closes
         // nor reads would otherwise hold the app's socket and this task forever (measured in
         // tests/abuse.rs: one fd per such stream, never released).
-        // `down` is polled first: a refusal ends the stream too (the server's END_STREAM or
-        // reset right after its answer), and must be reported as the refusal it is.
         match select(down, up).await {
             Either::Left((Ok(()), up)) => up.await,
             Either::Right((Ok(()), down)) => down.await,
-            Either::Left((Err(e), _)) | Either::Right((Err(e), _)) => Err(e),
+            Either::Left((Err(e), _)) => Err(e),
+            // A refusal ends the stream too (the server's END_STREAM, then its reset), and `up`
+            // can see that end first: the connection task runs on another worker and may take
+            // in the answer and the reset between the polls of `down` and `up`. The answer is
+            // then already there, and a refusal must be reported as the refusal it is.
+            Either::Right((Err(e), down)) => match down.now_or_never() {
+                Some(Err(refused @ BridgeError::Refused(_))) => Err(refused),
+                _ => Err(e),
+            },
         }
     };
+    if result.is_err() {
+        // Refused, or cut off midway: the app may have sent bytes that never arrived, or be
+        // missing some of the answer, so it must not see an orderly close (FIN) but a reset.
+        // (`forget`: dropping the write half would send a FIN first; the socket closes, with
+        // the reset, when the read half is gone too, which it already is.)
+        reset_on_close(write.as_ref());
+        write.forget();
+    }
     (
         Transferred {
             sent,
@@ -162,7 +170,7 @@ async fn copy_tcp_to_h2(
 
 async fn h2_to_tcp(
     mut from: RecvStream,
-    mut to: OwnedWriteHalf,
+    to: &mut OwnedWriteHalf,
     total: &mut u64,
 ) -> std::io::Result<()> {
     while let Some(chunk) = from.data().await {

@@ -112,6 +112,9 @@ impl Outbound {
                     "CONNECT"
                 };
                 record.close(Outcome::Failed { flag, error });
+                // The app saw its connect succeed (it reached this proxy): it learns of the
+                // failure by a reset, as from a refused connect.
+                relay::reset_on_close(&stream);
                 return Ok(());
             }
         };

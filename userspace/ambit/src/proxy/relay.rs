@@ -1,5 +1,6 @@
 //! Copies bytes both ways until both directions are done. An EOF on one side is passed on as a
-//! shutdown of the other side's write half, so half-closed connections work end to end.
+//! shutdown of the other side's write half, so half-closed connections work end to end. A
+//! failure on either side resets both (`reset_on_close`).
 
 use std::time::Instant;
 
@@ -25,7 +26,11 @@ pub async fn relay(
         io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, BUFFER, BUFFER).await;
     let (sent, received, result) = match result {
         Ok((sent, received)) => (sent, received, Ok(())),
-        Err(e) => (0, 0, Err(e)),
+        Err(e) => {
+            reset_on_close(&downstream);
+            reset_on_close(&upstream);
+            (0, 0, Err(e))
+        }
     };
     (
         Transferred {
@@ -35,4 +40,10 @@ pub async fn relay(
         },
         result,
     )
+}
+
+/// Makes closing `socket` send a reset instead of an orderly close (SO_LINGER 0): for a
+/// connection that failed, so that its app cannot take a cut-off stream for a complete one.
+pub fn reset_on_close(socket: &TcpStream) {
+    let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
 }

@@ -78,6 +78,33 @@ impl Netns {
         Ok(f())
     }
 
+    /// A sysctl of this netns, e.g. `net/ipv4/tcp_tw_reuse` (its path under /proc/sys).
+    pub fn sysctl(&self, name: &str) -> Result<String> {
+        let path = Path::new("/proc/sys").join(name);
+        // /proc/sys/net shows the netns of the thread that opens the file.
+        let value = self
+            .run(|| std::fs::read_to_string(&path))?
+            .with_context(|| {
+                format!(
+                    "reading {} in netns {}",
+                    path.display(),
+                    self.path.display()
+                )
+            })?;
+        Ok(value.trim().to_owned())
+    }
+
+    pub fn set_sysctl(&self, name: &str, value: &str) -> Result<()> {
+        let path = Path::new("/proc/sys").join(name);
+        self.run(|| std::fs::write(&path, value))?.with_context(|| {
+            format!(
+                "writing {value} to {} in netns {}",
+                path.display(),
+                self.path.display()
+            )
+        })
+    }
+
     /// A new non-blocking TCP socket inside this netns.
     pub fn socket(&self, domain: socket2::Domain) -> Result<socket2::Socket> {
         let socket = self.run(|| {

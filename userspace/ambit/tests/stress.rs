@@ -39,6 +39,11 @@ fn lab_with_echo() -> TestLab {
 }
 
 fn churn(t: &TestLab, n: usize, concurrency: usize) {
+    churn_at(t, n, concurrency, None)
+}
+
+/// `churn` starting at most `rate` connections per second.
+fn churn_at(t: &TestLab, n: usize, concurrency: usize, rate: Option<u32>) {
     let out = t
         .lab
         .pod_command("a", "python3")
@@ -49,6 +54,7 @@ fn churn(t: &TestLab, n: usize, concurrency: usize) {
             &n.to_string(),
             &concurrency.to_string(),
         ])
+        .args(rate.map(|r| r.to_string()))
         .output()
         .unwrap();
     assert_ok(&out, &format!("churn.py {n} × {concurrency}"));
@@ -75,6 +81,42 @@ fn connection_counter(t: &TestLab, node: &str, name: &str, reporter: &str) -> u6
         name,
         &[&format!("reporter=\"{reporter}\"")],
     )
+}
+
+/// Every delivery into pod c comes from c's own address, so the deliveries to one port share
+/// one set of ephemeral ports, and a client that closes first leaves each one in TIME_WAIT for
+/// 60 s (agent/time_wait.rs). Here c has 50 ephemeral ports and takes 150 connections, one at a
+/// time, 40 a second: the node must reuse ports a second after their last use, and give the
+/// pod's setting back when it leaves the mesh.
+#[test]
+fn more_new_connections_into_a_port_than_the_pod_has_ephemeral_ports() {
+    let _serial = common::one_at_a_time();
+    let t = lab_with_echo();
+    let sysctl = |args: &[&str]| {
+        let out = t
+            .lab
+            .pod_command("c", "sysctl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert_ok(&out, &format!("sysctl {args:?} in c"));
+        stdout(&out).trim().to_owned()
+    };
+    sysctl(&["-w", "net.ipv4.ip_local_port_range=40000 40049"]);
+    assert_eq!(
+        sysctl(&["-n", "net.ipv4.tcp_tw_reuse"]),
+        "1",
+        "while c is enrolled"
+    );
+
+    churn_at(&t, 150, 1, Some(40));
+
+    t.set_enrolled("n2", &["a"]);
+    assert_eq!(
+        sysctl(&["-n", "net.ipv4.tcp_tw_reuse"]),
+        "2",
+        "c left the mesh: the kernel's default is back"
+    );
 }
 
 #[test]

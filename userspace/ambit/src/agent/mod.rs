@@ -6,6 +6,7 @@
 
 pub mod kubernetes;
 pub mod source;
+mod time_wait;
 
 use std::{collections::BTreeMap, net::IpAddr, os::fd::AsRawFd, path::PathBuf, sync::Arc};
 
@@ -30,6 +31,7 @@ struct Enrolled {
     netns: Arc<Netns>,
     cgroup: cgroup::PodCgroup,
     tunnel: PodTunnel,
+    time_wait: time_wait::TimeWaitReuse,
 }
 
 impl Enrolled {
@@ -168,11 +170,15 @@ impl Agent {
                 _pad: 0,
             },
         )?;
+        // Last, as nothing can fail after it: an enrollment that fails leaves the pod's own
+        // value in place.
+        let time_wait = time_wait::TimeWaitReuse::enable(&netns);
         Ok(Enrolled {
             spec: spec.clone(),
             netns,
             cgroup,
             tunnel,
+            time_wait,
         })
     }
 
@@ -187,6 +193,7 @@ impl Agent {
                 .iter()
                 .try_for_each(|ip| self.datapath.unenroll_inbound(*ip)),
             self.datapath.detach_pod(key),
+            pod.time_wait.restore(&pod.netns),
         ];
         for step in steps {
             if let Err(e) = step {

@@ -42,8 +42,13 @@ pub fn run(once: bool) -> Result<()> {
         .iter()
         .map(|n| dir.join(format!("{n}.log")))
         .collect();
+    // The two nodes share this machine's cores, as real nodes would each have their own (the
+    // benchmark does the same: `bench::mode::Mode::worker_threads`).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = (cores / 2).max(1).to_string();
     for (node, log) in ["n1", "n2"].iter().zip(&logs) {
-        lab.start_node(&ambit, node, &config, log, &["--ca-dir", &ca_arg])?;
+        let args = ["--ca-dir", &ca_arg, "--worker-threads", &workers];
+        lab.start_node(&ambit, node, &config, log, &args)?;
     }
     println!("== Ambit nodes running: {PREFIX}-n1 (pods a, b), {PREFIX}-n2 (pods c, d)");
 

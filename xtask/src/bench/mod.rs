@@ -74,8 +74,11 @@ pub struct Env {
     /// target/bench: configs, node logs, CA, results.
     pub dir: PathBuf,
     pub ca: PathBuf,
-    /// More `ambit node` flags (AMBIT_BENCH_NODE_ARGS).
+    /// More `ambit node` flags (AMBIT_BENCH_NODE_ARGS); a `--worker-threads` there replaces
+    /// the per-mode choice (`Mode::worker_threads`).
     pub node_args: Vec<String>,
+    /// The machine's CPUs, shared by each mode's nodes.
+    pub cores: usize,
     pub seconds: u32,
 }
 
@@ -104,6 +107,7 @@ pub fn run(args: &Args) -> Result<()> {
             .map(str::to_owned)
             .collect(),
         seconds: args.seconds,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     fs::create_dir_all(&env.dir)?;
     if modes.contains(&Mode::Iptables) {

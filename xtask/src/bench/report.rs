@@ -57,6 +57,11 @@ fn notes(results: &Results) -> Vec<String> {
          `ambit` repetition"
             .into(),
     );
+    notes.push(
+        "each mode's nodes share the machine's cores, as real nodes would each have their \
+         own: `ambit node --worker-threads` = cores / the mode's nodes"
+            .into(),
+    );
     for mode in &results.skipped {
         notes.push(format!(
             "{}: not implemented ({}); nothing measured",

@@ -38,6 +38,10 @@ impl Session {
         let ca = env.ca.to_str().context("CA path")?;
         let mut args = vec!["--ca-dir", ca];
         args.extend(mode.node_flags());
+        let workers = mode.worker_threads(env.cores).to_string();
+        if !env.node_args.iter().any(|a| a == "--worker-threads") {
+            args.extend(["--worker-threads", &workers]);
+        }
         args.extend(env.node_args.iter().map(String::as_str));
         for node in mode.nodes() {
             let log = env.dir.join(format!("{tag}-{node}.log"));

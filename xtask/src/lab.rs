@@ -42,10 +42,7 @@ pub fn run(once: bool) -> Result<()> {
         .iter()
         .map(|n| dir.join(format!("{n}.log")))
         .collect();
-    // The two nodes share this machine's cores, as real nodes would each have their own (the
-    // benchmark does the same: `bench::mode::Mode::worker_threads`).
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = (cores / 2).max(1).to_string();
+    let workers = ambit_lab::worker_threads_per_node(ambit_lab::cores(), 2).to_string();
     for (node, log) in ["n1", "n2"].iter().zip(&logs) {
         let args = ["--ca-dir", &ca_arg, "--worker-threads", &workers];
         lab.start_node(&ambit, node, &config, log, &args)?;

@@ -144,23 +144,7 @@ fn an_unreachable_peer_fails_promptly_says_why_and_traffic_resumes_when_it_retur
     // An app that waits for the server to speak first learns of the failure by a reset, not
     // by an orderly close it could take for a server that closed without a word. (curl above
     // sent its request, and a socket closed with unread bytes resets anyway.)
-    let out = t
-        .lab
-        .pod_command("a", "python3")
-        .args([
-            "-c",
-            "import socket,sys\n\
-             try:\n\
-             \x20   s = socket.create_connection((sys.argv[1], 8080), timeout=10)\n\
-             \x20   print('eof' if s.recv(100) == b'' else 'data')\n\
-             except ConnectionResetError:\n\
-             \x20   print('reset')",
-            c,
-        ])
-        .output()
-        .unwrap();
-    common::assert_ok(&out, "the server-speaks-first client");
-    assert_eq!(common::stdout(&out).trim(), "reset", "what it saw");
+    assert_eq!(t.outcomes("a", c, 8080, 1, false), "reset=1", "what it saw");
     assert!(failed_connects(&t) >= 3, "{}", t.metrics("n1"));
     let log = t.log("n1");
     assert!(

@@ -61,31 +61,8 @@ fn a_deny_policy_on_a_port_refuses_it_at_the_destination_and_is_counted() {
     // not by an orderly close that could pass for "delivered, no answer" (its bytes went out
     // with the CONNECT, and the destination dropped them). Many times over: the answer and the
     // end of the stream race inside the source node.
-    let out = t
-        .lab
-        .pod_command("a", "python3")
-        .args([
-            "-c",
-            "import socket,sys\n\
-             seen = {}\n\
-             for _ in range(int(sys.argv[2])):\n\
-             \x20   try:\n\
-             \x20       with socket.create_connection((sys.argv[1], 8080), timeout=10) as s:\n\
-             \x20           s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
-             \x20           s.shutdown(socket.SHUT_WR)\n\
-             \x20           what = 'eof' if s.recv(100) == b'' else 'data'\n\
-             \x20   except (ConnectionResetError, BrokenPipeError):\n\
-             \x20       what = 'reset'\n\
-             \x20   seen[what] = seen.get(what, 0) + 1\n\
-             print(' '.join(f'{k}={v}' for k, v in sorted(seen.items())))",
-            c,
-            "200",
-        ])
-        .output()
-        .unwrap();
-    assert_ok(&out, "the refused app's client");
     assert_eq!(
-        stdout(&out).trim(),
+        t.outcomes("a", c, 8080, 200, true),
         "reset=200",
         "what the refused apps saw"
     );

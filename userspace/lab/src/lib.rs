@@ -850,6 +850,18 @@ pub fn open_fds(pid: u32) -> Result<usize> {
         .count())
 }
 
+/// `ambit node --worker-threads` for each of `nodes` lab nodes: they share this machine's
+/// `cores` as real nodes would each have their own. More workers than that only add wake-ups
+/// between threads (`cargo xtask bench` measured it: README, Benchmark).
+pub fn worker_threads_per_node(cores: usize, nodes: usize) -> usize {
+    (cores / nodes.max(1)).max(1)
+}
+
+/// This machine's CPUs (1 if unknown).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 // --- vm-tests (issue 5) ---
 /// Factor for the tests' wait timeouts: `AMBIT_TEST_TIMEOUT_SCALE` (default 1), which
 /// `cargo xtask vm-test` sets in its guests, where qemu's emulation (TCG) is 10-30x slower.

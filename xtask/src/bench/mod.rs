@@ -107,7 +107,7 @@ pub fn run(args: &Args) -> Result<()> {
             .map(str::to_owned)
             .collect(),
         seconds: args.seconds,
-        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cores: ambit_lab::cores(),
     };
     fs::create_dir_all(&env.dir)?;
     if modes.contains(&Mode::Iptables) {

@@ -85,13 +85,12 @@ impl Mode {
     }
 
     /// `ambit node` flags this mode needs.
-    /// Tokio worker threads per `ambit node`: the mode's nodes share the machine's `cores`,
-    /// as real nodes would each have their own. More workers than cores per node only adds
-    /// wake-ups between threads (measured: one worker per node for the two-node modes cut the
-    /// p50 latency by 16 % and raised connections/s by 13 %; for ambit-same-node one worker
-    /// cost a third of the throughput).
+    /// Tokio worker threads per `ambit node` of this mode
+    /// (`ambit_lab::worker_threads_per_node`). Measured: one worker per node for the two-node
+    /// modes cut the p50 latency by 16 % and raised connections/s by 13 %; for
+    /// ambit-same-node one worker cost a third of the throughput, hence per mode.
     pub fn worker_threads(self, cores: usize) -> usize {
-        (cores / self.nodes().len().max(1)).max(1)
+        ambit_lab::worker_threads_per_node(cores, self.nodes().len())
     }
 
     pub fn node_flags(self) -> &'static [&'static str] {

@@ -159,6 +159,21 @@ impl TestLab {
             .unwrap();
     }
 
+    /// Runs tools/outcome.py in `pod`: `n` connections to `host:port`, each sending a request
+    /// first if `send`; how they ended, counted ("reset=3").
+    pub fn outcomes(&self, pod: &str, host: &str, port: u16, n: usize, send: bool) -> String {
+        let out = self
+            .lab
+            .pod_command(pod, "python3")
+            .arg(tool("outcome.py"))
+            .args([host, &port.to_string(), &n.to_string()])
+            .args(send.then_some("--send"))
+            .output()
+            .unwrap();
+        assert_ok(&out, "tools/outcome.py");
+        stdout(&out).trim().to_owned()
+    }
+
     /// Runs tools/source.py in a pod; returns (sent digest, digest the server received).
     pub fn send(&self, pod: &str, host: &str, port: u16, bytes: u64) -> (String, String) {
         let out = self

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use ambit_lab::{pod, Lab};
+use ambit_lab::Lab;
 use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 
@@ -43,7 +43,7 @@ const MIB_PER_KIB: f64 = 1.0 / 1024.0;
 /// `connrate_port`: the echo port for the connection rate, used by no other measurement.
 pub fn figures(lab: &Lab, env: &Env, session: &Session, connrate_port: u16) -> Result<Figures> {
     let mode = session.mode();
-    let (client, server) = (mode.client(), pod(mode.server()).ip);
+    let (client, server) = (mode.client(), mode.destination());
     let mut f = Figures::default();
     if let Some(pid) = session.client_node_pid() {
         thread::sleep(Duration::from_millis(500));
@@ -85,7 +85,7 @@ fn single_stream(lab: &Lab, env: &Env, session: &Session, f: &mut Figures) -> Re
     let machine_before = machine_busy_seconds()?;
     let proxy_before = cpu_seconds(&pids)?;
     let (run, rss_max) = while_sampling_rss(session.client_node_pid(), || {
-        iperf3(lab, mode.client(), pod(mode.server()).ip, 1, env.seconds)
+        iperf3(lab, mode.client(), mode.destination(), 1, env.seconds)
     })?;
     let machine = machine_busy_seconds()? - machine_before;
     let proxy = cpu_seconds(&pids)? - proxy_before;
@@ -139,7 +139,7 @@ pub fn rss_per_1000_idle(lab: &Lab, env: &Env, session: &Session) -> Result<f64>
         .context("RSS per connection needs a node process")?;
     thread::sleep(Duration::from_millis(500));
     let idle = rss_mib(pid)?;
-    let holder = Holder::open(lab, env, mode.client(), pod(mode.server()).ip)?;
+    let holder = Holder::open(lab, env, mode.client(), mode.destination())?;
     thread::sleep(Duration::from_secs(1));
     let held = rss_mib(pid)?;
     drop(holder);

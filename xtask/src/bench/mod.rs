@@ -3,6 +3,9 @@
 //!
 //! Modes (`mode.rs`), all measured from pod a with the same unmodified clients:
 //! - **plain**: pod a → pod c across the two lab nodes, no Ambit (the physical limit here);
+//! - **relay**: pod a → pod c through a plaintext relay (src/bin/bench-relay.rs: no TLS, no
+//!   HTTP/2) at each of the two hops Ambit's tunnel takes: what two userspace proxy hops cost
+//!   by themselves, the floor under every figure of the tunnel's modes;
 //! - **iptables**: Ambit's HBONE tunnel, captured by iptables REDIRECT rules in pod a instead of
 //!   eBPF (`ambit node --capture iptables`): isolates the cost of capture;
 //! - **ambit**: eBPF capture + HBONE mTLS between the two lab nodes (a on n1 → c on n2);
@@ -13,8 +16,8 @@
 //! Figures (`stats.rs`): single- and 8-stream throughput (iperf3); request/response latency
 //! p50/p90/p99 for 1 B, 100 B and 1 KiB messages over a long-lived connection; new connections
 //! per second (connect, one 1-byte exchange, close); CPU seconds per GiB moved, of the whole
-//! machine and of the `ambit node` processes (also as proxy cores per Gbit/s); the client
-//! node's RSS idle, under load, and per 1,000 idle connections.
+//! machine and of the proxies (the `ambit node` processes, or the relays; also as proxy cores
+//! per Gbit/s); the client-side proxy's RSS idle, under load, and per 1,000 idle connections.
 //!
 //! One lab (prefix `ambit-bench`) serves the whole run: the echo server (rr.py) and `iperf3 -s`
 //! run in the server pods throughout; each repetition starts each mode's nodes, measures
@@ -69,6 +72,8 @@ pub struct Args {
 /// What every step needs: where things are, and the settings.
 pub struct Env {
     pub ambit: PathBuf,
+    /// The relay mode's proxy (src/bin/bench-relay.rs), built with the release profile.
+    pub relay: PathBuf,
     pub rr: PathBuf,
     pub hold: PathBuf,
     /// target/bench: configs, node logs, CA, results.
@@ -92,11 +97,15 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     crate::cargo(&["build", "--release", "-p", "ambit"])?;
+    if modes.contains(&Mode::Relay) {
+        crate::cargo(&["build", "--release", "-p", "xtask", "--bin", "bench-relay"])?;
+    }
     let built = started.elapsed();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let dir = root.join("target/bench");
     let env = Env {
         ambit: root.join("target/release/ambit"),
+        relay: root.join("target/release/bench-relay"),
         rr: root.join("xtask/bench/rr.py"),
         hold: root.join("xtask/bench/hold.py"),
         ca: dir.join("ca"),
@@ -222,7 +231,8 @@ fn start_servers(lab: &mut Lab, env: &Env, modes: &[Mode], connrate_ports: &[u16
 
 /// One measurement of one mode: its nodes start, the clients run, its nodes stop.
 fn measure_mode(lab: &mut Lab, env: &Env, mode: Mode, connrate_port: u16) -> Result<Figures> {
-    let session = Session::start(lab, env, mode, mode.name())?;
+    let ports = [measure::IPERF_PORT, measure::RR_PORT, connrate_port];
+    let session = Session::start(lab, env, mode, mode.name(), &ports)?;
     let figures = measure::figures(lab, env, &session, connrate_port)?;
     session.stop(lab, env)?;
     Ok(figures)
@@ -230,7 +240,13 @@ fn measure_mode(lab: &mut Lab, env: &Env, mode: Mode, connrate_port: u16) -> Res
 
 /// Once per run, in nodes of its own so that no other traffic has touched them.
 fn rss_per_1000_idle(lab: &mut Lab, env: &Env, mode: Mode) -> Result<f64> {
-    let session = Session::start(lab, env, mode, &format!("{mode}-idle-conns"))?;
+    let session = Session::start(
+        lab,
+        env,
+        mode,
+        &format!("{mode}-idle-conns"),
+        &[measure::RR_PORT],
+    )?;
     let per_1000 = measure::rss_per_1000_idle(lab, env, &session)?;
     session.stop(lab, env)?;
     Ok(per_1000)

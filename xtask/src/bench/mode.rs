@@ -8,6 +8,9 @@ use ambit_lab::pod;
 pub enum Mode {
     /// Pod a → pod c, no Ambit: the physical limit on this machine.
     Plain,
+    /// Pod a → pod c through a plaintext relay at each of the tunnel's two hops (`bench-relay`,
+    /// no TLS, no HTTP/2): what two userspace proxy hops cost by themselves.
+    Relay,
     /// The same tunnel as `Ambit`, captured by iptables REDIRECT rules in pod a.
     Iptables,
     /// eBPF capture + HBONE mTLS between the two lab nodes (a on n1 → c on n2).
@@ -20,8 +23,9 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, in the order one repetition runs them.
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::Plain,
+        Mode::Relay,
         Mode::Iptables,
         Mode::Ambit,
         Mode::AmbitSameNode,
@@ -31,6 +35,7 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::Plain => "plain",
+            Mode::Relay => "relay",
             Mode::Iptables => "iptables",
             Mode::Ambit => "ambit",
             Mode::AmbitSameNode => "ambit-same-node",
@@ -41,6 +46,10 @@ impl Mode {
     pub fn description(self) -> &'static str {
         match self {
             Mode::Plain => "pod a → pod c (two lab nodes), no Ambit",
+            Mode::Relay => {
+                "pod a → pod c through a plaintext relay in each pod (no TLS, no HTTP/2): \
+                 two proxy hops alone"
+            }
             Mode::Iptables => {
                 "pod a → pod c, Ambit's HBONE tunnel, captured by iptables REDIRECT in pod a"
             }
@@ -68,10 +77,19 @@ impl Mode {
         }
     }
 
+    /// Where the clients connect: the server pod's address, or in the relay mode the relay
+    /// in the client pod, on loopback (as an app's captured connection reaches Ambit's tunnel).
+    pub fn destination(self) -> &'static str {
+        match self {
+            Mode::Relay => "127.0.0.1",
+            _ => pod(self.server()).ip,
+        }
+    }
+
     /// The pods this mode enrolls in Ambit (none: no `ambit node` runs).
     pub fn enrolled(self) -> Vec<&'static str> {
         match self {
-            Mode::Plain | Mode::AmbitSockmap => Vec::new(),
+            Mode::Plain | Mode::Relay | Mode::AmbitSockmap => Vec::new(),
             _ => vec![self.client(), self.server()],
         }
     }
@@ -89,8 +107,13 @@ impl Mode {
     /// (`ambit_lab::worker_threads_per_node`). Measured: one worker per node for the two-node
     /// modes cut the p50 latency by 16 % and raised connections/s by 13 %; for
     /// ambit-same-node one worker cost a third of the throughput, hence per mode.
+    /// The relay mode's two relays share the cores the same way as two nodes.
     pub fn worker_threads(self, cores: usize) -> usize {
-        ambit_lab::worker_threads_per_node(cores, self.nodes().len())
+        let proxies = match self {
+            Mode::Relay => 2,
+            _ => self.nodes().len(),
+        };
+        ambit_lab::worker_threads_per_node(cores, proxies)
     }
 
     pub fn node_flags(self) -> &'static [&'static str] {
@@ -143,6 +166,11 @@ mod tests {
         assert_eq!(Mode::AmbitSameNode.nodes(), ["n1"]);
         assert!(!Mode::AmbitSockmap.implemented());
         assert_eq!(Mode::Iptables.node_flags(), ["--capture", "iptables"]);
+        // The relay mode runs no node: nothing is captured, the clients go to the relay.
+        assert!(Mode::Relay.nodes().is_empty());
+        assert_eq!(Mode::Relay.destination(), "127.0.0.1");
+        assert_eq!(Mode::Ambit.destination(), pod("c").ip);
+        assert_eq!(Mode::AmbitSameNode.destination(), pod("b").ip);
     }
 
     #[test]
@@ -151,5 +179,6 @@ mod tests {
         assert_eq!(Mode::Iptables.worker_threads(8), 4);
         assert_eq!(Mode::AmbitSameNode.worker_threads(2), 2);
         assert_eq!(Mode::Ambit.worker_threads(1), 1);
+        assert_eq!(Mode::Relay.worker_threads(2), 1);
     }
 }

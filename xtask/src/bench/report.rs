@@ -50,8 +50,8 @@ fn notes(results: &Results) -> Vec<String> {
         repetitions(results.repetitions)
     )];
     notes.push(
-        "proxy = the mode's `ambit node` processes: CPU of all of them (n1 and n2; n1 alone for \
-         ambit-same-node), RSS of n1's (the client's node); \
+        "proxy = the mode's `ambit node` processes (for relay: its two relays): CPU of all of \
+         them (n1 and n2; n1 alone for ambit-same-node), RSS of n1's (the client's node); \
          CPU per GiB over the single-stream run; machine CPU = all non-idle CPU time of the host \
          (shared: includes other load); RSS per 1,000 idle conns measured once, in the first \
          `ambit` repetition"
@@ -59,7 +59,7 @@ fn notes(results: &Results) -> Vec<String> {
     );
     notes.push(
         "each mode's nodes share the machine's cores, as real nodes would each have their \
-         own: `ambit node --worker-threads` = cores / the mode's nodes"
+         own: `ambit node --worker-threads` = cores / the mode's nodes (the relays alike)"
             .into(),
     );
     for mode in &results.skipped {

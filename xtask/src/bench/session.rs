@@ -1,9 +1,15 @@
 //! A mode's Ambit, for one measurement: its `ambit node` processes (one per lab node with an
-//! enrolled pod), its config, and for the iptables mode the REDIRECT rules in the client pod.
-//! Stopping it removes all of that and checks, in the client node's log, that the measured
-//! traffic really was captured.
+//! enrolled pod), its config, and for the iptables mode the REDIRECT rules in the client pod;
+//! for the relay mode, its two `bench-relay` processes instead. Stopping it removes all of that
+//! and checks, in the client node's log, that the measured traffic really was captured.
 
-use std::{fs, path::PathBuf, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
 
 use ambit_lab::{pod, Lab};
 use anyhow::{bail, Context as _, Result};
@@ -13,9 +19,12 @@ use super::{mode::Mode, Env};
 /// What the node logs for every outbound connection it captured.
 const CAPTURED: &str = "captured outbound connection";
 
+/// In the relay mode, the server pod's relay listens on each measured port plus this.
+const RELAY_PORT_OFFSET: u16 = 10_000;
+
 pub struct Session {
     mode: Mode,
-    /// (lab node, pid of its `ambit node`).
+    /// (lab node, pid of the mode's proxy there: its `ambit node`, or its relay).
     nodes: Vec<(&'static str, u32)>,
     /// The log of the client pod's node, where capture shows.
     client_log: Option<PathBuf>,
@@ -23,13 +32,28 @@ pub struct Session {
 
 impl Session {
     /// Starts the mode's nodes (none for plain) with a config enrolling the mode's pods; `tag`
-    /// names the config and logs in the output directory.
-    pub fn start(lab: &mut Lab, env: &Env, mode: Mode, tag: &str) -> Result<Session> {
+    /// names the config and logs in the output directory. `ports` are the server ports the
+    /// measurement uses (the relay mode relays those).
+    pub fn start(
+        lab: &mut Lab,
+        env: &Env,
+        mode: Mode,
+        tag: &str,
+        ports: &[u16],
+    ) -> Result<Session> {
         let mut session = Session {
             mode,
             nodes: Vec::new(),
             client_log: None,
         };
+        if mode == Mode::Relay {
+            // The server side first: the client side's targets must be there.
+            for pod_name in [mode.server(), mode.client()] {
+                let pid = start_relay(lab, env, mode, pod_name, ports, tag)?;
+                session.nodes.push((pod(pod_name).node, pid));
+            }
+            return Ok(session);
+        }
         if mode.nodes().is_empty() {
             return Ok(session);
         }
@@ -86,6 +110,12 @@ impl Session {
         if self.mode == Mode::Iptables {
             flush_redirect(lab, self.mode)?;
         }
+        if self.mode == Mode::Relay {
+            for pod_name in [self.mode.client(), self.mode.server()] {
+                lab.stop(&relay_name(pod_name))?;
+            }
+            return Ok(());
+        }
         for (node, _) in &self.nodes {
             lab.stop(&format!("ambit node {node}"))?;
             let out = Command::new(&env.ambit)
@@ -115,6 +145,68 @@ impl Session {
     }
 }
 
+fn relay_name(pod_name: &str) -> String {
+    format!("bench-relay in pod {pod_name}")
+}
+
+/// What the relay in `pod_name` relays, as `bench-relay` pairs (`LISTEN=TARGET`): the client
+/// pod's takes each port on 127.0.0.1 (where Ambit's outbound listener would be) to the server
+/// pod's address at port + `RELAY_PORT_OFFSET`; the server pod's takes that to the server on
+/// 127.0.0.1 (as Ambit delivers inside the pod).
+fn relay_pairs(mode: Mode, pod_name: &str, ports: &[u16]) -> Result<Vec<String>> {
+    let server_ip = pod(mode.server()).ip;
+    ports
+        .iter()
+        .map(|&port| {
+            let hop = port
+                .checked_add(RELAY_PORT_OFFSET)
+                .with_context(|| format!("port {port} + {RELAY_PORT_OFFSET} is out of range"))?;
+            Ok(if pod_name == mode.client() {
+                format!("127.0.0.1:{port}={server_ip}:{hop}")
+            } else {
+                format!("{server_ip}:{hop}=127.0.0.1:{port}")
+            })
+        })
+        .collect()
+}
+
+/// Starts the relay in `pod_name` and waits until it listens; returns its pid.
+fn start_relay(
+    lab: &mut Lab,
+    env: &Env,
+    mode: Mode,
+    pod_name: &str,
+    ports: &[u16],
+    tag: &str,
+) -> Result<u32> {
+    let log = env.dir.join(format!("{tag}-relay-{pod_name}.log"));
+    let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = lab.pod_command(pod_name, env.relay.to_str().context("relay path")?);
+    cmd.arg(mode.worker_threads(env.cores).to_string())
+        .args(relay_pairs(mode, pod_name, ports)?)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    let pid = lab.spawn(&relay_name(pod_name), cmd)?;
+    wait_for_line(&log, "listening", Duration::from_secs(10))
+        .with_context(|| format!("{} did not start", relay_name(pod_name)))?;
+    Ok(pid)
+}
+
+fn wait_for_line(log: &Path, line: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if text.lines().any(|l| l.trim() == line) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("no {line:?} within {timeout:?}; {}: {text}", log.display());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The iptables mode's capture, in the client pod's netns only: connections to the server
 /// pod go to the tunnel's outbound listener, except the tunnel's own (marked) sockets.
 fn redirect(lab: &Lab, mode: Mode) -> Result<()> {
@@ -123,4 +215,26 @@ fn redirect(lab: &Lab, mode: Mode) -> Result<()> {
 
 fn flush_redirect(lab: &Lab, mode: Mode) -> Result<()> {
     lab.remove_redirect(mode.client())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relays_chain_the_two_hops_of_the_tunnel() {
+        let c = pod("c").ip;
+        assert_eq!(
+            relay_pairs(Mode::Relay, "a", &[5201, 7000]).unwrap(),
+            [
+                format!("127.0.0.1:5201={c}:15201"),
+                format!("127.0.0.1:7000={c}:17000")
+            ]
+        );
+        assert_eq!(
+            relay_pairs(Mode::Relay, "c", &[5201]).unwrap(),
+            [format!("{c}:15201=127.0.0.1:5201")]
+        );
+        assert!(relay_pairs(Mode::Relay, "a", &[60_000]).is_err());
+    }
 }

@@ -67,8 +67,10 @@ const DEMO_SERVER_SERVICE_PORT: &str = "80";
 const DEMO_SERVER_POD_PORT: &str = "8080";
 const DEMO_PATH: &str = "/get";
 const HBONE_PORT: u16 = 15008;
-/// The node's log line for each captured outbound connection (userspace/ambit/src/proxy).
-const CAPTURE_LOG: &str = "captured outbound connection";
+/// The agent's access-log line for each captured outbound connection, written when it ends
+/// (userspace/ambit/src/observability/connection.rs; at the DaemonSet's `RUST_LOG=info`).
+const CAPTURE_LOG: &str = "connection complete";
+const OUTBOUND: &str = "direction=\"outbound\"";
 
 /// The schema validator and the Kubernetes versions checked: 1.30 is the oldest the DaemonSet
 /// can run on (securityContext.appArmorProfile), 1.37 the newest the validator knows.
@@ -436,7 +438,7 @@ fn demo(sh: &Shell) -> Result<()> {
     }
 
     sh.say(&format!(
-        "== the agent on {sleep_node}: \"{CAPTURE_LOG}\" lines"
+        "== the agent on {sleep_node}: \"{CAPTURE_LOG}\" lines of outbound connections"
     ));
     let logs = sh.output(
         "AGENT_LOG",
@@ -451,10 +453,14 @@ fn demo(sh: &Shell) -> Result<()> {
         ]),
     )?;
     if !sh.dry_run {
-        let captured: Vec<&str> = logs.lines().filter(|l| l.contains(CAPTURE_LOG)).collect();
+        let captured: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains(CAPTURE_LOG) && l.contains(OUTBOUND))
+            .collect();
         if captured.is_empty() {
             bail!(
-                "the agent on {sleep_node} logged no \"{CAPTURE_LOG}\": the requests were not captured"
+                "the agent on {sleep_node} logged no \"{CAPTURE_LOG}\" with {OUTBOUND}: the \
+                 requests were not captured"
             );
         }
         for line in captured.iter().rev().take(4).rev() {

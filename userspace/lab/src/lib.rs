@@ -116,7 +116,15 @@ pub struct Lab {
     cgroup_root: PathBuf,
     bpffs: PathBuf,
     children: Vec<(String, Child)>,
+    /// `RUST_LOG` of the `ambit node`s it starts (see `set_node_log`).
+    node_log: String,
 }
+
+/// The lab's and the tests' node log: a node's default (`info`: one access-log line per
+/// connection, at its end) plus the start of each connection, which the tests wait for and the
+/// lab shows ("captured outbound connection", "HBONE stream accepted": debug).
+pub const NODE_LOG_WITH_CONNECTION_STARTS: &str =
+    "info,ambit::proxy::outbound=debug,ambit::hbone::server=debug";
 
 impl Lab {
     /// Builds the lab's namespaces, links, addresses, routes and cgroups. Anything left by an
@@ -132,6 +140,7 @@ impl Lab {
             cgroup_root,
             bpffs,
             children: Vec::new(),
+            node_log: NODE_LOG_WITH_CONNECTION_STARTS.to_owned(),
         };
         lab.build().context("building the lab")?;
         Ok(lab)
@@ -525,6 +534,12 @@ ambit:
         })
     }
 
+    /// The log filter of the nodes started from now on (`RUST_LOG`, if set, still wins); the
+    /// benchmark sets a node's default, `info`.
+    pub fn set_node_log(&mut self, filter: &str) {
+        self.node_log = filter.to_owned();
+    }
+
     /// Starts an `ambit node` for a lab node, inside the node's netns, logging to `log`.
     /// `extra` are more `ambit node` flags (e.g. `--ca-dir`).
     pub fn start_node(
@@ -543,7 +558,7 @@ ambit:
             .args(extra)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| self.node_log.clone()),
             )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

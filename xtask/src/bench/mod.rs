@@ -124,6 +124,8 @@ pub fn run(args: &Args) -> Result<()> {
     }
 
     let mut lab = Lab::create(PREFIX)?;
+    // Measure what a node logs by default: one access-log line per connection.
+    lab.set_node_log("info");
     if !env.ca.join("root-cert.pem").exists() {
         lab.init_ca(&env.ambit, &env.ca)?;
     }

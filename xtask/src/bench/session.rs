@@ -16,8 +16,9 @@ use anyhow::{bail, Context as _, Result};
 
 use super::{mode::Mode, Env};
 
-/// What the node logs for every outbound connection it captured.
-const CAPTURED: &str = "captured outbound connection";
+/// What the node's access log says of every outbound connection it captured, at its end (the
+/// nodes run with a node's default log, `info`).
+const CAPTURED: &str = "direction=\"outbound\"";
 
 /// In the relay mode, the server pod's relay listens on each measured port plus this.
 const RELAY_PORT_OFFSET: u16 = 10_000;
@@ -190,6 +191,11 @@ fn start_relay(
     let pid = lab.spawn(&relay_name(pod_name), cmd)?;
     wait_for_line(&log, "listening", Duration::from_secs(10))
         .with_context(|| format!("{} did not start", relay_name(pod_name)))?;
+    // `ip netns exec` execs the relay: this pid's CPU and RSS are the relay's own.
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() != "bench-relay" {
+        bail!("pid {pid} of the relay in pod {pod_name} is {comm:?}: CPU and RSS would be wrong");
+    }
     Ok(pid)
 }
 

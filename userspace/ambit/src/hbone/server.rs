@@ -19,7 +19,7 @@ use tokio::{
     sync::watch,
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::{info, warn, Instrument as _};
+use tracing::{debug, info, warn, Instrument as _};
 
 use super::{
     bridge::bridge,
@@ -254,7 +254,9 @@ impl HboneServer {
                 return Ok(());
             }
         };
-        info!(dst = %target, src_identity = %peer_identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "-".into()), "HBONE stream accepted");
+        // At debug, like the outbound side's "captured outbound connection": the access log
+        // line at the end is the one info line per connection.
+        debug!(dst = %target, src_identity = %peer_identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "-".into()), "HBONE stream accepted");
         let response = Response::builder()
             .status(StatusCode::OK)
             .header("baggage", self.baggage())

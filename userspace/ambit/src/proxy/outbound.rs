@@ -6,7 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::{anyhow, Context as _, Result};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{info, warn, Instrument as _};
+use tracing::{debug, warn, Instrument as _};
 
 use super::{
     accept,
@@ -69,7 +69,9 @@ impl Outbound {
             upstream.ok_or_else(|| anyhow!("{original} is no longer a mesh destination"))?;
         let source_workload =
             source_workload.ok_or_else(|| anyhow!("pod {} is no longer a workload", self.pod))?;
-        info!(
+        // At debug, as ztunnel's "connection opened": at info each connection gets one line, the
+        // access log at its end ("connection complete", with the same peers), not two.
+        debug!(
             original_dst = %original,
             upstream = %upstream.addr,
             dst_workload = %upstream.workload.key,

@@ -102,7 +102,6 @@ impl Mode {
         nodes
     }
 
-    /// `ambit node` flags this mode needs.
     /// Tokio worker threads per `ambit node` of this mode
     /// (`ambit_lab::worker_threads_per_node`). Measured: one worker per node for the two-node
     /// modes cut the p50 latency by 16 % and raised connections/s by 13 %; for
@@ -116,6 +115,7 @@ impl Mode {
         ambit_lab::worker_threads_per_node(cores, proxies)
     }
 
+    /// `ambit node` flags this mode needs.
     pub fn node_flags(self) -> &'static [&'static str] {
         match self {
             Mode::Iptables => &["--capture", "iptables"],

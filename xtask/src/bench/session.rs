@@ -5,10 +5,9 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use ambit_lab::{pod, Lab};
@@ -73,12 +72,7 @@ impl Session {
             lab.start_node(&env.ambit, node, &config, &log, &args)
                 .with_context(|| format!("starting ambit node {node} for mode {mode}"))?;
             let pid = lab.node_pid(node).context("the node's pid")?;
-            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() != "ambit" {
-                bail!(
-                    "pid {pid} of node {node} is {comm:?}, not ambit: CPU and RSS would be wrong"
-                );
-            }
+            require_program(pid, "ambit", &format!("node {node}"))?;
             session.nodes.push((node, pid));
             if node == pod(mode.client()).node {
                 session.client_log = Some(log);
@@ -188,29 +182,28 @@ fn start_relay(
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
-    let pid = lab.spawn(&relay_name(pod_name), cmd)?;
-    wait_for_line(&log, "listening", Duration::from_secs(10))
-        .with_context(|| format!("{} did not start", relay_name(pod_name)))?;
-    // `ip netns exec` execs the relay: this pid's CPU and RSS are the relay's own.
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if comm.trim() != "bench-relay" {
-        bail!("pid {pid} of the relay in pod {pod_name} is {comm:?}: CPU and RSS would be wrong");
-    }
+    let name = relay_name(pod_name);
+    let pid = lab.spawn(&name, cmd)?;
+    let listening =
+        || fs::read_to_string(&log).is_ok_and(|text| text.lines().any(|l| l.trim() == "listening"));
+    ambit_lab::wait_until(
+        Duration::from_secs(10),
+        &format!("{name} listening"),
+        listening,
+    )
+    .with_context(|| fs::read_to_string(&log).unwrap_or_default())?;
+    // `ip netns exec` execs the relay: this pid is the relay itself.
+    require_program(pid, "bench-relay", &name)?;
     Ok(pid)
 }
 
-fn wait_for_line(log: &Path, line: &str, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let text = fs::read_to_string(log).unwrap_or_default();
-        if text.lines().any(|l| l.trim() == line) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("no {line:?} within {timeout:?}; {}: {text}", log.display());
-        }
-        thread::sleep(Duration::from_millis(20));
+/// The CPU and RSS read for `what` are those of `pid`: check it is really `program`.
+fn require_program(pid: u32, program: &str, what: &str) -> Result<()> {
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() != program {
+        bail!("pid {pid} of {what} is {comm:?}, not {program}: CPU and RSS would be wrong");
     }
+    Ok(())
 }
 
 /// The iptables mode's capture, in the client pod's netns only: connections to the server

@@ -3,7 +3,13 @@
 //! the `ambit` binary (see src/datapath/loader.rs).
 use anyhow::{anyhow, Context as _};
 
+/// The dated nightly the eBPF crate is built with (`-Z build-std=core`). Pinned, not floating:
+/// bpf-linker 0.10.3 loads that nightly's own libLLVM, and a newer nightly ships another LLVM
+/// major. `cargo xtask setup` installs it; see the README's "Kernel" section.
+const NIGHTLY: &str = include_str!("../../ebpf/nightly-toolchain");
+
 fn main() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-changed=../../ebpf/nightly-toolchain");
     // Compact relative relocations (DT_RELR): the position-independent binary's 800 KiB
     // `.rela.dyn` shrinks to a few KiB. The loader reads all of it at every start, so it stayed
     // resident: ≈ 0.8 MiB of the node's idle RSS. Needs binutils ≥ 2.38 or lld to link and
@@ -28,6 +34,6 @@ fn main() -> anyhow::Result<()> {
             root_dir: root_dir.as_str(),
             ..Default::default()
         }],
-        aya_build::Toolchain::default(),
+        aya_build::Toolchain::Custom(NIGHTLY.trim()),
     )
 }

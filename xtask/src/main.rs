@@ -125,8 +125,9 @@ fn test(lint: bool, vm: bool, cargo_args: &[String]) -> Result<()> {
         cargo(&["fmt", "--all", "--check"])?;
         cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
         // The eBPF crate is linted for its real target.
+        let nightly = format!("+{}", setup::ebpf_nightly());
         cargo(&[
-            "+nightly",
+            &nightly,
             "clippy",
             "-p",
             "ambit-ebpf",

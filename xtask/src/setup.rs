@@ -1,8 +1,9 @@
 //! Prerequisites, installed only when missing so that a second run takes a second.
 //!
-//! Versions are those known to build here (shared/reference/kernel.md): the aya 0.14 train
-//! needs nightly's rust-src for `-Z build-std=core`, and bpf-linker 0.10.3, which uses nightly
-//! rustc's own LLVM (0.11+ wants a system LLVM that Debian does not ship).
+//! Versions are those known to build here (README, "Kernel"): the aya 0.14 train needs a
+//! nightly's rust-src for `-Z build-std=core`, and bpf-linker 0.10.3, which uses that nightly
+//! rustc's own LLVM 22 (0.11+ wants a system LLVM that Debian does not ship). The nightly is
+//! pinned by date (`ebpf/nightly-toolchain`): a floating `nightly` moved to LLVM 23.
 
 use std::process::{Command, Stdio};
 
@@ -28,9 +29,14 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
 
 const BPF_LINKER_VERSION: &str = "0.10.3";
 
+/// The dated nightly of the eBPF build (userspace/ambit/build.rs reads the same file).
+pub fn ebpf_nightly() -> &'static str {
+    include_str!("../../ebpf/nightly-toolchain").trim()
+}
+
 pub fn run() -> Result<()> {
     debian_packages()?;
-    nightly_rust_src()?;
+    pinned_nightly()?;
     bpf_linker()?;
     if is_root() {
         ambit_lab::ensure_bpffs(std::path::Path::new("/sys/fs/bpf"))?;
@@ -68,25 +74,30 @@ fn debian_packages() -> Result<()> {
     )
 }
 
-fn nightly_rust_src() -> Result<()> {
+/// The pinned nightly with rust-src (the eBPF build) and clippy (the eBPF crate's lint).
+fn pinned_nightly() -> Result<()> {
+    let nightly = ebpf_nightly();
     let installed = Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .args(["component", "list", "--toolchain", nightly, "--installed"])
         .stderr(Stdio::null())
         .output()
-        .context("running rustup (Ambit's eBPF build needs rustup's nightly toolchain)")?;
-    if installed.status.success() && String::from_utf8_lossy(&installed.stdout).contains("rust-src")
+        .context("running rustup (Ambit's eBPF build needs a rustup nightly toolchain)")?;
+    let components = String::from_utf8_lossy(&installed.stdout);
+    if installed.status.success()
+        && components.contains("rust-src")
+        && components.contains("clippy")
     {
         return Ok(());
     }
-    eprintln!("xtask: installing the nightly toolchain's rust-src");
+    eprintln!("xtask: installing {nightly} with rust-src and clippy");
     run_cmd(Command::new("rustup").args([
         "toolchain",
         "install",
-        "nightly",
+        nightly,
         "--profile",
         "minimal",
         "--component",
-        "rust-src",
+        "rust-src,clippy",
     ]))
 }
 

@@ -33,7 +33,10 @@ use ambit::{
         Metrics,
     },
     proxy::{drain::Drain, ProxyContext},
-    tls::{BuiltinCa, CertManager, CertificateAuthority, PluginCa, DEFAULT_TRUST_DOMAIN},
+    tls::{
+        BuiltinCa, CertManager, CertificateAuthority, CompliancePolicy, PluginCa,
+        DEFAULT_TRUST_DOMAIN,
+    },
 };
 
 #[derive(Parser)]
@@ -127,6 +130,16 @@ struct NodeArgs {
     /// Where the built-in CA's root certificate is written (PEM).
     #[arg(long, default_value = "/run/ambit/root-cert.pem")]
     ca_root_out: PathBuf,
+    /// Istio's compliance policy for HBONE's TLS: empty (X25519, P-256, P-384 and the hybrid
+    /// post-quantum X25519MLKEM768, in ztunnel's order) or `pqc` (X25519MLKEM768 only). Set it
+    /// as on istiod and ztunnel.
+    #[arg(
+        long,
+        env = "COMPLIANCE_POLICY",
+        default_value = "",
+        hide_default_value = true
+    )]
+    compliance_policy: CompliancePolicy,
     /// Lifetime of workload certificates; they are renewed at half of it.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
@@ -194,6 +207,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // rustls has two providers compiled in (ring, and aws-lc-rs for ML-KEM), so it no longer
+    // picks a process default by itself. HBONE passes its own provider explicitly; this
+    // default serves libraries that ask for one (the Kubernetes client).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Node(args) => {
             let set_log_level = init_logging(args.log_json);
@@ -294,7 +311,9 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
     };
     let initial = source.initial()?;
     let ca = certificate_authority(&args)?;
-    let certs = Arc::new(CertManager::new(ca, args.cert_lifetime));
+    let certs = Arc::new(
+        CertManager::new(ca, args.cert_lifetime).with_compliance_policy(args.compliance_policy),
+    );
     let datapath = Datapath::open(&args.bpffs, &args.node, args.ebpf_log, args.capture)?;
     let (state_tx, state_rx) = watch::channel(initial.clone());
     let metrics = Metrics::new();

@@ -95,7 +95,13 @@ impl RawHbone {
             )
             .unwrap();
         let server = Identity::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
-        let config = tls::client_config(&cert, &ca.roots(), &[server]).unwrap();
+        let config = tls::client_config(
+            &cert,
+            &ca.roots(),
+            &[server],
+            tls::CompliancePolicy::Default,
+        )
+        .unwrap();
 
         let netns = Netns::open(&t.lab.netns_path("n2")).unwrap();
         let socket = netns.socket(socket2::Domain::IPV4).unwrap();

@@ -26,7 +26,7 @@ fn curl_and_iperf3_cross_nodes_and_only_tls_to_15008_is_on_the_link() {
     let c = pod("c").ip;
     // A token that exists only in the served file: it must never appear on the link.
     let token = format!("plaintext-marker-{}", std::process::id());
-    fs::write(t.dir.join("www/secret.txt"), format!("{token}\n")).unwrap();
+    fs::write(t.dir.join("www-c/secret.txt"), format!("{token}\n")).unwrap();
 
     let pcap = t.dir.join("link.pcap");
     let mut cmd = t.lab.node_command("n1", "tcpdump");
@@ -216,7 +216,13 @@ impl HandMadeClient {
         let me = Identity::new(td, "default", "tester");
         let cert = ca.issue(&me, lifetime).unwrap();
         let expected = Identity::parse(expected).unwrap();
-        let config = tls::client_config(&cert, &lab_ca.roots(), &[expected]).unwrap();
+        let config = tls::client_config(
+            &cert,
+            &lab_ca.roots(),
+            &[expected],
+            tls::CompliancePolicy::Default,
+        )
+        .unwrap();
         Self {
             netns: Netns::open(&t.lab.netns_path("n2")).unwrap(),
             config,
@@ -379,6 +385,7 @@ fn a_new_connection_sends_the_apps_first_bytes_with_its_connect() {
     let config = tls::server_config(
         &lab_ca.issue(&web, Duration::from_secs(3600)).unwrap(),
         &lab_ca.roots(),
+        tls::CompliancePolicy::Default,
     )
     .unwrap();
     // Bound in pod c's netns, where node 2's HBONE listener was (it let go when it stopped).

@@ -25,6 +25,9 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+mod ztunnel;
+pub use ztunnel::{without_ambit_section, Ztunnel, ZtunnelPod};
+
 /// A lab node: a netns that routes between its pods and the other node.
 #[derive(Debug, Clone)]
 pub struct NodeSpec {
@@ -288,6 +291,7 @@ workloads:
 - uid: lab//v1/Pod/default/a
   name: a
   namespace: default
+  workloadName: a
   serviceAccount: sleep
   workloadIps: ["{a_ip}"]
   protocol: {protocol}
@@ -295,6 +299,7 @@ workloads:
 - uid: lab//v1/Pod/default/c
   name: c
   namespace: default
+  workloadName: c
   serviceAccount: web
   workloadIps: ["{c_ip}"]
   protocol: {protocol}
@@ -349,6 +354,7 @@ ambit:
             let p = pod(name);
             workloads.push_str(&format!(
                 "- uid: lab//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  \
+                 workloadName: {name}\n  \
                  serviceAccount: {name}\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  \
                  node: {node}\n",
                 ip = p.ip,

@@ -156,7 +156,7 @@ fn cargo_fuzz(root: &Path, args: &[&str]) -> Result<()> {
 /// fuzzed crate.
 fn nightly_cargo_fuzz(root: &Path) -> Command {
     let mut cmd = Command::new("cargo");
-    cmd.args(["+nightly", "fuzz"])
+    cmd.args([&format!("+{}", crate::setup::ebpf_nightly()), "fuzz"])
         .current_dir(root.join(FUZZED_CRATE))
         .env_remove("RUSTUP_TOOLCHAIN");
     cmd

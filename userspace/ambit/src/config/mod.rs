@@ -1,5 +1,5 @@
 //! The file source's format: ztunnel's local config (`workloads`, `services`, `policies`, in
-//! camelCase; see `shared/reference/ztunnel-local-config.yaml`), plus one Ambit section, `ambit`,
+//! camelCase; as in `examples/localhost.yaml` of istio/ztunnel), plus one Ambit section, `ambit`,
 //! that says where each local pod's netns and cgroup are and whether it is enrolled. ztunnel's
 //! own fields that Ambit does not use yet are accepted and ignored, so a ztunnel file loads as is.
 
@@ -47,6 +47,30 @@ pub struct Workload {
     /// `"<namespace>/<hostname>"` → service port → target port.
     #[serde(default)]
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    /// What telemetry calls this workload (ztunnel's fields of the same names).
+    #[serde(flatten)]
+    pub telemetry: WorkloadTelemetry,
+}
+
+/// A workload's names for metrics and baggage, as Istio gives them to ztunnel. Absent ones
+/// are reported as `unknown` (metrics) or left out (baggage), as ztunnel does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadTelemetry {
+    /// The owner a pod belongs to (e.g. its Deployment's name): the `*_workload` label.
+    #[serde(default)]
+    pub workload_name: Option<String>,
+    /// `deployment`, `pod`, ...: the `k8s.<type>.name` key of the baggage.
+    #[serde(default)]
+    pub workload_type: Option<String>,
+    /// `service.istio.io/canonical-name` (else the `app` label, else the workload name).
+    #[serde(default)]
+    pub canonical_name: Option<String>,
+    /// `service.istio.io/canonical-revision` (else the `version` label, else `latest`).
+    #[serde(default)]
+    pub canonical_revision: Option<String>,
+    #[serde(default)]
+    pub cluster_id: Option<String>,
 }
 
 fn default_service_account() -> String {

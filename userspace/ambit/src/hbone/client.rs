@@ -266,7 +266,12 @@ impl HboneClient {
 
     async fn connect(&self, req: &TunnelRequest<'_>) -> Result<Arc<PooledConnection>> {
         let cert = self.certs.get(&req.source)?;
-        let config = tls::client_config(&cert, &self.certs.roots(), &req.expected)?;
+        let config = tls::client_config(
+            &cert,
+            &self.certs.roots(),
+            &req.expected,
+            self.certs.compliance_policy(),
+        )?;
         let tcp = connect_tcp(req.netns, req.hbone_addr, self.connect_timeout).await?;
         let tls = tokio::time::timeout(
             self.connect_timeout,
@@ -275,6 +280,7 @@ impl HboneClient {
         .await
         .map_err(|_| anyhow!("TLS handshake with {} timed out", req.hbone_addr))?
         .with_context(|| format!("TLS handshake with {}", req.hbone_addr))?;
+        let kx = tls::key_exchange(tls.get_ref().1);
         let s = &self.settings;
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(s.stream_window)
@@ -296,6 +302,7 @@ impl HboneClient {
             conn = id,
             src = %req.source,
             dst = %req.hbone_addr,
+            kx,
             "HBONE connection established"
         );
         let ping_pong = connection.ping_pong();

@@ -1,5 +1,5 @@
 //! HBONE: HTTP/2 CONNECT over mutual TLS 1.3 on port 15008, as Istio's ztunnel speaks it
-//! (`shared/reference/hbone.md`). `client` opens (pooled) tunnels, `server` answers them after
+//! (`docs/hbone.md`). `client` opens (pooled) tunnels, `server` answers them after
 //! `request`'s checks, and `bridge` moves bytes between a TCP stream and an HTTP/2 stream,
 //! half-close included.
 

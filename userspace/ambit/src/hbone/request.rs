@@ -1,5 +1,5 @@
 //! The rules an HBONE CONNECT request must pass before the server connects anywhere (steps 1–3
-//! of ztunnel's answer order, `shared/reference/hbone.md`). They read only the request and the
+//! of ztunnel's answer order, `docs/hbone.md`). They read only the request and the
 //! address the connection arrived on, plus one question to the caller (is that address a local
 //! workload's?), so they are checked here without a server, TLS or state: the fuzz target
 //! `hbone_request` feeds them hostile requests.

@@ -1,6 +1,6 @@
 //! HBONE server: the 15008 listener inside an enrolled pod's netns. It serves the pod's
 //! certificate, requires a client certificate from the mesh's CA and trust domain, and answers
-//! each CONNECT in ztunnel's order (see `shared/reference/hbone.md`):
+//! each CONNECT in ztunnel's order (see `docs/hbone.md`):
 //! 400 not CONNECT / bad authority / authority not this pod's address; 503 no such workload or a
 //! tunnel port; 401 denied by policy; 503 the app refused; 200 and bytes flow.
 
@@ -99,7 +99,11 @@ impl HboneServer {
                 return Ok(config.clone());
             }
         }
-        let config = tls::server_config(&cert, &self.ctx.certs.roots())?;
+        let config = tls::server_config(
+            &cert,
+            &self.ctx.certs.roots(),
+            self.ctx.certs.compliance_policy(),
+        )?;
         *cached = Some((cert, config.clone()));
         Ok(config)
     }
@@ -116,6 +120,12 @@ impl HboneServer {
         .context("TLS handshake timed out")?
         .context("TLS handshake")?;
         let peer_identity = tls::peer_identity(tls.get_ref().1);
+        debug!(
+            %peer,
+            src_identity = %peer_identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+            kx = tls::key_exchange(tls.get_ref().1),
+            "HBONE connection accepted"
+        );
         let s: &HboneSettings = &self.ctx.hbone_settings;
         let mut connection = s
             .h2_server()

@@ -11,7 +11,10 @@ use std::{
 use tracing::info;
 
 use super::metrics::{Metrics, TcpLabels};
-use crate::state::WorkloadInfo;
+use crate::{
+    config::WorkloadTelemetry,
+    state::{ServiceName, WorkloadInfo},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reporter {
@@ -25,10 +28,13 @@ pub enum Reporter {
 #[derive(Clone, Debug, Default)]
 pub struct Peer {
     pub addr: Option<SocketAddr>,
+    /// The pod's name (the access log's `*.workload`, as ztunnel logs it).
     pub workload: Option<String>,
     pub namespace: Option<String>,
     /// SPIFFE URI.
     pub identity: Option<String>,
+    /// The metrics' names for it (`*_workload` is the owner's name, not the pod's).
+    pub telemetry: WorkloadTelemetry,
 }
 
 impl Peer {
@@ -38,6 +44,7 @@ impl Peer {
             workload: Some(w.name.clone()),
             namespace: Some(w.namespace.clone()),
             identity: Some(w.identity().to_string()),
+            telemetry: w.telemetry.clone(),
         }
     }
 
@@ -56,7 +63,7 @@ pub struct ConnectionRecord {
     dst: Peer,
     /// `podIP:15008` when the connection travels over HBONE.
     hbone_addr: Option<SocketAddr>,
-    service: Option<String>,
+    service: Option<ServiceName>,
     mtls: bool,
     start: Instant,
     labels: TcpLabels,
@@ -85,10 +92,10 @@ impl ConnectionRecord {
         src: Peer,
         dst: Peer,
         hbone_addr: Option<SocketAddr>,
-        service: Option<String>,
+        service: Option<ServiceName>,
         mtls: bool,
     ) -> Self {
-        let labels = labels(reporter, &src, &dst, service.as_deref(), mtls, "-");
+        let labels = labels(reporter, &src, &dst, service.as_ref(), mtls, "-");
         metrics.opened.get_or_create(&labels).inc();
         Self {
             metrics,
@@ -130,7 +137,7 @@ impl ConnectionRecord {
                 self.reporter,
                 &self.src,
                 &self.dst,
-                self.service.as_deref(),
+                self.service.as_ref(),
                 self.mtls,
                 flag,
             )
@@ -165,7 +172,7 @@ impl ConnectionRecord {
             src.identity = %show(&self.src.identity),
             dst.addr = %addr(&self.dst.addr),
             dst.hbone_addr = %addr(&self.hbone_addr),
-            dst.service = %show(&self.service),
+            dst.service = %self.service.as_ref().map_or("-", |s| s.hostname.as_str()),
             dst.workload = %show(&self.dst.workload),
             dst.namespace = %show(&self.dst.namespace),
             dst.identity = %show(&self.dst.identity),
@@ -185,27 +192,48 @@ fn labels(
     reporter: Reporter,
     src: &Peer,
     dst: &Peer,
-    service: Option<&str>,
+    service: Option<&ServiceName>,
     mtls: bool,
     flag: &str,
 ) -> TcpLabels {
     let v = |o: &Option<String>| o.clone().unwrap_or_else(|| "unknown".into());
+    let (s, d) = (&src.telemetry, &dst.telemetry);
+    let service_field = |f: fn(&ServiceName) -> &String| {
+        service.map_or_else(|| "unknown".into(), |svc| f(svc).clone())
+    };
     TcpLabels {
         reporter: match reporter {
             Reporter::Source => "source",
             Reporter::Destination => "destination",
         }
         .into(),
-        source_workload: v(&src.workload),
+        source_workload: v(&s.workload_name),
+        source_canonical_service: v(&s.canonical_name),
+        source_canonical_revision: v(&s.canonical_revision),
         source_workload_namespace: v(&src.namespace),
         source_principal: v(&src.identity),
-        destination_service: service.unwrap_or("unknown").into(),
-        destination_workload: v(&dst.workload),
+        source_app: v(&s.canonical_name),
+        source_version: v(&s.canonical_revision),
+        source_cluster: v(&s.cluster_id),
+        destination_service: service_field(|s| &s.hostname),
+        destination_service_namespace: service_field(|s| &s.namespace),
+        destination_service_name: service_field(|s| &s.name),
+        destination_workload: v(&d.workload_name),
+        destination_canonical_service: v(&d.canonical_name),
+        destination_canonical_revision: v(&d.canonical_revision),
         destination_workload_namespace: v(&dst.namespace),
         destination_principal: v(&dst.identity),
+        destination_app: v(&d.canonical_name),
+        destination_version: v(&d.canonical_revision),
+        destination_cluster: v(&d.cluster_id),
         request_protocol: "tcp".into(),
         response_flags: flag.into(),
         connection_security_policy: if mtls { "mutual_tls" } else { "unknown" }.into(),
+        // Ambit reads no locality yet.
+        source_region: "unknown".into(),
+        source_zone: "unknown".into(),
+        destination_region: "unknown".into(),
+        destination_zone: "unknown".into(),
     }
 }
 
@@ -257,7 +285,11 @@ mod tests {
                 Peer::default(),
                 Peer::default(),
                 None,
-                Some("web.default.svc.cluster.local".into()),
+                Some(ServiceName {
+                    hostname: "web.default.svc.cluster.local".into(),
+                    namespace: "default".into(),
+                    name: "web".into(),
+                }),
                 false,
             );
             r.close(Outcome::Completed {

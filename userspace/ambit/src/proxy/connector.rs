@@ -49,7 +49,7 @@ pub async fn connect(
                     hbone_addr: SocketAddr::new(upstream.addr.ip(), HBONE_PORT),
                     target: upstream.addr,
                     client_addr: source.addr,
-                    service_host: upstream.service.clone(),
+                    service_host: upstream.service.as_ref().map(|s| s.hostname.clone()),
                     baggage: source.workload.baggage(),
                 })
                 .await?;

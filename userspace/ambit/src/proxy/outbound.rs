@@ -76,7 +76,7 @@ impl Outbound {
             upstream = %upstream.addr,
             dst_workload = %upstream.workload.key,
             protocol = ?upstream.workload.protocol,
-            service = upstream.service.as_deref().unwrap_or("-"),
+            service = upstream.service.as_ref().map_or("-", |s| s.hostname.as_str()),
             "captured outbound connection"
         );
         stream.set_nodelay(true)?;

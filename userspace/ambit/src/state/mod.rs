@@ -12,7 +12,7 @@ use std::{
 use anyhow::Result;
 
 use crate::{
-    config::{DataplaneMode, LocalConfig, MtlsMode, Protocol},
+    config::{DataplaneMode, LocalConfig, MtlsMode, Protocol, WorkloadTelemetry},
     policy::{ConnectionInfo, Decision, DestinationWorkload, PolicySet},
     tls::Identity,
 };
@@ -34,6 +34,15 @@ pub struct WorkloadInfo {
     pub authorization_policies: Vec<String>,
     /// Service key (`ns/hostname`) → service port → target port.
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    pub telemetry: WorkloadTelemetry,
+}
+
+/// A service as telemetry names it (`destination_service*` labels, the access log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceName {
+    pub hostname: String,
+    pub namespace: String,
+    pub name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,11 +61,18 @@ impl WorkloadInfo {
         Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
     }
 
-    /// The `baggage` header describing this workload (as ztunnel sends it).
+    /// The `baggage` header describing this workload (as ztunnel sends it): cluster,
+    /// namespace, `k8s.<workload type>.name`, canonical service and revision.
     pub fn baggage(&self) -> String {
+        let t = &self.telemetry;
         format!(
-            "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.pod.name={},service.name={},service.version=latest",
-            self.namespace, self.name, self.name
+            "k8s.cluster.name={},k8s.namespace.name={},k8s.{}.name={},service.name={},service.version={}",
+            t.cluster_id.as_deref().unwrap_or("Kubernetes"),
+            self.namespace,
+            t.workload_type.as_deref().unwrap_or("pod"),
+            t.workload_name.as_deref().unwrap_or(&self.name),
+            t.canonical_name.as_deref().unwrap_or(&self.name),
+            t.canonical_revision.as_deref().unwrap_or("latest"),
         )
     }
 }
@@ -100,8 +116,8 @@ pub struct State {
 pub struct Upstream {
     pub workload: WorkloadInfo,
     pub addr: SocketAddr,
-    /// The service hostname, when the application connected to a service VIP.
-    pub service: Option<String>,
+    /// The service, when the application connected to a service VIP.
+    pub service: Option<ServiceName>,
     pub service_key: Option<String>,
 }
 
@@ -133,6 +149,7 @@ impl State {
                     node: w.node.clone(),
                     authorization_policies: w.authorization_policies.clone(),
                     services: w.services.clone(),
+                    telemetry: w.telemetry.clone(),
                 },
             );
         }
@@ -262,7 +279,11 @@ impl State {
             return Some(Upstream {
                 workload: w.clone(),
                 addr: SocketAddr::new(*ip, port),
-                service: Some(service.hostname.clone()),
+                service: Some(ServiceName {
+                    hostname: service.hostname.clone(),
+                    namespace: service.namespace.clone(),
+                    name: service.name.clone(),
+                }),
                 service_key: Some(service.key.clone()),
             });
         }
@@ -342,7 +363,11 @@ ambit:
             ]
         );
         assert_eq!(
-            s.resolve(vip).unwrap().service.as_deref(),
+            s.resolve(vip)
+                .unwrap()
+                .service
+                .map(|s| s.hostname)
+                .as_deref(),
             Some("web.default.svc")
         );
     }

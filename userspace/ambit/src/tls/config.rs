@@ -1,12 +1,14 @@
 //! rustls configurations for HBONE, as ztunnel negotiates them: TLS 1.3 only, AES-GCM suites
-//! only, ALPN `h2`, mutual authentication with SPIFFE identities, no SNI, no resumption.
+//! only, ALPN `h2`, mutual authentication with SPIFFE identities, no SNI, no resumption, and
+//! ztunnel's key exchanges: X25519, P-256, P-384 and the hybrid post-quantum X25519MLKEM768 —
+//! or, under the `pqc` compliance policy, X25519MLKEM768 alone.
 
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use rustls::{
     client::Resumption,
-    crypto::{ring, CryptoProvider},
+    crypto::{aws_lc_rs, ring, CryptoProvider, SupportedKxGroup},
     version::TLS13,
     ClientConfig, CommonState, ServerConfig,
 };
@@ -21,26 +23,91 @@ use super::{
 /// The only application protocol spoken over HBONE.
 const ALPN_H2: &[u8] = b"h2";
 
+/// Which key exchanges HBONE offers and accepts: Istio's `COMPLIANCE_POLICY` (set the same on
+/// istiod, ztunnel and Ambit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CompliancePolicy {
+    /// ztunnel's default order: X25519, P-256, P-384, then X25519MLKEM768. A client sends a
+    /// key share for X25519 first; a `pqc` server answers with a HelloRetryRequest for
+    /// X25519MLKEM768, which costs one more round trip but meets.
+    #[default]
+    Default,
+    /// Post-quantum only: X25519MLKEM768 is the one group offered and accepted (TLS 1.3 and
+    /// the AES-GCM suites, as always). Peers without it fail the handshake
+    /// (`NoKxGroupsInCommon`).
+    Pqc,
+}
+
+impl std::str::FromStr for CompliancePolicy {
+    type Err = String;
+
+    /// Istio's spellings: empty (the default) or `pqc`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "default" => Ok(CompliancePolicy::Default),
+            "pqc" => Ok(CompliancePolicy::Pqc),
+            "fips-140-2" => Err("compliance policy fips-140-2 is not supported: Ambit's \
+                 cryptography (ring, aws-lc-rs for ML-KEM) is not a FIPS-validated build"
+                .to_owned()),
+            other => Err(format!(
+                "unknown compliance policy {other:?} (expected empty, or pqc)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for CompliancePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CompliancePolicy::Default => "default",
+            CompliancePolicy::Pqc => "pqc",
+        })
+    }
+}
+
+/// The key-exchange groups of `policy`, in preference order. The classical groups are ring's
+/// (as before); X25519MLKEM768 comes from aws-lc-rs, as ring has no ML-KEM.
+fn kx_groups(policy: CompliancePolicy) -> Vec<&'static dyn SupportedKxGroup> {
+    match policy {
+        CompliancePolicy::Default => vec![
+            ring::kx_group::X25519,
+            ring::kx_group::SECP256R1,
+            ring::kx_group::SECP384R1,
+            aws_lc_rs::kx_group::X25519MLKEM768,
+        ],
+        CompliancePolicy::Pqc => vec![aws_lc_rs::kx_group::X25519MLKEM768],
+    }
+}
+
 /// The ring provider restricted to TLS13_AES_256_GCM_SHA384 and TLS13_AES_128_GCM_SHA256
-/// (no ChaCha20). Used explicitly; the process-wide default provider is never consulted.
-pub(super) fn provider() -> Arc<CryptoProvider> {
+/// (no ChaCha20; ring's AES-GCM measured fastest here), with `policy`'s key exchanges. Used
+/// explicitly; the process-wide default provider is never consulted.
+pub(super) fn provider_with(policy: CompliancePolicy) -> Arc<CryptoProvider> {
     Arc::new(CryptoProvider {
         cipher_suites: vec![
             ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
             ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
         ],
+        kx_groups: kx_groups(policy),
         ..ring::default_provider()
     })
 }
 
+/// The provider for certificate checks (signature algorithms only; key exchange irrelevant).
+pub(super) fn provider() -> Arc<CryptoProvider> {
+    provider_with(CompliancePolicy::Default)
+}
+
 /// Server configuration for the HBONE listener: presents `cert`, requires a client certificate
-/// that chains to `roots` and whose SPIFFE identity is in `cert.identity`'s trust domain.
+/// that chains to `roots` and whose SPIFFE identity is in `cert.identity`'s trust domain;
+/// `policy` sets the key exchanges accepted.
 pub fn server_config(
     cert: &WorkloadCert,
     roots: &[CertificateDer<'static>],
+    policy: CompliancePolicy,
 ) -> Result<Arc<ServerConfig>> {
     let verifier = TrustDomainVerifier::new(root_store(roots)?, &cert.identity.trust_domain)?;
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(provider_with(policy))
         .with_protocol_versions(&[&TLS13])
         .context("TLS 1.3 with the AES-GCM suites")?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -55,15 +122,17 @@ pub fn server_config(
 /// Client configuration for one HBONE connection: presents `cert`, accepts a server whose chain
 /// leads to `roots` and whose certificate carries one of the `expected` identities as a URI SAN.
 /// The server name is ignored (pass [`dummy_server_name`]); SNI and resumption are off.
+/// `policy` sets the key exchanges offered.
 pub fn client_config(
     cert: &WorkloadCert,
     roots: &[CertificateDer<'static>],
     expected: &[Identity],
+    policy: CompliancePolicy,
 ) -> Result<Arc<ClientConfig>> {
     if expected.is_empty() {
         bail!("no expected server identity: any server would be accepted");
     }
-    let provider = provider();
+    let provider = provider_with(policy);
     let verifier = ServerIdentityVerifier::new(
         root_store(roots)?,
         expected.to_vec(),
@@ -89,6 +158,14 @@ pub fn peer_identity(conn: &CommonState) -> Option<Identity> {
     cert_identity(leaf).ok()
 }
 
+/// The key-exchange group an established connection agreed on (e.g. `X25519MLKEM768`), for
+/// logs: it shows which peers meet post-quantum.
+pub fn key_exchange(conn: &CommonState) -> String {
+    conn.negotiated_key_exchange_group()
+        .map(|g| format!("{:?}", g.name()))
+        .unwrap_or_else(|| "-".to_owned())
+}
+
 /// A fixed server name for `connect`: it is neither sent (no SNI) nor verified.
 pub fn dummy_server_name() -> ServerName<'static> {
     ServerName::try_from("hbone.ambit.invalid").expect("a valid DNS name")
@@ -108,6 +185,7 @@ mod tests {
     };
 
     const HOUR: Duration = Duration::from_secs(3600);
+    const DEFAULT: CompliancePolicy = CompliancePolicy::Default;
 
     fn id(td: &str, sa: &str) -> Identity {
         Identity::new(td, "default", sa)
@@ -122,8 +200,14 @@ mod tests {
         let server_cert = ca.issue(&server_id, HOUR).unwrap();
 
         let Handshake { server, client } = handshake(
-            server_config(&server_cert, &ca.roots()).unwrap(),
-            client_config(&client_cert, &ca.roots(), std::slice::from_ref(&server_id)).unwrap(),
+            server_config(&server_cert, &ca.roots(), DEFAULT).unwrap(),
+            client_config(
+                &client_cert,
+                &ca.roots(),
+                std::slice::from_ref(&server_id),
+                DEFAULT,
+            )
+            .unwrap(),
         )
         .await;
         let mut server = server.expect("server handshake");
@@ -161,8 +245,8 @@ mod tests {
         let server_cert = rogue.issue(&server_id, HOUR).unwrap();
 
         let outcome = handshake(
-            server_config(&server_cert, &ca.roots()).unwrap(),
-            client_config(&client_cert, &ca.roots(), &[server_id]).unwrap(),
+            server_config(&server_cert, &ca.roots(), DEFAULT).unwrap(),
+            client_config(&client_cert, &ca.roots(), &[server_id], DEFAULT).unwrap(),
         )
         .await;
         let err = outcome.client.expect_err("client must refuse").to_string();
@@ -179,8 +263,8 @@ mod tests {
         let client_cert = other.issue(&id("other.local", "client"), HOUR).unwrap();
 
         let outcome = handshake(
-            server_config(&server_cert, &ca.roots()).unwrap(),
-            client_config(&client_cert, &ca.roots(), &[server_id]).unwrap(),
+            server_config(&server_cert, &ca.roots(), DEFAULT).unwrap(),
+            client_config(&client_cert, &ca.roots(), &[server_id], DEFAULT).unwrap(),
         )
         .await;
         let err = outcome
@@ -201,8 +285,8 @@ mod tests {
         let client_cert = ca.issue(&id("other.local", "client"), HOUR).unwrap();
 
         let outcome = handshake(
-            server_config(&server_cert, &ca.roots()).unwrap(),
-            client_config(&client_cert, &ca.roots(), &[server_id]).unwrap(),
+            server_config(&server_cert, &ca.roots(), DEFAULT).unwrap(),
+            client_config(&client_cert, &ca.roots(), &[server_id], DEFAULT).unwrap(),
         )
         .await;
         let err = outcome
@@ -229,8 +313,8 @@ mod tests {
         let server_cert = ca.issue(&b, HOUR).unwrap();
 
         let outcome = handshake(
-            server_config(&server_cert, &ca.roots()).unwrap(),
-            client_config(&client_cert, &ca.roots(), std::slice::from_ref(&a)).unwrap(),
+            server_config(&server_cert, &ca.roots(), DEFAULT).unwrap(),
+            client_config(&client_cert, &ca.roots(), std::slice::from_ref(&a), DEFAULT).unwrap(),
         )
         .await;
         let err = outcome.client.expect_err("client must refuse").to_string();
@@ -265,7 +349,7 @@ mod tests {
             .unwrap();
 
         let outcome = handshake(
-            server_config(&server_cert, &ca.roots()).unwrap(),
+            server_config(&server_cert, &ca.roots(), DEFAULT).unwrap(),
             Arc::new(client),
         )
         .await;
@@ -282,9 +366,10 @@ mod tests {
     fn client_config_settings() {
         let ca = BuiltinCa::generate("cluster.local").unwrap();
         let cert = ca.issue(&id("cluster.local", "client"), HOUR).unwrap();
-        assert!(client_config(&cert, &ca.roots(), &[]).is_err());
-        assert!(client_config(&cert, &[], &[id("cluster.local", "s")]).is_err());
-        let config = client_config(&cert, &ca.roots(), &[id("cluster.local", "s")]).unwrap();
+        assert!(client_config(&cert, &ca.roots(), &[], DEFAULT).is_err());
+        assert!(client_config(&cert, &[], &[id("cluster.local", "s")], DEFAULT).is_err());
+        let config =
+            client_config(&cert, &ca.roots(), &[id("cluster.local", "s")], DEFAULT).unwrap();
         assert!(!config.enable_sni);
         assert_eq!(config.alpn_protocols, vec![ALPN_H2.to_vec()]);
         let suites: Vec<_> = config
@@ -301,5 +386,92 @@ mod tests {
             ]
         );
         assert!(matches!(dummy_server_name(), ServerName::DnsName(_)));
+    }
+
+    /// The named group a finished handshake agreed on.
+    fn agreed_group(conn: &CommonState) -> rustls::NamedGroup {
+        conn.negotiated_key_exchange_group()
+            .expect("a key exchange group")
+            .name()
+    }
+
+    /// Default client and `pqc` server (and the other way round) meet on X25519MLKEM768, as
+    /// Ambit meets a ztunnel whose COMPLIANCE_POLICY differs from its own; two defaults stay on
+    /// X25519 (one round trip, the cheaper key share).
+    #[tokio::test]
+    async fn key_exchange_follows_the_compliance_policy() {
+        use CompliancePolicy::{Default as Classic, Pqc};
+        let ca = BuiltinCa::generate("cluster.local").unwrap();
+        let server_id = id("cluster.local", "server");
+        let server_cert = ca.issue(&server_id, HOUR).unwrap();
+        let client_cert = ca.issue(&id("cluster.local", "client"), HOUR).unwrap();
+        for (client_policy, server_policy, expected) in [
+            (Classic, Classic, rustls::NamedGroup::X25519),
+            (Classic, Pqc, rustls::NamedGroup::X25519MLKEM768),
+            (Pqc, Classic, rustls::NamedGroup::X25519MLKEM768),
+            (Pqc, Pqc, rustls::NamedGroup::X25519MLKEM768),
+        ] {
+            let Handshake { server, client } = handshake(
+                server_config(&server_cert, &ca.roots(), server_policy).unwrap(),
+                client_config(
+                    &client_cert,
+                    &ca.roots(),
+                    std::slice::from_ref(&server_id),
+                    client_policy,
+                )
+                .unwrap(),
+            )
+            .await;
+            let (server, client) = (server.unwrap(), client.unwrap());
+            let what = format!("client {client_policy}, server {server_policy}");
+            assert_eq!(agreed_group(client.get_ref().1), expected, "{what}");
+            assert_eq!(agreed_group(server.get_ref().1), expected, "{what}");
+        }
+    }
+
+    /// A `pqc` server refuses a client that offers only classical groups (a ring-only peer,
+    /// as Ambit was before), naming why.
+    #[tokio::test]
+    async fn pqc_server_refuses_classical_only_client() {
+        let ca = BuiltinCa::generate("cluster.local").unwrap();
+        let server_id = id("cluster.local", "server");
+        let server_cert = ca.issue(&server_id, HOUR).unwrap();
+        let client_cert = ca.issue(&id("cluster.local", "client"), HOUR).unwrap();
+        let classical = Arc::new(CryptoProvider {
+            kx_groups: ring::default_provider().kx_groups,
+            ..(*provider_with(DEFAULT)).clone()
+        });
+        let verifier = ServerIdentityVerifier::new(
+            root_store(&ca.roots()).unwrap(),
+            vec![server_id],
+            classical.signature_verification_algorithms,
+        );
+        let client = ClientConfig::builder_with_provider(classical)
+            .with_protocol_versions(&[&TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(client_cert.chain.clone(), client_cert.key.clone_key())
+            .unwrap();
+        let outcome = handshake(
+            server_config(&server_cert, &ca.roots(), CompliancePolicy::Pqc).unwrap(),
+            Arc::new(client),
+        )
+        .await;
+        let err = outcome.server.expect_err("server must refuse").to_string();
+        assert!(err.contains("NoKxGroupsInCommon"), "{err}");
+        assert!(outcome.client.is_err());
+    }
+
+    #[test]
+    fn compliance_policy_spellings() {
+        assert_eq!("".parse(), Ok(CompliancePolicy::Default));
+        assert_eq!("pqc".parse(), Ok(CompliancePolicy::Pqc));
+        let err = "PQC".parse::<CompliancePolicy>().unwrap_err();
+        assert!(err.contains("unknown compliance policy \"PQC\""), "{err}");
+        assert!("fips-140-2"
+            .parse::<CompliancePolicy>()
+            .unwrap_err()
+            .contains("not supported"));
     }
 }

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::{
     ca::{CertificateAuthority, WorkloadCert},
+    config::CompliancePolicy,
     identity::Identity,
 };
 
@@ -23,6 +24,8 @@ use super::{
 pub struct CertManager {
     ca: Arc<dyn CertificateAuthority>,
     lifetime: Duration,
+    /// The key exchanges the HBONE configurations built from these certificates use.
+    compliance: CompliancePolicy,
     cache: Mutex<HashMap<Identity, Cached>>,
 }
 
@@ -38,8 +41,20 @@ impl CertManager {
         CertManager {
             ca,
             lifetime,
+            compliance: CompliancePolicy::Default,
             cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same, for HBONE under `policy` (Istio's `COMPLIANCE_POLICY`).
+    pub fn with_compliance_policy(mut self, policy: CompliancePolicy) -> CertManager {
+        self.compliance = policy;
+        self
+    }
+
+    /// The compliance policy HBONE's TLS configurations follow.
+    pub fn compliance_policy(&self) -> CompliancePolicy {
+        self.compliance
     }
 
     /// The current certificate for `identity`: the cached one, or a new one on first use and

@@ -60,6 +60,23 @@ impl TestLab {
 
     /// A lab with a given config and extra `ambit node` flags.
     pub fn start_with(options: &LabConfig<'_>, node_args: &[&str]) -> TestLab {
+        let mut t = Self::start_custom(LabSetup {
+            config: &|lab| lab.config_yaml_with(options),
+            ca: &|lab, dir| lab.init_ca(Path::new(AMBIT), dir),
+            http_pods: &["c", "d"],
+            nodes: &["n1", "n2"],
+            node_args,
+        });
+        t.protocol = if options.protocol == "TCP" {
+            "TCP"
+        } else {
+            "HBONE"
+        };
+        t
+    }
+
+    /// A lab set up as `setup` says.
+    pub fn start_custom(setup: LabSetup<'_>) -> TestLab {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let prefix = format!(
             "{}{}x{}",
@@ -70,24 +87,26 @@ impl TestLab {
         let mut lab = Lab::create(&prefix).expect("creating the lab");
         let dir = std::env::temp_dir().join(&prefix);
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("www")).unwrap();
-        fs::write(dir.join("www/index.html"), "hello from pod c\n").unwrap();
+        fs::create_dir_all(&dir).unwrap();
         let config = dir.join("lab.yaml");
-        fs::write(&config, lab.config_yaml_with(options)).unwrap();
+        fs::write(&config, (setup.config)(&lab)).unwrap();
         let ca = dir.join("ca");
-        lab.init_ca(Path::new(AMBIT), &ca).unwrap();
+        (setup.ca)(&lab, &ca).expect("the lab's CA");
         let mut args = vec!["--ca-dir".to_owned(), ca.display().to_string()];
-        args.extend(node_args.iter().map(|a| a.to_string()));
-        for pod in ["c", "d"] {
-            lab.start_http_server(pod, 8080, &dir.join("www")).unwrap();
+        args.extend(setup.node_args.iter().map(|a| a.to_string()));
+        for pod in setup.http_pods {
+            let www = dir.join(format!("www-{pod}"));
+            fs::create_dir_all(&www).unwrap();
+            fs::write(www.join("index.html"), format!("hello from pod {pod}\n")).unwrap();
+            lab.start_http_server(pod, 8080, &www).unwrap();
         }
         let mut logs = std::collections::HashMap::new();
-        for node in ["n1", "n2"] {
+        for node in setup.nodes {
             let log = dir.join(format!("{node}.log"));
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
             lab.start_node(Path::new(AMBIT), node, &config, &log, &a)
                 .unwrap();
-            logs.insert(node.to_owned(), log);
+            logs.insert(node.to_string(), log);
         }
         TestLab {
             lab,
@@ -95,11 +114,7 @@ impl TestLab {
             config,
             logs,
             node_args: args,
-            protocol: if options.protocol == "TCP" {
-                "TCP"
-            } else {
-                "HBONE"
-            },
+            protocol: "HBONE",
         }
     }
 
@@ -266,6 +281,21 @@ impl TestLab {
         );
         String::from_utf8(out.stdout).unwrap()
     }
+}
+
+/// What `TestLab::start_custom` sets up.
+pub struct LabSetup<'a> {
+    /// The config file's text.
+    pub config: &'a dyn Fn(&Lab) -> String,
+    /// Fills the CA directory every node gets as `--ca-dir`.
+    pub ca: &'a dyn Fn(&Lab, &Path) -> anyhow::Result<()>,
+    /// Pods with an HTTP server on 8080, serving `<dir>/www-<pod>/` (its index.html:
+    /// "hello from pod <pod>").
+    pub http_pods: &'a [&'a str],
+    /// Lab nodes that run an `ambit node`.
+    pub nodes: &'a [&'a str],
+    /// Flags every `ambit node` gets besides `--ca-dir`.
+    pub node_args: &'a [&'a str],
 }
 
 impl Drop for TestLab {

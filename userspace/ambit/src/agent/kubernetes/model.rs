@@ -23,6 +23,7 @@ use k8s_openapi::api::{
 use super::discovery::PodLocator;
 use crate::config::{
     AmbitSection, LocalConfig, LocalPod, Protocol, Service as ConfigService, Workload,
+    WorkloadTelemetry,
 };
 
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -65,6 +66,49 @@ pub fn in_mesh(pod: &Pod, ambient_namespaces: &BTreeSet<String>, own_pod: Option
         && running
         && !pod_ips(pod).is_empty()
         && !is_self
+}
+
+/// A pod's names for telemetry, as istiod derives them for ztunnel: the workload is the pod's
+/// controller (a ReplicaSet made by a Deployment counts as the Deployment: its name minus the
+/// `pod-template-hash` suffix), the canonical service and revision come from Istio's labels,
+/// else the usual app labels.
+fn pod_telemetry(pod: &Pod, pod_name: &str) -> WorkloadTelemetry {
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let label = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).cloned());
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    let (workload_type, workload_name) = match owner {
+        Some(o) if o.kind == "ReplicaSet" => match labels.get("pod-template-hash") {
+            Some(hash) if o.name.ends_with(&format!("-{hash}")) => (
+                "deployment".to_owned(),
+                o.name[..o.name.len() - hash.len() - 1].to_owned(),
+            ),
+            _ => ("replicaset".to_owned(), o.name.clone()),
+        },
+        Some(o) => (o.kind.to_lowercase(), o.name.clone()),
+        None => ("pod".to_owned(), pod_name.to_owned()),
+    };
+    WorkloadTelemetry {
+        canonical_name: label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .or_else(|| Some(workload_name.clone())),
+        canonical_revision: label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .or_else(|| Some("latest".to_owned())),
+        workload_name: Some(workload_name),
+        workload_type: Some(workload_type),
+        cluster_id: None,
+    }
 }
 
 fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
@@ -128,6 +172,7 @@ pub fn build_config(
             node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
             authorization_policies: Vec::new(),
             services: BTreeMap::new(),
+            telemetry: pod_telemetry(pod, &name),
         };
         workloads.insert((ns, name), (workload, pod.metadata.uid.clone()));
     }

@@ -1,0 +1,559 @@
+//! Interoperability with Istio's ztunnel, the reference HBONE peer: one side of the lab is an
+//! Ambit node (n1) with pod a enrolled, the other is pod c running ztunnel in dedicated mode
+//! (its own iptables capture, as Istio's dedicated mode has it). Both take ztunnel's test CA,
+//! so both chain to one root. Every test runs both directions: Ambit client → ztunnel server
+//! (a → c) and ztunnel client → Ambit server (c → a).
+//!
+//! Skipped (with a line on stderr) when no ztunnel is found: see `ambit_lab::Ztunnel::find`.
+//! `cargo xtask test` says whether the suite ran.
+
+mod common;
+
+use std::{fs, path::PathBuf, time::Duration};
+
+use ambit_lab::{pod, wait_until, without_ambit_section, Lab, Ztunnel, ZtunnelPod, WEB_VIP};
+use common::{assert_ok, metric, stdout, tool, LabSetup, TestLab, AMBIT};
+
+/// The VIP of the `sleep` service (port 80 → pod a's 8080), for the ztunnel → Ambit direction.
+const SLEEP_VIP: &str = "10.96.0.11";
+const A_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+const C_ID: &str = "spiffe://cluster.local/ns/default/sa/web";
+/// Pod ports: sink.py (checksummed transfers), echo.py (short connections), halfclose.py.
+const SINK: u16 = 9000;
+const ECHO: u16 = 9001;
+const HALF_CLOSE: u16 = 9002;
+
+/// The ztunnel to test against, or None (and why, on stderr).
+fn ztunnel() -> Option<Ztunnel> {
+    match Ztunnel::find() {
+        Ok(z) => Some(z),
+        Err(why) => {
+            eprintln!("interop test skipped: {why}");
+            None
+        }
+    }
+}
+
+/// One direction of the lab: who connects to whom.
+#[derive(Debug, Clone, Copy)]
+struct Direction {
+    client: &'static str,
+    server: &'static str,
+    /// The server pod's service VIP (port 80).
+    vip: &'static str,
+    client_id: &'static str,
+    server_id: &'static str,
+}
+
+impl Direction {
+    fn server_ip(&self) -> &'static str {
+        pod(self.server).ip
+    }
+
+    /// Whether Ambit is the client side.
+    fn ambit_client(&self) -> bool {
+        self.client == "a"
+    }
+}
+
+const AMBIT_TO_ZTUNNEL: Direction = Direction {
+    client: "a",
+    server: "c",
+    vip: WEB_VIP,
+    client_id: A_ID,
+    server_id: C_ID,
+};
+const ZTUNNEL_TO_AMBIT: Direction = Direction {
+    client: "c",
+    server: "a",
+    vip: SLEEP_VIP,
+    client_id: C_ID,
+    server_id: A_ID,
+};
+const BOTH_WAYS: [Direction; 2] = [AMBIT_TO_ZTUNNEL, ZTUNNEL_TO_AMBIT];
+
+/// The mesh both sides share, in ztunnel's local config format: a (`sleep`, on n1) and c
+/// (`web`, on n2) speak HBONE, each behind a service VIP; `policies` is a YAML list. The trust
+/// domain is explicit: without it ztunnel's local config leaves it empty and its test CA
+/// issues `spiffe:///ns/default/sa/web`, which no verifier (Ambit's or ztunnel's) accepts.
+fn mesh_yaml(lab: &Lab, policies: &str) -> String {
+    let (a, c) = (pod("a"), pod("c"));
+    format!(
+        r#"workloads:
+- uid: lab//v1/Pod/default/a
+  name: a
+  namespace: default
+  serviceAccount: sleep
+  trustDomain: cluster.local
+  workloadName: sleep
+  workloadType: deployment
+  canonicalName: sleep
+  canonicalRevision: v1
+  workloadIps: ["{a_ip}"]
+  protocol: HBONE
+  node: {n1}
+  services:
+    "default/sleep.default.svc.cluster.local":
+      80: 8080
+- uid: lab//v1/Pod/default/c
+  name: c
+  namespace: default
+  serviceAccount: web
+  trustDomain: cluster.local
+  workloadName: web
+  workloadType: deployment
+  canonicalName: web
+  canonicalRevision: v1
+  workloadIps: ["{c_ip}"]
+  protocol: HBONE
+  node: {n2}
+  services:
+    "default/web.default.svc.cluster.local":
+      80: 8080
+services:
+- name: web
+  namespace: default
+  hostname: web.default.svc.cluster.local
+  vips: ["/{web_vip}"]
+  ports:
+    80: 8080
+- name: sleep
+  namespace: default
+  hostname: sleep.default.svc.cluster.local
+  vips: ["/{sleep_vip}"]
+  ports:
+    80: 8080
+policies: {policies}
+"#,
+        a_ip = a.ip,
+        c_ip = c.ip,
+        n1 = lab.node_name("n1"),
+        n2 = lab.node_name("n2"),
+        web_vip = WEB_VIP,
+        sleep_vip = SLEEP_VIP,
+    )
+}
+
+/// Ambit's config: the mesh plus its `ambit` section (pod a enrolled).
+fn ambit_yaml(lab: &Lab, policies: &str) -> String {
+    format!(
+        "{}ambit:\n  pods:\n  - workload: default/a\n    netns: {}\n    cgroup: {}\n    \
+         dataplaneMode: ambient\n",
+        mesh_yaml(lab, policies),
+        lab.netns_path("a").display(),
+        lab.pod_cgroup_rel("a"),
+    )
+}
+
+/// Which CA Ambit's node takes.
+#[derive(Clone, Copy, PartialEq)]
+enum AmbitCa {
+    /// ztunnel's test CA, as an Istio plug-in CA: both chain to one root.
+    Ztunnel,
+    /// A root of Ambit's own (`ambit ca init`): another root than ztunnel's.
+    Foreign,
+}
+
+/// The lab: Ambit on n1 (pod a enrolled), ztunnel in pod c, servers in both pods.
+struct Interop {
+    t: TestLab,
+    ztunnel: Ztunnel,
+    ztunnel_config: PathBuf,
+    ztunnel_log: PathBuf,
+    ztunnel_compliance: &'static str,
+    ztunnel_starts: usize,
+}
+
+impl Interop {
+    fn start(
+        ztunnel: Ztunnel,
+        ca: AmbitCa,
+        node_args: &[&str],
+        ztunnel_compliance: &'static str,
+    ) -> Interop {
+        let zt = ztunnel.clone();
+        let mut t = TestLab::start_custom(LabSetup {
+            config: &|lab| ambit_yaml(lab, "[]"),
+            ca: &|lab, dir| match ca {
+                AmbitCa::Ztunnel => zt.write_plugin_ca(dir),
+                AmbitCa::Foreign => lab.init_ca(std::path::Path::new(AMBIT), dir),
+            },
+            http_pods: &["a", "c"],
+            nodes: &["n1"],
+            node_args,
+        });
+        for p in ["a", "c"] {
+            t.start_sink(p, SINK);
+            let mut echo = t.lab.pod_command(p, "python3");
+            echo.arg(tool("echo.py")).arg(ECHO.to_string());
+            t.lab.spawn(&format!("echo in {p}"), echo).unwrap();
+            t.lab.wait_listening(p, ECHO, "echo listening").unwrap();
+        }
+        let ztunnel_config = t.dir.join("ztunnel.yaml");
+        let mut interop = Interop {
+            ztunnel,
+            ztunnel_log: t.dir.join("ztunnel.log"),
+            ztunnel_config,
+            ztunnel_compliance,
+            ztunnel_starts: 0,
+            t,
+        };
+        interop.start_ztunnel("[]");
+        interop
+    }
+
+    /// (Re)starts ztunnel with `policies`. ztunnel reads its local config file only at start,
+    /// so a policy change on its side means a restart.
+    fn start_ztunnel(&mut self, policies: &str) {
+        if self.ztunnel_starts > 0 {
+            self.t.lab.stop_ztunnel("c").unwrap();
+        }
+        self.ztunnel_starts += 1;
+        self.ztunnel_log = self
+            .t
+            .dir
+            .join(format!("ztunnel-{}.log", self.ztunnel_starts));
+        fs::write(
+            &self.ztunnel_config,
+            without_ambit_section(&mesh_yaml(&self.t.lab, policies)),
+        )
+        .unwrap();
+        let spec = ZtunnelPod {
+            pod: "c",
+            namespace: "default",
+            service_account: "web",
+            config: &self.ztunnel_config,
+            log: &self.ztunnel_log,
+            worker_threads: 1,
+            compliance_policy: self.ztunnel_compliance,
+        };
+        self.t.lab.start_ztunnel(&self.ztunnel, &spec).unwrap();
+    }
+
+    fn ztunnel_log(&self) -> String {
+        fs::read_to_string(&self.ztunnel_log).unwrap_or_default()
+    }
+
+    fn ambit_log(&self) -> String {
+        self.t.log("n1")
+    }
+
+    /// Both logs, for failure messages.
+    fn logs(&self) -> String {
+        format!(
+            "--- Ambit (n1) ---\n{}\n--- ztunnel (pod c) ---\n{}",
+            self.ambit_log(),
+            self.ztunnel_log()
+        )
+    }
+
+    /// Waits until ztunnel's log has `needle` `count` times.
+    fn wait_ztunnel_log(&self, needle: &str, count: usize) {
+        if let Err(e) = wait_until(Duration::from_secs(10), needle, || {
+            self.ztunnel_log().matches(needle).count() >= count
+        }) {
+            panic!("{e}\n{}", self.logs());
+        }
+    }
+
+    /// curl from the client pod; the body, or the error.
+    fn get(&self, client: &str, url: &str) -> Result<String, String> {
+        let out = self.t.curl(client, url);
+        if out.status.success() {
+            Ok(stdout(&out))
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        }
+    }
+
+    fn python(&self, pod: &str, script: &str, args: &[&str]) -> String {
+        let out = self
+            .t
+            .lab
+            .pod_command(pod, "python3")
+            .arg(tool(script))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_ok(
+            &out,
+            &format!("{script} {args:?} in pod {pod}\n{}", self.logs()),
+        );
+        stdout(&out).trim().to_owned()
+    }
+}
+
+/// Everything a client app does over the mesh, one direction at a time.
+fn traffic_both_ways(ztunnel_compliance: &'static str, node_args: &[&str]) {
+    let Some(zt) = ztunnel() else { return };
+    let mut i = Interop::start(zt, AmbitCa::Ztunnel, node_args, ztunnel_compliance);
+    for (p, port) in [("a", HALF_CLOSE), ("c", HALF_CLOSE)] {
+        let log = i.t.dir.join(format!("halfclose-{p}.out"));
+        let mut server = i.t.lab.pod_command(p, "python3");
+        server
+            .arg(tool("halfclose.py"))
+            .args(["server", &port.to_string()])
+            .stdout(fs::File::create(&log).unwrap());
+        i.t.lab.spawn(&format!("halfclose in {p}"), server).unwrap();
+        i.t.lab
+            .wait_listening(p, port, "halfclose listening")
+            .unwrap();
+    }
+    for d in BOTH_WAYS {
+        let what = format!("{} → {}", d.client, d.server);
+        let hello = format!("hello from pod {}\n", d.server);
+
+        // HTTP by pod IP and through the service VIP.
+        let by_ip = i.get(d.client, &format!("http://{}:8080/", d.server_ip()));
+        assert_eq!(
+            by_ip.as_deref(),
+            Ok(hello.as_str()),
+            "{what} by IP\n{}",
+            i.logs()
+        );
+        let by_vip = i.get(d.client, &format!("http://{}/", d.vip));
+        assert_eq!(
+            by_vip.as_deref(),
+            Ok(hello.as_str()),
+            "{what} by VIP\n{}",
+            i.logs()
+        );
+
+        // 1 GiB checksummed; the client half-closes and reads the server's digest after.
+        let (sent, received) = i.t.send(d.client, d.server_ip(), SINK, 1 << 30);
+        assert_eq!(
+            received,
+            sent,
+            "{what}: 1 GiB arrived altered\n{}",
+            i.logs()
+        );
+        assert!(sent.starts_with("1073741824 "), "{sent}");
+
+        // The server half-closes first; the client's direction stays open and delivers.
+        let line = i.python(
+            d.client,
+            "halfclose.py",
+            &["client", d.server_ip(), &HALF_CLOSE.to_string(), "100000"],
+        );
+        let (greeting, sent) = line.split_once(" sent=").unwrap();
+        assert!(greeting.starts_with("greeting=hello "), "{what}: {line}");
+        let out = i.t.dir.join(format!("halfclose-{}.out", d.server));
+        wait_until(
+            Duration::from_secs(10),
+            "half-closed server's digest",
+            || fs::read_to_string(&out).unwrap_or_default().contains(sent),
+        )
+        .unwrap_or_else(|e| panic!("{what}: {e}: sent {sent}\n{}", i.logs()));
+
+        // 1,000 short connections, 50 at a time.
+        let churn = i.python(
+            d.client,
+            "churn.py",
+            &[d.server_ip(), &ECHO.to_string(), "1000", "50"],
+        );
+        assert_eq!(churn, "ok 1000", "{what}");
+
+        // 50 concurrent streams: one pooled HBONE connection carries them (Ambit's side
+        // counts the connections it opens or accepts).
+        let (opened, needle) = if d.ambit_client() {
+            (
+                "HBONE connection established",
+                "HBONE connection established",
+            )
+        } else {
+            ("HBONE connection accepted", "HBONE connection accepted")
+        };
+        let before = i.ambit_log().matches(needle).count();
+        let many = i.python(
+            d.client,
+            "many.py",
+            &[d.server_ip(), &SINK.to_string(), "50"],
+        );
+        assert_eq!(many, "ok 50", "{what}");
+        let new = i.ambit_log().matches(needle).count() - before;
+        assert!(
+            new <= 1,
+            "{what}: {new} new HBONE connections ({opened}) for 50 streams"
+        );
+    }
+    for d in BOTH_WAYS {
+        identities_in_access_logs(&i, d);
+        metrics_agree(&i, d);
+    }
+}
+
+#[test]
+fn traffic_flows_both_ways_between_ambit_and_ztunnel() {
+    traffic_both_ways("", &[]);
+}
+
+/// Each side's access log names both peers by their proven identities.
+fn identities_in_access_logs(i: &Interop, d: Direction) {
+    let ambit = format!("src.identity={} ", d.client_id);
+    let ambit_dst = format!("dst.identity={} ", d.server_id);
+    let found = i
+        .ambit_log()
+        .lines()
+        .any(|l| l.contains("connection complete") && l.contains(&ambit) && l.contains(&ambit_dst));
+    assert!(
+        found,
+        "{d:?}: no Ambit access log line with {ambit}{ambit_dst}\n{}",
+        i.logs()
+    );
+    let zt = format!("src.identity=\"{}\"", d.client_id);
+    let zt_dst = format!("dst.identity=\"{}\"", d.server_id);
+    let found = i
+        .ztunnel_log()
+        .lines()
+        .any(|l| l.contains("connection complete") && l.contains(&zt) && l.contains(&zt_dst));
+    assert!(
+        found,
+        "{d:?}: no ztunnel access log line with {zt} {zt_dst}\n{}",
+        i.logs()
+    );
+}
+
+/// One Prometheus sample: its labels and value.
+type Sample = (std::collections::BTreeMap<String, String>, u64);
+
+/// The samples of metric `name` in a Prometheus text.
+fn samples(text: &str, name: &str) -> Vec<Sample> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let labels = labels
+                .split("\",")
+                .filter_map(|pair| {
+                    let (k, v) = pair.split_once("=\"")?;
+                    Some((k.to_owned(), v.trim_end_matches('"').to_owned()))
+                })
+                .collect();
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Labels that only the source side can know: the destination side of an HBONE connection
+/// does not learn which service VIP the client dialled (neither ztunnel nor Ambit puts it in
+/// the metrics), so both report `unknown` there.
+const SOURCE_ONLY: [&str; 3] = [
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
+];
+
+/// Metrics parity for one direction: the client side's `reporter="source"` series and the
+/// server side's `reporter="destination"` series of the same connections carry the same label
+/// names (ztunnel's whole set) and values, and count the same connections and bytes.
+fn metrics_agree(i: &Interop, d: Direction) {
+    let of_direction = |text: &str, name: &str, reporter: &str| -> Vec<Sample> {
+        samples(text, name)
+            .into_iter()
+            .filter(|(l, _)| {
+                l.get("reporter").map(String::as_str) == Some(reporter)
+                    && l.get("source_principal").map(String::as_str) == Some(d.client_id)
+                    && l.get("destination_principal").map(String::as_str) == Some(d.server_id)
+            })
+            .collect()
+    };
+    let sides = || {
+        let ambit = i.t.metrics("n1");
+        let ztunnel = i.t.lab.ztunnel_metrics("c").unwrap();
+        if d.ambit_client() {
+            (ambit, ztunnel)
+        } else {
+            (ztunnel, ambit)
+        }
+    };
+    let total = |s: &[Sample]| s.iter().map(|(_, v)| v).sum::<u64>();
+    // Counters move when connections close, each side on its own: wait until both agree.
+    let opened = "istio_tcp_connections_opened_total";
+    let closed = "istio_tcp_connections_closed_total";
+    let settled = wait_until(
+        Duration::from_secs(10),
+        "both sides' counters settled",
+        || {
+            let (client, server) = sides();
+            let counts = [
+                total(&of_direction(&client, opened, "source")),
+                total(&of_direction(&client, closed, "source")),
+                total(&of_direction(&server, opened, "destination")),
+                total(&of_direction(&server, closed, "destination")),
+            ];
+            counts[0] > 0 && counts.iter().all(|c| *c == counts[0])
+        },
+    );
+    let (client, server) = sides();
+    let context = || format!("{d:?}\n--- client side ---\n{client}\n--- server side ---\n{server}");
+    settled.unwrap_or_else(|e| panic!("{e}: {}", context()));
+
+    let project = |samples: &[Sample]| -> std::collections::BTreeSet<Vec<(String, String)>> {
+        samples
+            .iter()
+            .map(|(l, _)| {
+                l.iter()
+                    .filter(|(k, _)| *k != "reporter" && !SOURCE_ONLY.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .collect()
+    };
+    for name in [
+        opened,
+        closed,
+        "istio_tcp_received_bytes_total",
+        "istio_tcp_sent_bytes_total",
+    ] {
+        let (c, s) = (
+            of_direction(&client, name, "source"),
+            of_direction(&server, name, "destination"),
+        );
+        assert_eq!(
+            project(&c),
+            project(&s),
+            "{name}: label values differ: {}",
+            context()
+        );
+        assert_eq!(total(&c), total(&s), "{name}: totals differ: {}", context());
+        let names = |samples: &[Sample]| -> std::collections::BTreeSet<String> {
+            samples
+                .iter()
+                .flat_map(|(l, _)| l.keys().cloned())
+                .collect()
+        };
+        assert_eq!(
+            names(&c),
+            names(&s),
+            "{name}: label names differ: {}",
+            context()
+        );
+    }
+    // The workload labels are the owners' names, not the pods'.
+    let (client_name, server_name) = match d.client {
+        "a" => ("sleep", "web"),
+        _ => ("web", "sleep"),
+    };
+    let received = of_direction(&client, "istio_tcp_received_bytes_total", "source");
+    assert!(
+        received
+            .iter()
+            .all(|(l, _)| l["source_workload"] == client_name
+                && l["destination_workload"] == server_name
+                && l["connection_security_policy"] == "mutual_tls"
+                && l["response_flags"] == "-"),
+        "{}",
+        context()
+    );
+    // The client side names the service it dialled by VIP (and its namespace and name).
+    let by_vip = received
+        .iter()
+        .find(|(l, _)| l["destination_service"] != "unknown")
+        .unwrap_or_else(|| panic!("no series with the VIP's service: {}", context()));
+    assert_eq!(
+        by_vip.0["destination_service"],
+        format!("{server_name}.default.svc.cluster.local")
+    );
+    assert_eq!(by_vip.0["destination_service_name"], server_name);
+    assert_eq!(by_vip.0["destination_service_namespace"], "default");
+}

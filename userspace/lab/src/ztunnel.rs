@@ -1,0 +1,229 @@
+//! Istio's ztunnel as a peer in the lab: the interop tests and the benchmark's `ztunnel` mode run
+//! it in a lab pod, in dedicated mode (one ztunnel serving the one workload of its netns), with
+//! its test CA (`FAKE_CA=true`) and a local config file instead of istiod.
+//!
+//! Which ztunnel: `AMBIT_ZTUNNEL_BIN`, else `../shared/tools/ztunnel/ztunnel` beside this
+//! repository (where the project's CI provides one), else none; its test CA (`root-cert.pem`,
+//! `ca-key.pem`) is read from `AMBIT_ZTUNNEL_FAKE_CA`, else `fake-ca/` beside the binary. Ambit
+//! takes that CA as an Istio plug-in CA ([`Ztunnel::write_plugin_ca`]) so that both sides chain
+//! to one root.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{wait_until, Lab};
+
+/// ztunnel's packet mark for its own sockets (`PACKET_MARK`); the capture rule skips them.
+const PACKET_MARK: &str = "1337";
+
+/// A ztunnel binary and the test CA its `FAKE_CA` mode signs with.
+#[derive(Debug, Clone)]
+pub struct Ztunnel {
+    pub bin: PathBuf,
+    pub fake_ca: PathBuf,
+}
+
+impl Ztunnel {
+    /// The ztunnel to test against, or why there is none (for the one line a skipped suite
+    /// prints).
+    pub fn find() -> std::result::Result<Ztunnel, String> {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let bin = match std::env::var_os("AMBIT_ZTUNNEL_BIN") {
+            Some(bin) => PathBuf::from(bin),
+            None => repo.join("../shared/tools/ztunnel/ztunnel"),
+        };
+        if !bin.is_file() {
+            return Err(format!(
+                "no ztunnel binary at {} (set AMBIT_ZTUNNEL_BIN to Istio's ztunnel, built with \
+                 its `testing` feature)",
+                bin.display()
+            ));
+        }
+        let fake_ca = match std::env::var_os("AMBIT_ZTUNNEL_FAKE_CA") {
+            Some(dir) => PathBuf::from(dir),
+            None => bin.parent().unwrap_or(Path::new(".")).join("fake-ca"),
+        };
+        for file in ["root-cert.pem", "ca-key.pem"] {
+            if !fake_ca.join(file).is_file() {
+                return Err(format!(
+                    "no {file} in {} (ztunnel's FAKE_CA test CA; set AMBIT_ZTUNNEL_FAKE_CA)",
+                    fake_ca.display()
+                ));
+            }
+        }
+        Ok(Ztunnel { bin, fake_ca })
+    }
+
+    /// Writes ztunnel's test CA in Istio's plug-in CA layout into `dir` (for `ambit node
+    /// --ca-dir`): the root is its own signing certificate and whole chain.
+    pub fn write_plugin_ca(&self, dir: &Path) -> Result<()> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let root = self.fake_ca.join("root-cert.pem");
+        for name in ["ca-cert.pem", "root-cert.pem", "cert-chain.pem"] {
+            fs::copy(&root, dir.join(name))
+                .with_context(|| format!("copying {} to {}", root.display(), dir.display()))?;
+        }
+        fs::copy(self.fake_ca.join("ca-key.pem"), dir.join("ca-key.pem"))
+            .with_context(|| format!("copying the test CA's key to {}", dir.display()))?;
+        Ok(())
+    }
+}
+
+/// One ztunnel in a lab pod.
+#[derive(Debug, Clone)]
+pub struct ZtunnelPod<'a> {
+    pub pod: &'a str,
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+    /// ztunnel's local config (`workloads`, `services`, `policies` only: it refuses unknown
+    /// fields, so Ambit's `ambit` section must not be in it; see [`without_ambit_section`]).
+    pub config: &'a Path,
+    pub log: &'a Path,
+    /// `ZTUNNEL_WORKER_THREADS`.
+    pub worker_threads: usize,
+    /// `COMPLIANCE_POLICY`: empty or `pqc`.
+    pub compliance_policy: &'a str,
+}
+
+impl Lab {
+    /// Starts ztunnel in a pod as Istio's dedicated mode runs it: outbound TCP of the pod (not
+    /// to loopback, not ztunnel's own marked sockets) redirected to its 15001 by an iptables
+    /// rule in the pod's netns; waits until `/healthz/ready` answers 200. The process is the
+    /// lab's `ztunnel in <pod>`, stopped with the lab.
+    pub fn start_ztunnel(&mut self, ztunnel: &Ztunnel, spec: &ZtunnelPod<'_>) -> Result<()> {
+        let pod = spec.pod;
+        self.iptables(
+            pod,
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "!",
+                "-o",
+                "lo",
+                "-m",
+                "mark",
+                "!",
+                "--mark",
+                "0x539/0xfff",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15001",
+            ],
+        )?;
+        let log = fs::File::create(spec.log)
+            .with_context(|| format!("creating {}", spec.log.display()))?;
+        let node = self.node_name(crate::pod(pod).node);
+        let mut cmd = self.pod_command(pod, ztunnel.bin.to_str().unwrap());
+        cmd.env_clear()
+            .env("PROXY_MODE", "dedicated")
+            .env(
+                "PROXY_WORKLOAD_INFO",
+                format!("{}/{pod}/{}", spec.namespace, spec.service_account),
+            )
+            .env("NODE_NAME", node)
+            .env("LOCAL_XDS_PATH", spec.config)
+            .env("XDS_ADDRESS", "")
+            .env("FAKE_CA", "true")
+            .env("PACKET_MARK", PACKET_MARK)
+            .env("ENABLE_ORIG_SRC", "false")
+            .env("ZTUNNEL_WORKER_THREADS", spec.worker_threads.to_string())
+            .env("COMPLIANCE_POLICY", spec.compliance_policy)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let what = format!("ztunnel in {pod}");
+        self.spawn(&what, cmd)?;
+        let netns = self.netns(pod);
+        let child = &mut self.children.last_mut().expect("just spawned").1;
+        let mut exited = None;
+        let ready = wait_until(Duration::from_secs(20), &format!("{what} ready"), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                exited = Some(status);
+                return true;
+            }
+            http_status_in(&netns, "http://127.0.0.1:15021/healthz/ready") == Some(200)
+        });
+        let log = || fs::read_to_string(spec.log).unwrap_or_default();
+        match (ready, exited) {
+            (Ok(()), None) => Ok(()),
+            (_, Some(status)) => {
+                bail!(
+                    "{what} exited ({status}) before it was ready; its log:\n{}",
+                    log()
+                )
+            }
+            (Err(e), None) => Err(e).with_context(|| format!("its log:\n{}", log())),
+        }
+    }
+
+    /// Stops the ztunnel of a pod and removes its capture rule.
+    pub fn stop_ztunnel(&mut self, pod: &str) -> Result<()> {
+        self.stop(&format!("ztunnel in {pod}"))?;
+        self.iptables(pod, &["-t", "nat", "-F", "OUTPUT"])
+    }
+
+    /// The Prometheus text of the ztunnel in `pod` (its `/metrics` on 15020).
+    pub fn ztunnel_metrics(&self, pod: &str) -> Result<String> {
+        let out = self
+            .run_in_pod(
+                pod,
+                "curl",
+                &["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"],
+            )
+            .context("reading ztunnel's metrics")?;
+        if !out.status.success() {
+            bail!(
+                "ztunnel metrics in pod {pod}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// The HTTP status of a GET from inside netns `netns` (over its loopback), if any answer came.
+fn http_status_in(netns: &str, url: &str) -> Option<u16> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "curl", "-s", "-o"])
+        .args(["/dev/null", "-w", "%{http_code}", "--max-time", "2", url])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// A lab config without its `ambit` section (the last top-level key), for ztunnel, which
+/// refuses unknown fields.
+pub fn without_ambit_section(config: &str) -> String {
+    match config.find("\nambit:") {
+        Some(at) => config[..=at].to_owned(),
+        None => config.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ambit_section_is_cut() {
+        let config = "workloads: []\nservices: []\npolicies: []\nambit:\n  pods: []\n";
+        assert_eq!(
+            without_ambit_section(config),
+            "workloads: []\nservices: []\npolicies: []\n"
+        );
+        assert_eq!(without_ambit_section("workloads: []\n"), "workloads: []\n");
+    }
+}

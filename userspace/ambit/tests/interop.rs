@@ -12,7 +12,7 @@ mod common;
 use std::{fs, path::PathBuf, time::Duration};
 
 use ambit_lab::{pod, wait_until, without_ambit_section, Lab, Ztunnel, ZtunnelPod, WEB_VIP};
-use common::{assert_ok, metric, stdout, tool, LabSetup, TestLab, AMBIT};
+use common::{assert_ok, stdout, tool, LabSetup, TestLab, AMBIT};
 
 /// The VIP of the `sleep` service (port 80 → pod a's 8080), for the ztunnel → Ambit direction.
 const SLEEP_VIP: &str = "10.96.0.11";
@@ -380,6 +380,24 @@ fn traffic_both_ways(ztunnel_compliance: &'static str, node_args: &[&str]) {
         identities_in_access_logs(&i, d);
         metrics_agree(&i, d);
     }
+    // The key exchange each pooled connection agreed on (X25519 unless post-quantum only).
+    let kx = if ztunnel_compliance == "pqc" {
+        "X25519MLKEM768"
+    } else {
+        "X25519"
+    };
+    for needle in ["HBONE connection established", "HBONE connection accepted"] {
+        let log = i.ambit_log();
+        let agreed: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(needle))
+            .filter_map(|l| l.split(" kx=").nth(1)?.split_whitespace().next())
+            .collect();
+        assert!(
+            !agreed.is_empty() && agreed.iter().all(|g| *g == kx),
+            "{needle}: key exchanges {agreed:?}, expected {kx} on all"
+        );
+    }
 }
 
 #[test]
@@ -556,4 +574,180 @@ fn metrics_agree(i: &Interop, d: Direction) {
     );
     assert_eq!(by_vip.0["destination_service_name"], server_name);
     assert_eq!(by_vip.0["destination_service_namespace"], "default");
+}
+
+/// `policies:` denying a principal, scoped to the namespace (ztunnel's local format).
+fn deny(principal_id: &str) -> String {
+    let principal = principal_id.trim_start_matches("spiffe://");
+    format!(
+        "\n- name: deny-peer\n  namespace: default\n  scope: Namespace\n  action: Deny\n  \
+         dryRun: false\n  rules:\n  - - - principals: [!Exact {principal}]\n"
+    )
+}
+
+/// An AuthorizationPolicy on each side denying the other's principal: the connection is
+/// refused at the destination with the reason in both logs, and works again once the policy
+/// is gone. Ambit applies its config file live; ztunnel reads its local file only at start,
+/// so its side restarts.
+#[test]
+fn each_side_enforces_a_deny_policy_on_the_others_principal() {
+    let Some(zt) = ztunnel() else { return };
+    let mut i = Interop::start(zt, AmbitCa::Ztunnel, &[], "");
+    let a_url = format!("http://{}:8080/", pod("a").ip);
+    let c_url = format!("http://{}:8080/", pod("c").ip);
+
+    // Ambit (destination a) denies c's principal.
+    i.t.write_config(&ambit_yaml(&i.t.lab, &deny(C_ID)), &["n1"]);
+    assert!(
+        i.get("c", &a_url).is_err(),
+        "c → a despite Ambit's deny\n{}",
+        i.logs()
+    );
+    i.t.wait_log("n1", "HBONE request denied by policy", 1);
+    let denied = i.ambit_log();
+    assert!(
+        denied.contains("policy=\"default/deny-peer\"") && denied.contains("status=401"),
+        "Ambit's log does not name the policy\n{}",
+        i.logs()
+    );
+    // ztunnel, the client here, logs the answer in its access log.
+    i.wait_ztunnel_log("http status: 401 Unauthorized", 1);
+    let ztunnel = i.ztunnel_log();
+    let line = ztunnel
+        .lines()
+        .find(|l| l.contains("401 Unauthorized"))
+        .unwrap();
+    assert!(line.contains(&format!("dst.identity=\"{A_ID}\"")), "{line}");
+    i.t.write_config(&ambit_yaml(&i.t.lab, "[]"), &["n1"]);
+    assert_eq!(i.get("c", &a_url).as_deref(), Ok("hello from pod a\n"));
+
+    // ztunnel (destination c) denies a's principal.
+    i.start_ztunnel(&deny(A_ID));
+    assert!(
+        i.get("a", &c_url).is_err(),
+        "a → c despite ztunnel's deny\n{}",
+        i.logs()
+    );
+    i.wait_ztunnel_log("policy rejection", 1);
+    let line = i
+        .ambit_log()
+        .lines()
+        .rfind(|l| l.contains("connection complete") && l.contains("dst.addr=10.201.2.2:8080"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        line.contains("401"),
+        "Ambit's access log does not say 401: {line}\n{}",
+        i.logs()
+    );
+    i.start_ztunnel("[]");
+    assert_eq!(i.get("a", &c_url).as_deref(), Ok("hello from pod c\n"));
+}
+
+/// A peer whose certificate chains to another root, or names another trust domain, is
+/// refused by both Ambit and ztunnel, in both directions, and both logs say why.
+#[test]
+fn a_foreign_root_or_trust_domain_is_refused_by_both() {
+    let Some(zt) = ztunnel() else { return };
+    let a_url = format!("http://{}:8080/", pod("a").ip);
+    let c_url = format!("http://{}:8080/", pod("c").ip);
+    for (ca, trust_domain, what) in [
+        (AmbitCa::Foreign, None, "another root"),
+        (
+            AmbitCa::Ztunnel,
+            Some("other.local"),
+            "another trust domain",
+        ),
+    ] {
+        let i = Interop::start(zt.clone(), ca, &[], "");
+        if let Some(td) = trust_domain {
+            // Pod a's identity in Ambit's config only: ztunnel still expects cluster.local.
+            let text = ambit_yaml(&i.t.lab, "[]").replacen(
+                "trustDomain: cluster.local",
+                &format!("trustDomain: {td}"),
+                1,
+            );
+            i.t.write_config(&text, &["n1"]);
+        }
+        // Ambit as client: it refuses ztunnel's certificate (or ztunnel refuses Ambit's).
+        assert!(
+            i.get("a", &c_url).is_err(),
+            "a → c with {what}\n{}",
+            i.logs()
+        );
+        // ztunnel as client.
+        assert!(
+            i.get("c", &a_url).is_err(),
+            "c → a with {what}\n{}",
+            i.logs()
+        );
+        // Each side says why, as client and as server (logs are written as the handshakes
+        // end, which may be just after curl saw its reset).
+        let refused = |log: &dyn Fn() -> String, needle: &str| {
+            wait_until(Duration::from_secs(10), needle, || log().contains(needle))
+                .unwrap_or_else(|e| panic!("{what}: {e}\n{}", i.logs()));
+        };
+        let ambit = || i.ambit_log();
+        let ztunnel = || i.ztunnel_log();
+        if trust_domain.is_none() {
+            // Each refuses the other's root, as client and as server.
+            refused(&ambit, "UnknownIssuer"); // Ambit, client: ztunnel's certificate
+            refused(&ztunnel, "AlertReceived(UnknownCA)"); // ztunnel, server: Ambit's alert
+            refused(&ztunnel, "invalid peer certificate: UnknownIssuer"); // ztunnel, client
+            refused(&ambit, "TLS handshake: received fatal alert: UnknownCA"); // Ambit, server
+        } else {
+            // ztunnel, server: Ambit's client identity is outside its trust domain.
+            refused(&ztunnel, "SanTrustDomainError");
+            // ztunnel, client: Ambit's server identity is not the one it expects.
+            refused(&ztunnel, "identity verification error");
+            // Ambit, server: ztunnel's client identity is outside a's trust domain (ztunnel
+            // aborted first, so Ambit sees its alert).
+            refused(&ambit, "HBONE connection failed error=TLS handshake");
+        }
+        // Ambit, client: the failed connection is in its access log, and in its metrics as
+        // failed. In TLS 1.3 a server's refusal of the client certificate comes after the
+        // client's handshake is done: Ambit reads it as the server's alert (TLS_FAILURE) or,
+        // when ztunnel's reset wins the race, as a broken connection (CONNECT).
+        let failed = "dst.addr=10.201.2.2:8080";
+        wait_until(Duration::from_secs(10), "a's failed connection", || {
+            i.ambit_log().lines().any(|l| {
+                l.contains("connection complete")
+                    && l.contains(failed)
+                    && (l.contains("response_flags=\"TLS_FAILURE\"")
+                        || l.contains("response_flags=\"CONNECT\""))
+            })
+        })
+        .unwrap_or_else(|e| panic!("{what}: {e}\n{}", i.logs()));
+    }
+}
+
+/// Post-quantum: ztunnel with `COMPLIANCE_POLICY=pqc` offers and accepts only
+/// X25519MLKEM768. Ambit under the same policy meets it both ways (the whole traffic suite);
+/// Ambit's default meets it too (it lists X25519MLKEM768 last, as ztunnel does).
+#[test]
+fn traffic_flows_both_ways_with_post_quantum_key_exchange() {
+    traffic_both_ways("pqc", &["--compliance-policy", "pqc"]);
+}
+
+/// Ambit's default policy meets a post-quantum-only ztunnel both ways: the client's first key
+/// share (X25519) is refused with a HelloRetryRequest and both settle on X25519MLKEM768.
+#[test]
+fn ambit_by_default_meets_a_post_quantum_only_ztunnel() {
+    let Some(zt) = ztunnel() else { return };
+    let i = Interop::start(zt, AmbitCa::Ztunnel, &[], "pqc");
+    for d in BOTH_WAYS {
+        let url = format!("http://{}:8080/", d.server_ip());
+        let hello = format!("hello from pod {}\n", d.server);
+        assert_eq!(
+            i.get(d.client, &url).as_deref(),
+            Ok(hello.as_str()),
+            "{d:?}\n{}",
+            i.logs()
+        );
+    }
+    let log = i.ambit_log();
+    for needle in ["HBONE connection established", "HBONE connection accepted"] {
+        let line = log.lines().find(|l| l.contains(needle)).unwrap_or_default();
+        assert!(line.contains("kx=X25519MLKEM768"), "{needle}: {line}");
+    }
 }

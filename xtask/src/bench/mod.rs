@@ -9,15 +9,22 @@
 //! - **iptables**: Ambit's HBONE tunnel, captured by iptables REDIRECT rules in pod a instead of
 //!   eBPF (`ambit node --capture iptables`): isolates the cost of capture;
 //! - **ambit**: eBPF capture + HBONE mTLS between the two lab nodes (a on n1 → c on n2);
+//! - **ambit-pqc**: ambit with both nodes on `--compliance-policy pqc` (X25519MLKEM768 only):
+//!   what the post-quantum key exchange costs;
 //! - **ambit-same-node**: the same between two pods of one node (a → b, both on n1);
+//! - **ztunnel**: Istio's ztunnel instead of Ambit, in dedicated mode in pods a and c (its own
+//!   iptables capture in a), with as many worker threads as Ambit's nodes: the reference, from
+//!   the same run. Measured when `ambit_lab::Ztunnel::find` finds its binary, else listed as
+//!   skipped with the reason;
 //! - **ambit+sockmap**: the optional sk_msg local-hop bypass. Ambit does not implement it, so it
 //!   is listed as "not implemented" and never measured.
 //!
 //! Figures (`stats.rs`): single- and 8-stream throughput (iperf3); request/response latency
 //! p50/p90/p99 for 1 B, 100 B and 1 KiB messages over a long-lived connection; new connections
 //! per second (connect, one 1-byte exchange, close); CPU seconds per GiB moved, of the whole
-//! machine and of the proxies (the `ambit node` processes, or the relays; also as proxy cores
-//! per Gbit/s); the client-side proxy's RSS idle, under load, and per 1,000 idle connections.
+//! machine and of the proxies (the `ambit node` processes, the relays or the ztunnels; also as
+//! proxy cores per Gbit/s); the client-side proxy's RSS idle, under load, and per 1,000 idle
+//! connections (ambit and ztunnel, once per run).
 //!
 //! One lab (prefix `ambit-bench`) serves the whole run: the echo server (rr.py) and `iperf3 -s`
 //! run in the server pods throughout; each repetition starts each mode's nodes, measures
@@ -43,7 +50,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambit_lab::Lab;
+use ambit_lab::{Lab, Ztunnel};
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
@@ -63,8 +70,8 @@ pub struct Args {
     /// Seconds per throughput and connection-rate measurement.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     seconds: u32,
-    /// Modes to run, comma-separated, in the order given (ambit+sockmap is not implemented:
-    /// listed in the output, never measured).
+    /// Modes to run, comma-separated, in the order given (ambit+sockmap is not implemented, and
+    /// ztunnel needs its binary: listed in the output, never measured without).
     #[arg(long, value_delimiter = ',', default_values_t = Mode::ALL)]
     modes: Vec<Mode>,
 }
@@ -74,6 +81,8 @@ pub struct Env {
     pub ambit: PathBuf,
     /// The relay mode's proxy (src/bin/bench-relay.rs), built with the release profile.
     pub relay: PathBuf,
+    /// Istio's ztunnel for the ztunnel mode, if found.
+    pub ztunnel: Option<Ztunnel>,
     pub rr: PathBuf,
     pub hold: PathBuf,
     /// target/bench: configs, node logs, CA, results.
@@ -101,11 +110,20 @@ pub fn run(args: &Args) -> Result<()> {
         crate::cargo(&["build", "--release", "-p", "xtask", "--bin", "bench-relay"])?;
     }
     let built = started.elapsed();
+    let mut results = Results::new(&modes, args.reps);
+    let ztunnel = match Ztunnel::find() {
+        Ok(ztunnel) => Some(ztunnel),
+        Err(why) => {
+            results.skip(Mode::Ztunnel, format!("skipped: {why}"));
+            None
+        }
+    };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let dir = root.join("target/bench");
     let env = Env {
         ambit: root.join("target/release/ambit"),
         relay: root.join("target/release/bench-relay"),
+        ztunnel,
         rr: root.join("xtask/bench/rr.py"),
         hold: root.join("xtask/bench/hold.py"),
         ca: dir.join("ca"),
@@ -129,25 +147,21 @@ pub fn run(args: &Args) -> Result<()> {
     if !env.ca.join("root-cert.pem").exists() {
         lab.init_ca(&env.ambit, &env.ca)?;
     }
-    let mut results = Results::new(&modes, args.reps);
     let measurements = results.modes.len() * args.reps as usize;
     let connrate_ports: Vec<u16> = (0..measurements)
         .map(|n| u16::try_from(n).map(|n| measure::CONNRATE_FIRST_PORT + n))
         .collect::<Result<_, _>>()
         .context("too many repetitions for one echo port per measurement")?;
-    start_servers(&mut lab, &env, &modes, &connrate_ports)?;
-    for mode in &results.skipped {
-        println!(
-            "== {mode}: not implemented ({}); not measured",
-            mode.description()
-        );
+    start_servers(&mut lab, &env, &results.modes, &connrate_ports)?;
+    for (mode, reason) in &results.skipped {
+        println!("== {mode}: {reason} ({}); not measured", mode.description());
     }
     let measured = results.modes.clone();
     let mut connrate_port = connrate_ports.iter().copied();
     for rep in 1..=args.reps {
         for &mode in &measured {
             println!("== {rep}/{} {mode}: {}", args.reps, mode.description());
-            if rep == 1 && mode == Mode::Ambit {
+            if rep == 1 && matches!(mode, Mode::Ambit | Mode::Ztunnel) {
                 let per_1000 = rss_per_1000_idle(&mut lab, &env, mode)?;
                 println!("   RSS per 1,000 idle connections: {per_1000:.2} MiB");
                 results.push(mode, Figure::RssPer1000, per_1000);
@@ -194,13 +208,10 @@ fn require_iptables_capture(ambit: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The echo server and `iperf3 -s` in every server pod the modes use, for the whole run.
+/// The echo server and `iperf3 -s` in every server pod the measured modes use, for the whole
+/// run.
 fn start_servers(lab: &mut Lab, env: &Env, modes: &[Mode], connrate_ports: &[u16]) -> Result<()> {
-    let mut pods: Vec<&str> = modes
-        .iter()
-        .filter(|m| m.implemented())
-        .map(|m| m.server())
-        .collect();
+    let mut pods: Vec<&str> = modes.iter().map(|m| m.server()).collect();
     pods.sort_unstable();
     pods.dedup();
     for pod in pods {
@@ -287,7 +298,7 @@ fn write_results(
     let settings = json!({
         "reps": args.reps,
         "seconds": args.seconds,
-        "modes": results.modes.iter().chain(&results.skipped).map(|m| m.name()).collect::<Vec<_>>(),
+        "modes": results.modes.iter().chain(results.skipped.iter().map(|(m, _)| m)).map(|m| m.name()).collect::<Vec<_>>(),
         "node_args": env.node_args,
         "latency_round_trips": 5000,
         "idle_connections": measure::IDLE_CONNECTIONS,

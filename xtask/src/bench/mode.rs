@@ -15,20 +15,28 @@ pub enum Mode {
     Iptables,
     /// eBPF capture + HBONE mTLS between the two lab nodes (a on n1 → c on n2).
     Ambit,
+    /// `Ambit` with both nodes on `--compliance-policy pqc` (X25519MLKEM768 only): what the
+    /// post-quantum key exchange costs, against `Ambit` in the same run.
+    AmbitPqc,
     /// eBPF capture + HBONE between two pods of one node (a → b, both on n1).
     AmbitSameNode,
+    /// Istio's ztunnel instead of Ambit: one in dedicated mode in each of pods a and c, its
+    /// own iptables capture in pod a, HBONE between them. Measured when its binary is found.
+    Ztunnel,
     /// `AmbitSameNode` with an sk_msg local-hop bypass: not implemented in Ambit.
     AmbitSockmap,
 }
 
 impl Mode {
     /// Every mode, in the order one repetition runs them.
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 8] = [
         Mode::Plain,
         Mode::Relay,
         Mode::Iptables,
         Mode::Ambit,
+        Mode::AmbitPqc,
         Mode::AmbitSameNode,
+        Mode::Ztunnel,
         Mode::AmbitSockmap,
     ];
 
@@ -38,7 +46,9 @@ impl Mode {
             Mode::Relay => "relay",
             Mode::Iptables => "iptables",
             Mode::Ambit => "ambit",
+            Mode::AmbitPqc => "ambit-pqc",
             Mode::AmbitSameNode => "ambit-same-node",
+            Mode::Ztunnel => "ztunnel",
             Mode::AmbitSockmap => "ambit+sockmap",
         }
     }
@@ -54,7 +64,14 @@ impl Mode {
                 "pod a → pod c, Ambit's HBONE tunnel, captured by iptables REDIRECT in pod a"
             }
             Mode::Ambit => "pod a → pod c, eBPF capture + HBONE mTLS between the two lab nodes",
+            Mode::AmbitPqc => {
+                "ambit with both nodes on --compliance-policy pqc (X25519MLKEM768 key exchange only)"
+            }
             Mode::AmbitSameNode => "pod a → pod b (both on n1), eBPF capture + HBONE mTLS",
+            Mode::Ztunnel => {
+                "pod a → pod c, Istio's ztunnel in dedicated mode in each pod (its iptables \
+                 capture in pod a), HBONE mTLS between them"
+            }
             Mode::AmbitSockmap => "ambit-same-node with the optional sk_msg local-hop bypass",
         }
     }
@@ -89,7 +106,7 @@ impl Mode {
     /// The pods this mode enrolls in Ambit (none: no `ambit node` runs).
     pub fn enrolled(self) -> Vec<&'static str> {
         match self {
-            Mode::Plain | Mode::Relay | Mode::AmbitSockmap => Vec::new(),
+            Mode::Plain | Mode::Relay | Mode::Ztunnel | Mode::AmbitSockmap => Vec::new(),
             _ => vec![self.client(), self.server()],
         }
     }
@@ -106,10 +123,11 @@ impl Mode {
     /// (`ambit_lab::worker_threads_per_node`). Measured: one worker per node for the two-node
     /// modes cut the p50 latency by 16 % and raised connections/s by 13 %; for
     /// ambit-same-node one worker cost a third of the throughput, hence per mode.
-    /// The relay mode's two relays share the cores the same way as two nodes.
+    /// The relay mode's two relays and the ztunnel mode's two ztunnels
+    /// (`ZTUNNEL_WORKER_THREADS`) share the cores the same way as two nodes.
     pub fn worker_threads(self, cores: usize) -> usize {
         let proxies = match self {
-            Mode::Relay => 2,
+            Mode::Relay | Mode::Ztunnel => 2,
             _ => self.nodes().len(),
         };
         ambit_lab::worker_threads_per_node(cores, proxies)
@@ -119,6 +137,7 @@ impl Mode {
     pub fn node_flags(self) -> &'static [&'static str] {
         match self {
             Mode::Iptables => &["--capture", "iptables"],
+            Mode::AmbitPqc => &["--compliance-policy", "pqc"],
             _ => &[],
         }
     }
@@ -166,6 +185,11 @@ mod tests {
         assert_eq!(Mode::AmbitSameNode.nodes(), ["n1"]);
         assert!(!Mode::AmbitSockmap.implemented());
         assert_eq!(Mode::Iptables.node_flags(), ["--capture", "iptables"]);
+        assert_eq!(Mode::AmbitPqc.nodes(), ["n1", "n2"]);
+        assert_eq!(Mode::AmbitPqc.node_flags(), ["--compliance-policy", "pqc"]);
+        // The ztunnel mode runs no `ambit node`: its ztunnels are in the pods themselves.
+        assert!(Mode::Ztunnel.nodes().is_empty());
+        assert_eq!(Mode::Ztunnel.destination(), pod("c").ip);
         // The relay mode runs no node: nothing is captured, the clients go to the relay.
         assert!(Mode::Relay.nodes().is_empty());
         assert_eq!(Mode::Relay.destination(), "127.0.0.1");
@@ -180,5 +204,8 @@ mod tests {
         assert_eq!(Mode::AmbitSameNode.worker_threads(2), 2);
         assert_eq!(Mode::Ambit.worker_threads(1), 1);
         assert_eq!(Mode::Relay.worker_threads(2), 1);
+        assert_eq!(Mode::Ztunnel.worker_threads(2), 1);
+        assert_eq!(Mode::Ztunnel.worker_threads(8), 4);
+        assert_eq!(Mode::AmbitPqc.worker_threads(2), 1);
     }
 }

@@ -50,21 +50,22 @@ fn notes(results: &Results) -> Vec<String> {
         repetitions(results.repetitions)
     )];
     notes.push(
-        "proxy = the mode's `ambit node` processes (for relay: its two relays): CPU of all of \
-         them (n1 and n2; n1 alone for ambit-same-node), RSS of n1's (the client's node); \
-         CPU per GiB over the single-stream run; machine CPU = all non-idle CPU time of the host \
-         (shared: includes other load); RSS per 1,000 idle conns measured once, in the first \
-         `ambit` repetition"
+        "proxy = the mode's `ambit node` processes (for relay: its two relays; for ztunnel: its \
+         two ztunnels): CPU of all of them (n1 and n2; n1 alone for ambit-same-node), RSS of the \
+         client side's (n1's, pod a's ztunnel); CPU per GiB over the single-stream run; machine \
+         CPU = all non-idle CPU time of the host (shared: includes other load); RSS per 1,000 \
+         idle conns measured once, in the first `ambit` and `ztunnel` repetitions"
             .into(),
     );
     notes.push(
         "each mode's nodes share the machine's cores, as real nodes would each have their \
-         own: `ambit node --worker-threads` = cores / the mode's nodes (the relays alike)"
+         own: `ambit node --worker-threads` = cores / the mode's nodes (the relays alike, and \
+         ztunnel's `ZTUNNEL_WORKER_THREADS`)"
             .into(),
     );
-    for mode in &results.skipped {
+    for (mode, reason) in &results.skipped {
         notes.push(format!(
-            "{}: not implemented ({}); nothing measured",
+            "{}: {reason} ({}); nothing measured",
             mode.name(),
             mode.description()
         ));
@@ -154,10 +155,15 @@ pub fn json(results: &Results, machine: Value, settings: Value) -> Value {
             json!({ "description": mode.description(), "status": "measured", "figures": figures }),
         );
     }
-    for &mode in &results.skipped {
+    for (mode, reason) in &results.skipped {
+        let status = if mode.implemented() {
+            "skipped"
+        } else {
+            "not implemented"
+        };
         modes.insert(
             mode.name().into(),
-            json!({ "description": mode.description(), "status": "not implemented" }),
+            json!({ "description": mode.description(), "status": status, "reason": reason }),
         );
     }
     json!({ "machine": machine, "settings": settings, "modes": modes })

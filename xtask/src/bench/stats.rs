@@ -163,8 +163,8 @@ pub fn ratio(value: f64, base: f64) -> Option<f64> {
 pub struct Results {
     /// The modes measured, in the order they ran.
     pub modes: Vec<Mode>,
-    /// Modes listed but not measured (not implemented).
-    pub skipped: Vec<Mode>,
+    /// Modes listed but not measured, and why: not implemented, or what they need is missing.
+    pub skipped: Vec<(Mode, String)>,
     pub repetitions: u32,
     samples: BTreeMap<(Mode, Figure), Vec<f64>>,
 }
@@ -173,9 +173,21 @@ impl Results {
     pub fn new(modes: &[Mode], repetitions: u32) -> Self {
         Results {
             modes: modes.iter().copied().filter(|m| m.implemented()).collect(),
-            skipped: modes.iter().copied().filter(|m| !m.implemented()).collect(),
+            skipped: modes
+                .iter()
+                .filter(|m| !m.implemented())
+                .map(|&m| (m, "not implemented".to_owned()))
+                .collect(),
             repetitions,
             samples: BTreeMap::new(),
+        }
+    }
+
+    /// Lists `mode` as not measured, for `reason` (e.g. the ztunnel mode without a ztunnel).
+    pub fn skip(&mut self, mode: Mode, reason: String) {
+        if let Some(i) = self.modes.iter().position(|&m| m == mode) {
+            self.modes.remove(i);
+            self.skipped.push((mode, reason));
         }
     }
 
@@ -263,7 +275,7 @@ mod tests {
     fn results_ratio_to_plain_uses_medians() {
         let mut r = Results::new(&[Mode::Plain, Mode::Ambit, Mode::AmbitSockmap], 3);
         assert_eq!(r.modes, [Mode::Plain, Mode::Ambit]);
-        assert_eq!(r.skipped, [Mode::AmbitSockmap]);
+        assert_eq!(r.skipped, [(Mode::AmbitSockmap, "not implemented".into())]);
         for (p, a) in [(10.0, 4.0), (12.0, 6.0), (100.0, 5.0)] {
             r.push(Mode::Plain, Figure::Throughput1, p);
             r.push(Mode::Ambit, Figure::Throughput1, a);
@@ -276,6 +288,14 @@ mod tests {
         assert_eq!(r.ratio_to_plain(Mode::Plain, Figure::Throughput1), None);
         assert_eq!(r.ratio_to_plain(Mode::Ambit, Figure::RssIdle), None);
         assert_eq!(r.figures(), [Figure::Throughput1, Figure::RssIdle]);
+    }
+
+    #[test]
+    fn a_skipped_mode_moves_to_the_skipped_list() {
+        let mut r = Results::new(&[Mode::Plain, Mode::Ztunnel, Mode::AmbitSockmap], 1);
+        r.skip(Mode::Ztunnel, "no ztunnel binary".into());
+        assert_eq!(r.modes, [Mode::Plain]);
+        assert_eq!(r.skipped[1], (Mode::Ztunnel, "no ztunnel binary".into()));
     }
 
     #[test]

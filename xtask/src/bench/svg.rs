@@ -106,7 +106,7 @@ fn draw_panel(svg: &mut String, results: &Results, panel: &Panel, top: f64) {
     let groups: Vec<Mode> = results
         .modes
         .iter()
-        .chain(&results.skipped)
+        .chain(results.skipped.iter().map(|(m, _)| m))
         .copied()
         .collect();
     let max = results
@@ -185,14 +185,19 @@ fn draw_panel(svg: &mut String, results: &Results, panel: &Panel, top: f64) {
         let gx = left + group_width * g as f64;
         let centre = gx + group_width / 2.0;
         text(svg, centre, plot_bottom + 18.0, "middle", "", mode.name());
-        if !mode.implemented() {
+        if !results.modes.contains(&mode) {
+            let why = if mode.implemented() {
+                "not measured"
+            } else {
+                "not implemented"
+            };
             text(
                 svg,
                 centre,
                 mid,
                 "middle",
                 "fill=\"#888\" font-style=\"italic\"",
-                "not implemented",
+                why,
             );
             continue;
         }

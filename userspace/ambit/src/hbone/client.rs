@@ -302,7 +302,7 @@ impl HboneClient {
             conn = id,
             src = %req.source,
             dst = %req.hbone_addr,
-            kx,
+            %kx,
             "HBONE connection established"
         );
         let ping_pong = connection.ping_pong();

@@ -123,7 +123,7 @@ impl HboneServer {
         debug!(
             %peer,
             src_identity = %peer_identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
-            kx = tls::key_exchange(tls.get_ref().1),
+            kx = %tls::key_exchange(tls.get_ref().1),
             "HBONE connection accepted"
         );
         let s: &HboneSettings = &self.ctx.hbone_settings;

@@ -108,7 +108,10 @@ impl Outbound {
             Err(e) => {
                 let error = format!("{e:#}");
                 // A TLS failure (wrong CA, wrong identity) is told apart from a refused connect.
-                let flag = if error.contains("TLS") {
+                // In TLS 1.3 the client finishes its handshake before the server has checked
+                // the client's certificate, so a server's refusal arrives as an alert on the
+                // first read (the HTTP/2 handshake or the CONNECT): a TLS failure too.
+                let flag = if error.contains("TLS") || error.contains("fatal alert") {
                     "TLS_FAILURE"
                 } else {
                     "CONNECT"

@@ -154,6 +154,12 @@ fn test(lint: bool, vm: bool, cargo_args: &[String]) -> Result<()> {
     ] {
         kind::run(command, true)?;
     }
+    // The interop suite (userspace/ambit/tests/interop.rs) needs Istio's ztunnel; say whether
+    // it runs, since its tests pass trivially without it.
+    match ambit_lab::Ztunnel::find() {
+        Ok(z) => println!("interop suite: runs against {}", z.bin.display()),
+        Err(why) => println!("interop suite: SKIPPED: {why}"),
+    }
     let mut args = vec!["test", "--no-fail-fast"];
     args.extend(cargo_args.iter().map(String::as_str));
     let result = cargo(&args);
@@ -200,6 +206,15 @@ fn leftovers(prefix: &str) -> Result<Vec<String>> {
         .output()?;
     for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
         found.push(format!("process {pid} (ambit node)"));
+    }
+    // The interop tests' ztunnels (they run in lab pods, so a leftover also leaves its cgroup).
+    if let Ok(ztunnel) = ambit_lab::Ztunnel::find() {
+        let out = Command::new("pgrep")
+            .args(["-f", &ztunnel.bin.display().to_string()])
+            .output()?;
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            found.push(format!("process {pid} (ztunnel)"));
+        }
     }
     Ok(found)
 }

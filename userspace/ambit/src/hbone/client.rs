@@ -381,6 +381,32 @@ fn traceparent() -> String {
 mod tests {
     use super::*;
 
+    /// ztunnel accepts an absolute-form CONNECT too, so the interop suite cannot catch a drift
+    /// from the authority form (RFC 9113 §8.5: no `:scheme`, no `:path`): this test does.
+    #[test]
+    fn the_connect_request_is_in_authority_form_with_ztunnels_headers() {
+        let netns = Netns::open(std::path::Path::new("/proc/self/ns/net")).unwrap();
+        let req = TunnelRequest {
+            netns: &netns,
+            source: Identity::new("cluster.local", "default", "sleep"),
+            expected: vec![Identity::new("cluster.local", "default", "web")],
+            hbone_addr: "10.0.0.2:15008".parse().unwrap(),
+            target: "10.0.0.2:8080".parse().unwrap(),
+            client_addr: "10.0.0.1:40000".parse().unwrap(),
+            service_host: Some("web.default.svc.cluster.local".into()),
+            baggage: "k8s.namespace.name=default".into(),
+        };
+        let request = connect_request(&req).unwrap();
+        assert_eq!(request.method(), http::Method::CONNECT);
+        let uri = request.uri();
+        assert_eq!(uri.authority().map(|a| a.as_str()), Some("10.0.0.2:8080"));
+        assert_eq!((uri.scheme(), uri.path_and_query()), (None, None));
+        assert_eq!(
+            request.headers()["forwarded"],
+            "for=\"10.0.0.1:40000\";host=web.default.svc.cluster.local"
+        );
+    }
+
     #[test]
     fn traceparent_has_the_w3c_shape() {
         let t = traceparent();

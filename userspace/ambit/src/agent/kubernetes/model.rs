@@ -428,3 +428,71 @@ mod tests {
             .is_empty());
     }
 }
+
+#[cfg(test)]
+mod telemetry_tests {
+    use super::*;
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_deployments_pod_is_named_after_the_deployment() {
+        let p = pod(serde_json::json!({
+            "metadata": {
+                "name": "web-7d4b9c-x2x9q",
+                "labels": {"pod-template-hash": "7d4b9c", "app": "web", "version": "v2"},
+                "ownerReferences": [{
+                    "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7d4b9c",
+                    "uid": "1", "controller": true
+                }]
+            }
+        }));
+        let t = pod_telemetry(&p, "web-7d4b9c-x2x9q");
+        assert_eq!(t.workload_name.as_deref(), Some("web"));
+        assert_eq!(t.workload_type.as_deref(), Some("deployment"));
+        assert_eq!(t.canonical_name.as_deref(), Some("web"));
+        assert_eq!(t.canonical_revision.as_deref(), Some("v2"));
+    }
+
+    #[test]
+    fn istios_labels_win_and_a_bare_pod_is_its_own_workload() {
+        let p = pod(serde_json::json!({
+            "metadata": {
+                "name": "tool",
+                "labels": {
+                    "app": "x",
+                    "service.istio.io/canonical-name": "toolbox",
+                    "service.istio.io/canonical-revision": "r1"
+                }
+            }
+        }));
+        let t = pod_telemetry(&p, "tool");
+        assert_eq!(t.workload_name.as_deref(), Some("tool"));
+        assert_eq!(t.workload_type.as_deref(), Some("pod"));
+        assert_eq!(t.canonical_name.as_deref(), Some("toolbox"));
+        assert_eq!(t.canonical_revision.as_deref(), Some("r1"));
+
+        let bare = pod(serde_json::json!({"metadata": {"name": "solo"}}));
+        let t = pod_telemetry(&bare, "solo");
+        assert_eq!(t.canonical_name.as_deref(), Some("solo"));
+        assert_eq!(t.canonical_revision.as_deref(), Some("latest"));
+    }
+
+    #[test]
+    fn other_controllers_keep_their_kind_and_name() {
+        let p = pod(serde_json::json!({
+            "metadata": {
+                "name": "db-0",
+                "ownerReferences": [{
+                    "apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db",
+                    "uid": "2", "controller": true
+                }]
+            }
+        }));
+        let t = pod_telemetry(&p, "db-0");
+        assert_eq!(t.workload_name.as_deref(), Some("db"));
+        assert_eq!(t.workload_type.as_deref(), Some("statefulset"));
+    }
+}

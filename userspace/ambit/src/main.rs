@@ -146,6 +146,10 @@ struct NodeArgs {
     /// HBONE: streams per pooled connection before another is opened.
     #[arg(long, default_value_t = 100)]
     hbone_max_streams: usize,
+    /// HBONE: streams a pooled connection carries in its life before it is retired (closed
+    /// once its last stream ends); 0: no limit. 1 gives every connection its own handshake.
+    #[arg(long, default_value_t = 0)]
+    hbone_max_requests_per_connection: usize,
     /// HBONE: PING interval on every HBONE connection (the pooled ones this node opens and the
     /// ones its pods' servers accept).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -320,6 +324,7 @@ async fn run_node(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
     metrics.watch_ebpf_counters(&datapath.pins().map(ambit_abi::map_names::COUNTERS))?;
     let hbone_settings = HboneSettings {
         max_streams_per_connection: args.hbone_max_streams.max(1),
+        max_requests_per_connection: args.hbone_max_requests_per_connection,
         ping_interval: args.hbone_ping_interval,
         ping_timeout: args.hbone_ping_timeout,
         idle_timeout: args.hbone_idle_timeout,

@@ -463,3 +463,39 @@ fn a_new_connection_sends_the_apps_first_bytes_with_its_connect() {
     );
     t.wait_log("n1", "captured outbound connection", 1);
 }
+
+/// `--hbone-max-requests-per-connection 1`: every tunneled connection does its own TLS
+/// handshake (the benchmark's way to price a handshake), and each retired HBONE connection
+/// closes once its stream ends instead of idling in the pool.
+#[test]
+fn a_connection_limit_retires_pooled_connections_and_closes_them() {
+    let t = TestLab::start_with(
+        &LabConfig::default(),
+        &["--hbone-max-requests-per-connection", "1"],
+    );
+    let c = pod("c").ip;
+    for n in 1..=5 {
+        let out = t.curl("a", &format!("http://{c}:8080/"));
+        assert_ok(&out, &format!("curl a → c #{n}"));
+        assert_eq!(stdout(&out), "hello from pod c\n");
+    }
+    let opened = t.log("n1").matches("HBONE connection established").count();
+    assert_eq!(opened, 5, "one HBONE connection per tunneled connection");
+    // From pod a's netns (where the client's sockets live): no HBONE connection stays open.
+    ambit_lab::wait_until(
+        Duration::from_secs(10),
+        "retired HBONE connections closed",
+        || {
+            let out = t
+                .lab
+                .run_in_pod(
+                    "a",
+                    "ss",
+                    &["-Htn", "state", "established", "dport", "= :15008"],
+                )
+                .unwrap();
+            stdout(&out).trim().is_empty()
+        },
+    )
+    .unwrap();
+}

@@ -1,8 +1,9 @@
 //! HBONE client: opens a CONNECT stream to `podIP:15008` over a pooled mTLS HTTP/2 connection.
 //!
 //! Connections are pooled per (source netns, source identity, destination identities,
-//! destination address): a connection carries at most `max_streams_per_connection` streams, is
-//! kept alive with PINGs, and is released after `idle_timeout` without streams. Opening a new
+//! destination address): a connection carries at most `max_streams_per_connection` streams at
+//! once (and, if `max_requests_per_connection` is set, that many in its life), is kept alive
+//! with PINGs, and is released after `idle_timeout` without streams. Opening a new
 //! connection for a key happens under that key's lock, so a burst of requests waits for the one
 //! new connection instead of opening one each.
 
@@ -110,7 +111,10 @@ struct PoolKey {
 struct PooledConnection {
     id: u64,
     sender: SendRequest<Bytes>,
+    /// Streams open now.
     streams: AtomicUsize,
+    /// Streams leased in its life (changed only under its pool slot's lock).
+    leased: AtomicUsize,
     closed: AtomicBool,
     last_used: Mutex<Instant>,
 }
@@ -247,7 +251,9 @@ impl HboneClient {
         };
         let slot = self.pool.lock().unwrap().entry(key).or_default().clone();
         let mut conns = slot.lock().await;
-        conns.retain(|c| !c.closed.load(Ordering::Acquire));
+        // A retired connection leaves the pool; once its last stream ends nothing holds its
+        // sender any more and h2 closes it.
+        conns.retain(|c| !c.closed.load(Ordering::Acquire) && !self.used_up(c));
         for c in conns.iter() {
             let n = c.streams.load(Ordering::Acquire);
             if n < self.settings.max_streams_per_connection
@@ -255,13 +261,23 @@ impl HboneClient {
                     .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
             {
+                c.leased.fetch_add(1, Ordering::AcqRel);
                 return Ok(c.clone());
             }
         }
         let conn = self.connect(req).await?;
         conn.streams.fetch_add(1, Ordering::AcqRel);
-        conns.push(conn.clone());
+        conn.leased.fetch_add(1, Ordering::AcqRel);
+        if !self.used_up(&conn) {
+            conns.push(conn.clone());
+        }
         Ok(conn)
+    }
+
+    /// Whether a connection has carried as many streams as `max_requests_per_connection` allows.
+    fn used_up(&self, conn: &PooledConnection) -> bool {
+        let limit = self.settings.max_requests_per_connection;
+        limit > 0 && conn.leased.load(Ordering::Acquire) >= limit
     }
 
     async fn connect(&self, req: &TunnelRequest<'_>) -> Result<Arc<PooledConnection>> {
@@ -295,6 +311,7 @@ impl HboneClient {
             id,
             sender,
             streams: AtomicUsize::new(0),
+            leased: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             last_used: Mutex::new(Instant::now()),
         });

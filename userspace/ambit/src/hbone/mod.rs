@@ -19,6 +19,10 @@ pub struct HboneSettings {
     pub max_frame_size: u32,
     /// Streams per pooled connection before the pool opens another.
     pub max_streams_per_connection: usize,
+    /// Streams a pooled connection carries in its life before it is retired (it closes once
+    /// its last stream ends); 0: no limit. 1 makes every tunneled connection do its own TLS
+    /// handshake: the benchmark measures the handshake's cost that way.
+    pub max_requests_per_connection: usize,
     /// What the server advertises.
     pub server_max_concurrent_streams: u32,
     pub ping_interval: Duration,
@@ -38,6 +42,7 @@ impl Default for HboneSettings {
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 1024 * 1024,
             max_streams_per_connection: 100,
+            max_requests_per_connection: 0,
             server_max_concurrent_streams: 200,
             ping_interval: Duration::from_secs(10),
             ping_timeout: Duration::from_secs(20),

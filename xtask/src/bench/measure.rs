@@ -63,19 +63,31 @@ pub fn figures(lab: &Lab, env: &Env, session: &Session, connrate_port: u16) -> R
             );
         }
     }
-    let secs = env.seconds.to_string();
-    let out = rr(
-        lab,
-        env,
-        client,
-        &["connrate", server, &connrate_port.to_string(), &secs],
-    )?;
+    let out = connrate(lab, env, session, connrate_port)?;
     f.set(Figure::ConnRate, number(&out, "conn_per_s")?);
     for pct in FIRST_BYTE_PERCENTILES {
         let key = format!("first_byte_p{pct}_us");
         f.set(Figure::FirstByte { pct }, number(&out, &key)?);
     }
     Ok(f)
+}
+
+/// rr.py's connection-rate loop (connect, a 1-byte exchange, close) for `env.seconds` to the
+/// echo server on `port`.
+fn connrate(lab: &Lab, env: &Env, session: &Session, port: u16) -> Result<Value> {
+    let mode = session.mode();
+    let args = [
+        "connrate",
+        mode.destination(),
+        &port.to_string(),
+        &env.seconds.to_string(),
+    ];
+    rr(lab, env, mode.client(), &args)
+}
+
+/// New connections per second alone (no other figure), e.g. under other node flags.
+pub fn conn_per_s(lab: &Lab, env: &Env, session: &Session, port: u16) -> Result<f64> {
+    number(&connrate(lab, env, session, port)?, "conn_per_s")
 }
 
 /// Single-stream throughput, and the CPU time and RSS it costs.

@@ -77,6 +77,7 @@ pub struct Args {
 }
 
 /// What every step needs: where things are, and the settings.
+#[derive(Clone)]
 pub struct Env {
     pub ambit: PathBuf,
     /// The relay mode's proxy (src/bin/bench-relay.rs), built with the release profile.
@@ -147,7 +148,8 @@ pub fn run(args: &Args) -> Result<()> {
     if !env.ca.join("root-cert.pem").exists() {
         lab.init_ca(&env.ambit, &env.ca)?;
     }
-    let measurements = results.modes.len() * args.reps as usize;
+    // Ambit's modes measure the connection rate twice (pooled, and a handshake each).
+    let measurements = results.modes.len() * args.reps as usize * 2;
     let connrate_ports: Vec<u16> = (0..measurements)
         .map(|n| u16::try_from(n).map(|n| measure::CONNRATE_FIRST_PORT + n))
         .collect::<Result<_, _>>()
@@ -172,6 +174,14 @@ pub fn run(args: &Args) -> Result<()> {
             let figures = measure_mode(&mut lab, &env, mode, port)?;
             println!("   {}", summary_line(&figures));
             results.add(mode, &figures);
+            if matches!(mode, Mode::Ambit | Mode::AmbitPqc) {
+                let port = connrate_port
+                    .next()
+                    .context("an echo port per measurement")?;
+                let rate = handshake_each_rate(&mut lab, &env, mode, port)?;
+                println!("   new connections with a TLS handshake each: {rate:.0}/s");
+                results.push(mode, Figure::ConnRateHandshakeEach, rate);
+            }
         }
     }
     drop(lab);
@@ -249,6 +259,20 @@ fn measure_mode(lab: &mut Lab, env: &Env, mode: Mode, connrate_port: u16) -> Res
     let figures = measure::figures(lab, env, &session, connrate_port)?;
     session.stop(lab, env)?;
     Ok(figures)
+}
+
+/// The connection rate with nodes that give every tunneled connection its own HBONE
+/// connection (`--hbone-max-requests-per-connection 1`), so each one pays a TLS handshake:
+/// `ambit` against `ambit-pqc` prices X25519 against X25519MLKEM768.
+fn handshake_each_rate(lab: &mut Lab, env: &Env, mode: Mode, port: u16) -> Result<f64> {
+    let mut env = env.clone();
+    env.node_args
+        .extend(["--hbone-max-requests-per-connection".into(), "1".into()]);
+    let tag = format!("{mode}-handshake-each");
+    let session = Session::start(lab, &env, mode, &tag, &[port])?;
+    let rate = measure::conn_per_s(lab, &env, &session, port)?;
+    session.stop(lab, &env)?;
+    Ok(rate)
 }
 
 /// Once per run, in nodes of its own so that no other traffic has touched them.

@@ -24,6 +24,10 @@ pub enum Figure {
     ConnRate,
     /// In that loop, from connect() to the answer's first byte (a new connection's set-up cost).
     FirstByte { pct: u8 },
+    /// The same loop with every tunneled connection doing its own HBONE TLS handshake
+    /// (`--hbone-max-requests-per-connection 1`): the handshake's price, which pooling hides
+    /// (a pooled connection serves thousands of new connections). Ambit's modes only.
+    ConnRateHandshakeEach,
     /// Non-idle CPU of the whole machine per GiB moved (single-stream run).
     MachineCpuPerGib,
     /// CPU of the `ambit node` processes per GiB moved (single-stream run).
@@ -47,6 +51,7 @@ impl Figure {
         }
         all.push(Figure::ConnRate);
         all.extend(FIRST_BYTE_PERCENTILES.map(|pct| Figure::FirstByte { pct }));
+        all.push(Figure::ConnRateHandshakeEach);
         all.extend([
             Figure::MachineCpuPerGib,
             Figure::ProxyCpuPerGib,
@@ -65,6 +70,7 @@ impl Figure {
             Figure::Latency { bytes, pct } => format!("latency {} p{pct}", size_label(bytes)),
             Figure::ConnRate => "new connections".into(),
             Figure::FirstByte { pct } => format!("new connection, first byte p{pct}"),
+            Figure::ConnRateHandshakeEach => "new connections, a TLS handshake each".into(),
             Figure::MachineCpuPerGib => "machine CPU per GiB".into(),
             Figure::ProxyCpuPerGib => "proxy CPU per GiB".into(),
             Figure::ProxyCoresPerGbit => "proxy cores per Gbit/s".into(),
@@ -78,7 +84,7 @@ impl Figure {
         match self {
             Figure::Throughput1 | Figure::Throughput8 => "Gbit/s",
             Figure::Latency { .. } | Figure::FirstByte { .. } => "µs",
-            Figure::ConnRate => "conn/s",
+            Figure::ConnRate | Figure::ConnRateHandshakeEach => "conn/s",
             Figure::MachineCpuPerGib | Figure::ProxyCpuPerGib => "CPU s/GiB",
             Figure::ProxyCoresPerGbit => "cores",
             Figure::RssIdle | Figure::RssLoad | Figure::RssPer1000 => "MiB",
@@ -93,6 +99,7 @@ impl Figure {
             Figure::Latency { bytes, pct } => format!("latency_{bytes}B_p{pct}_us"),
             Figure::ConnRate => "new_connections_per_s".into(),
             Figure::FirstByte { pct } => format!("new_connection_first_byte_p{pct}_us"),
+            Figure::ConnRateHandshakeEach => "new_connections_handshake_each_per_s".into(),
             Figure::MachineCpuPerGib => "machine_cpu_s_per_gib".into(),
             Figure::ProxyCpuPerGib => "proxy_cpu_s_per_gib".into(),
             Figure::ProxyCoresPerGbit => "proxy_cores_per_gbit_s".into(),
@@ -301,7 +308,7 @@ mod tests {
     #[test]
     fn figure_order_and_names() {
         let all = Figure::all();
-        assert_eq!(all.len(), 2 + 9 + 2 + 7);
+        assert_eq!(all.len(), 2 + 9 + 1 + 2 + 1 + 6);
         let mut sorted = all.clone();
         sorted.sort();
         assert_eq!(all, sorted, "all() is the derived order");

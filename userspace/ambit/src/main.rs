@@ -211,10 +211,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    // rustls has two providers compiled in (ring, and aws-lc-rs for ML-KEM), so it no longer
-    // picks a process default by itself. HBONE passes its own provider explicitly; this
-    // default serves libraries that ask for one (the Kubernetes client).
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    ambit::tls::install_default_provider();
     match cli.command {
         Command::Node(args) => {
             let set_log_level = init_logging(args.log_json);

@@ -113,6 +113,8 @@ async fn the_kubernetes_source_follows_the_api() {
     let (events, _) = broadcast::channel(16);
     let url = fake_api(events.clone()).await;
     let config = kube::Config::new(url.parse().unwrap());
+    // As `ambit node` does before its Kubernetes client: rustls has two providers built in.
+    ambit::tls::install_default_provider();
     let client = kube::Client::try_from(config).unwrap();
 
     let mut source = KubernetesSource::new(

@@ -122,7 +122,7 @@ impl HboneServer {
         let peer_identity = tls::peer_identity(tls.get_ref().1);
         debug!(
             %peer,
-            src_identity = %peer_identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+            client_identity = %peer_identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
             kx = %tls::key_exchange(tls.get_ref().1),
             "HBONE connection accepted"
         );

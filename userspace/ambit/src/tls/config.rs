@@ -93,6 +93,14 @@ pub(super) fn provider_with(policy: CompliancePolicy) -> Arc<CryptoProvider> {
     })
 }
 
+/// Installs ring as rustls's process-wide default provider, once (later calls do nothing).
+/// With two providers compiled in (ring; aws-lc-rs for ML-KEM) rustls no longer picks a default
+/// by itself, and libraries that build their TLS from it (the Kubernetes client) would panic.
+/// HBONE never uses it: it passes its own provider explicitly.
+pub fn install_default_provider() {
+    let _ = ring::default_provider().install_default();
+}
+
 /// The provider for certificate checks (signature algorithms only; key exchange irrelevant).
 pub(super) fn provider() -> Arc<CryptoProvider> {
     provider_with(CompliancePolicy::Default)

@@ -20,7 +20,8 @@ mod verify;
 // it in, some re-exports are unused.
 pub use ca::{BuiltinCa, CertificateAuthority, PluginCa, WorkloadCert};
 pub use config::{
-    client_config, dummy_server_name, key_exchange, peer_identity, server_config, CompliancePolicy,
+    client_config, dummy_server_name, install_default_provider, key_exchange, peer_identity,
+    server_config, CompliancePolicy,
 };
 pub use identity::{Identity, DEFAULT_TRUST_DOMAIN};
 pub use manager::CertManager;

@@ -129,6 +129,7 @@ impl KubernetesSource {
     /// Connects with the in-cluster config (or KUBECONFIG), starts the watches and waits (up to
     /// `timeout`) for their first complete lists.
     pub async fn connect(&mut self, timeout: Duration) -> Result<()> {
+        crate::tls::install_default_provider();
         let client = Client::try_default()
             .await
             .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;

@@ -51,6 +51,20 @@ pub const MAX_TRACKED_CONNECTIONS: usize = 65536;
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
+/// On the node: admin (loopback), metrics, readiness.
+pub const ADMIN_PORT: u16 = 15000;
+pub const METRICS_PORT: u16 = 15020;
+pub const READINESS_PORT: u16 = 15021;
+/// Ports of the tunnel itself (and of a ztunnel node): never a destination the tunnel delivers
+/// to, whatever a client asks.
+pub const TUNNEL_PORTS: [u16; 6] = [
+    OUTBOUND_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    HBONE_PORT,
+    ADMIN_PORT,
+    METRICS_PORT,
+    READINESS_PORT,
+];
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;

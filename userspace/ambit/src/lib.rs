@@ -3,13 +3,16 @@
 //! tests use them too (e.g. a hand-made HBONE client from the same `tls` and `hbone` code).
 //!
 //! Reading order: `config` (the file format) → `state` (desired state, indexed) → `agent`
-//! (enrollment) → `datapath` (eBPF maps and links) → `proxy` (listeners and handlers) →
-//! `hbone` and `tls` (the tunnel).
+//! (enrollment) → `datapath` (eBPF maps and links) → `proxy` (listeners and handlers:
+//! outbound, HBONE inbound, plaintext inbound) → `hbone` (the client pool and the protocol's
+//! pieces) and `tls` → `socket` and `drain` (plain TCP, shutdown). Each layer only uses the
+//! ones after it.
 
 pub mod agent;
 pub mod cgroup;
 pub mod config;
 pub mod datapath;
+pub mod drain;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handle;
@@ -19,5 +22,6 @@ pub mod netns;
 pub mod observability;
 pub mod policy;
 pub mod proxy;
+pub mod socket;
 pub mod state;
 pub mod tls;

@@ -26,13 +26,14 @@ use ambit::{
     },
     cgroup, datapath,
     datapath::{pins::PinLayout, Datapath},
+    drain::Drain,
     hbone::{client::HboneClient, HboneSettings},
     inspect,
     observability::{
         admin::{self, Addresses, AdminContext, SetLogLevel},
         Metrics,
     },
-    proxy::{drain::Drain, ProxyContext},
+    proxy::ProxyContext,
     tls::{
         BuiltinCa, CertManager, CertificateAuthority, CompliancePolicy, PluginCa,
         DEFAULT_TRUST_DOMAIN,

@@ -14,7 +14,7 @@ use std::{
 
 use ambit::{
     netns::Netns,
-    proxy::connector::connect_tcp,
+    socket::connect_tcp,
     tls::{self, BuiltinCa, CertificateAuthority, Identity, PluginCa},
 };
 use ambit_lab::{pod, LabConfig};

@@ -127,7 +127,7 @@ pub struct Lab {
 /// connection, at its end) plus the start of each connection, which the tests wait for and the
 /// lab shows ("captured outbound connection", "HBONE stream accepted": debug).
 pub const NODE_LOG_WITH_CONNECTION_STARTS: &str =
-    "info,ambit::proxy::outbound=debug,ambit::hbone::server=debug";
+    "info,ambit::proxy::outbound=debug,ambit::proxy::inbound=debug";
 
 impl Lab {
     /// Builds the lab's namespaces, links, addresses, routes and cgroups. Anything left by an

@@ -23,7 +23,7 @@ use tokio::{
     },
 };
 
-use crate::proxy::relay::{reset_on_close, Transferred};
+use crate::socket::relay::{reset_on_close, Transferred};
 
 /// Read size from the TCP side, per connection: it starts small, so that an idle or chatty
 /// connection holds little memory, and doubles each time a read fills it, up to

@@ -25,8 +25,9 @@ use tracing::{debug, info};
 
 use super::HboneSettings;
 use crate::{
+    drain::Drain,
     netns::Netns,
-    proxy::{connector::connect_tcp, drain::Drain},
+    socket::connect_tcp,
     tls::{self, CertManager, Identity},
 };
 
@@ -98,6 +99,40 @@ impl PendingResponse {
         }
         Ok(response.into_body())
     }
+}
+
+/// Marks an error as the TLS handshake's, in an error's chain (see [`is_tls_failure`]).
+#[derive(Debug)]
+pub struct TlsFailure;
+
+impl std::fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TLS failure")
+    }
+}
+
+impl std::error::Error for TlsFailure {}
+
+/// Whether opening or using a tunnel failed on TLS: the handshake (marked [`TlsFailure`]), or
+/// a TLS error or alert that surfaced later through HTTP/2. In TLS 1.3 the client's handshake
+/// is done before the server has judged the client's certificate, so a server's refusal
+/// arrives as an alert on the first read: the HTTP/2 handshake, the CONNECT or its answer.
+pub fn is_tls_failure(error: &anyhow::Error) -> bool {
+    fn wraps_rustls(io: &std::io::Error) -> bool {
+        io.get_ref()
+            .is_some_and(|inner| inner.is::<rustls::Error>())
+    }
+    error.chain().any(|cause| {
+        cause.is::<TlsFailure>()
+            || cause.is::<rustls::Error>()
+            || cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(wraps_rustls)
+            || cause
+                .downcast_ref::<h2::Error>()
+                .and_then(h2::Error::get_io)
+                .is_some_and(wraps_rustls)
+    })
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -294,7 +329,11 @@ impl HboneClient {
             TlsConnector::from(config).connect(tls::dummy_server_name(), tcp),
         )
         .await
-        .map_err(|_| anyhow!("TLS handshake with {} timed out", req.hbone_addr))?
+        .map_err(|_| {
+            anyhow::Error::new(TlsFailure)
+                .context(format!("TLS handshake with {} timed out", req.hbone_addr))
+        })?
+        .map_err(|e| anyhow::Error::new(e).context(TlsFailure))
         .with_context(|| format!("TLS handshake with {}", req.hbone_addr))?;
         let kx = tls::key_exchange(tls.get_ref().1);
         let s = &self.settings;

@@ -1,13 +1,12 @@
 //! HBONE: HTTP/2 CONNECT over mutual TLS 1.3 on port 15008, as Istio's ztunnel speaks it
-//! (`docs/hbone.md`). `client` opens (pooled) tunnels, `server` answers them after
-//! `request`'s checks, and `bridge` moves bytes between a TCP stream and an HTTP/2 stream,
-//! half-close included.
+//! (`docs/hbone.md`). `client` opens (pooled) tunnels; `request` holds the checks a server
+//! makes before it connects anywhere (the server is `proxy::inbound`); `bridge` moves bytes
+//! between a TCP stream and an HTTP/2 stream, half-close included; `keepalive` PINGs.
 
 pub mod bridge;
 pub mod client;
 pub mod keepalive;
 pub mod request;
-pub mod server;
 
 use std::time::Duration;
 

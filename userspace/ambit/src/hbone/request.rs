@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::{Method, Request, StatusCode};
 
-use super::server::TUNNEL_PORTS;
+use ambit_abi::TUNNEL_PORTS;
 
 /// Why a request is refused: the status to answer with and a reason for the log.
 pub type Refusal = (StatusCode, &'static str);

@@ -69,6 +69,30 @@ pub struct ConnectionRecord {
     labels: TcpLabels,
 }
 
+/// Istio's `response_flags` label (and the access log's): how a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseFlag {
+    /// Completed (`-`).
+    None,
+    /// Refused by authorization policy or strict mTLS.
+    Deny,
+    /// The upstream could not be reached, or refused the CONNECT.
+    Connect,
+    /// The TLS handshake failed: a certificate refused by either side.
+    TlsFailure,
+}
+
+impl ResponseFlag {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlag::None => "-",
+            ResponseFlag::Deny => "DENY",
+            ResponseFlag::Connect => "CONNECT",
+            ResponseFlag::TlsFailure => "TLS_FAILURE",
+        }
+    }
+}
+
 /// How a connection ended, for the log and the `response_flags` label.
 pub enum Outcome {
     /// Bytes flowed; `error` is set when the relay ended with one. Request bytes go from the
@@ -80,8 +104,8 @@ pub enum Outcome {
     },
     /// Refused by authorization policy.
     Denied { policy: String },
-    /// Could not connect upstream (flag `CONNECT`) or TLS failed (`TLS_FAILURE`).
-    Failed { flag: &'static str, error: String },
+    /// Could not connect upstream (`Connect`) or TLS failed (`TlsFailure`).
+    Failed { flag: ResponseFlag, error: String },
 }
 
 impl ConnectionRecord {
@@ -95,7 +119,14 @@ impl ConnectionRecord {
         service: Option<ServiceName>,
         mtls: bool,
     ) -> Self {
-        let labels = labels(reporter, &src, &dst, service.as_ref(), mtls, "-");
+        let labels = labels(
+            reporter,
+            &src,
+            &dst,
+            service.as_ref(),
+            mtls,
+            ResponseFlag::None,
+        );
         metrics.opened.get_or_create(&labels).inc();
         Self {
             metrics,
@@ -121,16 +152,18 @@ impl ConnectionRecord {
             } => (
                 *request_bytes,
                 *response_bytes,
-                "-",
+                ResponseFlag::None,
                 "allow".to_owned(),
                 error.clone(),
             ),
-            Outcome::Denied { policy } => (0, 0, "DENY", format!("deny ({policy})"), None),
+            Outcome::Denied { policy } => {
+                (0, 0, ResponseFlag::Deny, format!("deny ({policy})"), None)
+            }
             Outcome::Failed { flag, error } => {
                 (0, 0, *flag, "allow".to_owned(), Some(error.clone()))
             }
         };
-        let labels = if flag == "-" {
+        let labels = if flag == ResponseFlag::None {
             self.labels.clone()
         } else {
             labels(
@@ -144,7 +177,7 @@ impl ConnectionRecord {
         };
         let m = &self.metrics;
         m.closed.get_or_create(&labels).inc();
-        if flag != "-" {
+        if flag != ResponseFlag::None {
             m.failed.get_or_create(&labels).inc();
         }
         // Istio's meaning: "sent" is the response direction (destination → source), "received"
@@ -159,7 +192,7 @@ impl ConnectionRecord {
         sent: u64,
         received: u64,
         duration: Duration,
-        flag: &str,
+        flag: ResponseFlag,
         decision: &str,
         error: Option<&str>,
     ) {
@@ -180,7 +213,7 @@ impl ConnectionRecord {
             bytes_sent = sent,
             bytes_recv = received,
             duration_ms = duration.as_millis() as u64,
-            response_flags = flag,
+            response_flags = flag.as_str(),
             policy = decision,
             error = error.unwrap_or("-"),
             "connection complete"
@@ -194,7 +227,7 @@ fn labels(
     dst: &Peer,
     service: Option<&ServiceName>,
     mtls: bool,
-    flag: &str,
+    flag: ResponseFlag,
 ) -> TcpLabels {
     let v = |o: &Option<String>| o.clone().unwrap_or_else(|| "unknown".into());
     let (s, d) = (&src.telemetry, &dst.telemetry);
@@ -227,7 +260,7 @@ fn labels(
         destination_version: v(&d.canonical_revision),
         destination_cluster: v(&d.cluster_id),
         request_protocol: "tcp".into(),
-        response_flags: flag.into(),
+        response_flags: flag.as_str().into(),
         connection_security_policy: if mtls { "mutual_tls" } else { "unknown" }.into(),
         // Ambit reads no locality yet.
         source_region: "unknown".into(),

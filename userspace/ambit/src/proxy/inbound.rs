@@ -1,43 +1,81 @@
-//! Inbound plaintext: connections to an enrolled pod's IP that `ambit_sk_lookup` handed to this
-//! listener. The accepted socket's local address is the original destination. The tunnel then
-//! connects to the app inside the pod's netns, from the pod's own address, which sk_lookup lets
-//! through (it never captures a connection from the pod to itself).
+//! HBONE inbound (the HBONE server): the 15008 listener inside an enrolled pod's netns. It serves the pod's
+//! certificate, requires a client certificate from the mesh's CA and trust domain, and answers
+//! each CONNECT in ztunnel's order (see `docs/hbone.md`):
+//! 400 not CONNECT / bad authority / authority not this pod's address; 503 no such workload or a
+//! tunnel port; 401 denied by policy; 503 the app refused; 200 and bytes flow.
 
-use std::{net::SocketAddr, sync::Arc};
-
-use anyhow::{bail, Result};
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{info, warn, Instrument as _};
-
-use super::{accept, connector, relay, ProxyContext};
-use crate::{
-    config::MtlsMode,
-    hbone::server::TUNNEL_PORTS,
-    netns::Netns,
-    observability::{ConnectionRecord, Outcome, Peer, Reporter},
-    policy::{ConnectionInfo, Decision},
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
 };
 
-pub struct InboundPlaintext {
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Request, Response, StatusCode};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn, Instrument as _};
+
+use super::{
+    admit::{admit, Admission, InboundConnection, Transport},
+    ProxyContext,
+};
+use crate::{
+    drain::Drain,
+    hbone::{
+        bridge::bridge,
+        keepalive,
+        request::{check_connect, Refusal},
+        HboneSettings,
+    },
+    netns::Netns,
+    observability::{Outcome, ResponseFlag},
+    socket::{accept, connect_tcp},
+    tls::{self, Identity, WorkloadCert},
+};
+
+pub struct HboneServer {
     ctx: Arc<ProxyContext>,
     pod: String,
+    identity: Identity,
     netns: Arc<Netns>,
+    /// Closed when the pod's tunnel is dropped (un-enrolled, or its netns vanished).
+    pod_gone: watch::Receiver<()>,
+    /// The server config for the current certificate; rebuilt when the certificate rotates.
+    config: Mutex<Option<(Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
 }
 
-impl InboundPlaintext {
-    pub fn new(ctx: Arc<ProxyContext>, pod: String, netns: Arc<Netns>) -> Self {
-        Self { ctx, pod, netns }
+impl HboneServer {
+    pub fn new(
+        ctx: Arc<ProxyContext>,
+        pod: String,
+        identity: Identity,
+        netns: Arc<Netns>,
+        pod_gone: watch::Receiver<()>,
+    ) -> Self {
+        Self {
+            ctx,
+            pod,
+            identity,
+            netns,
+            pod_gone,
+            config: Mutex::new(None),
+        }
     }
 
     pub async fn run(self, listener: TcpListener) {
         let this = Arc::new(self);
         let pod = this.pod.clone();
-        accept::serve(listener, "inbound", &pod, move |stream, peer| {
+        accept::serve(listener, "hbone", &pod, move |tcp, peer| {
             let this = this.clone();
-            let span = tracing::info_span!("inbound", pod = %this.pod, src = %peer);
+            let span = tracing::info_span!("hbone", pod = %this.pod, src = %peer);
             async move {
-                if let Err(e) = this.handle(stream, peer).await {
-                    warn!(error = %format!("{e:#}"), "inbound connection failed");
+                if let Err(e) = this.serve_connection(tcp, peer).await {
+                    warn!(error = %format!("{e:#}"), "HBONE connection failed");
                 }
             }
             .instrument(span)
@@ -45,104 +83,205 @@ impl InboundPlaintext {
         .await
     }
 
-    async fn handle(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {
-        let _open = self.ctx.drain.track();
-        // sk_lookup keeps the destination the client used as our local address.
-        let original = stream.local_addr()?;
-        if TUNNEL_PORTS.contains(&original.port()) {
-            bail!(
-                "refusing plaintext to the tunnel's own port {}",
-                original.port()
-            );
-        }
-        let (src_workload, dst_workload, mode) = {
-            let state = self.ctx.state.borrow();
-            (
-                state.workload_by_ip(peer.ip()).cloned(),
-                state.workloads.get(&self.pod).cloned(),
-                state.enrolled.get(&self.pod).map(|p| p.mtls_mode),
-            )
-        };
-        let src = match &src_workload {
-            Some(w) => Peer::workload(w, peer),
-            None => Peer::addr(peer),
-        };
-        let dst = match &dst_workload {
-            Some(w) => Peer::workload(w, original),
-            None => Peer::addr(original),
-        };
-        let record = ConnectionRecord::open(
-            self.ctx.metrics.clone(),
-            Reporter::Destination,
-            // Plaintext: the source's identity is unproven, whatever its address says.
-            Peer {
-                identity: None,
-                ..src
-            },
-            dst,
-            None,
-            None,
-            false,
-        );
-        if mode == Some(MtlsMode::Strict) {
-            // Closed without a byte: strict mTLS admits only HBONE.
-            info!(original_dst = %original, "plaintext inbound refused: strict mTLS");
-            record.close(Outcome::Denied {
-                policy: "strict mTLS".into(),
-            });
-            return Ok(());
-        }
-        let conn_info = ConnectionInfo {
-            src_ip: peer.ip(),
-            src_identity: None,
-            dst_ip: original.ip(),
-            dst_port: original.port(),
-        };
-        let decision = {
-            let state = self.ctx.state.borrow();
-            match &dst_workload {
-                Some(w) => state.authorize(w, &conn_info),
-                None => Decision::Deny {
-                    policy: "no local workload".into(),
-                },
+    fn server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+        let cert = self.ctx.certs.get(&self.identity)?;
+        let mut cached = self.config.lock().unwrap();
+        if let Some((c, config)) = cached.as_ref() {
+            if Arc::ptr_eq(c, &cert) {
+                return Ok(config.clone());
             }
-        };
-        if let Decision::Deny { policy } = decision {
-            // Closed without a response, as ztunnel does for denied plaintext.
-            info!(original_dst = %original, policy, "plaintext inbound denied by policy");
-            record.close(Outcome::Denied { policy });
-            return Ok(());
         }
-        let mut tracked = self.ctx.tracker.register(&self.pod, conn_info);
-        info!(
-            original_dst = %original,
-            src_workload = src_workload.as_ref().map(|w| w.key.as_str()).unwrap_or("unknown"),
-            "captured inbound connection"
+        let config = tls::server_config(
+            &cert,
+            &self.ctx.certs.roots(),
+            self.ctx.certs.compliance_policy(),
+        )?;
+        *cached = Some((cert, config.clone()));
+        Ok(config)
+    }
+
+    async fn serve_connection(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) -> Result<()> {
+        let local = tcp.local_addr()?;
+        tcp.set_nodelay(true)?;
+        let acceptor = TlsAcceptor::from(self.server_config()?);
+        let tls = tokio::time::timeout(
+            self.ctx.hbone_settings.handshake_timeout,
+            acceptor.accept(tcp),
+        )
+        .await
+        .context("TLS handshake timed out")?
+        .context("TLS handshake")?;
+        let peer_identity = tls::peer_identity(tls.get_ref().1);
+        debug!(
+            %peer,
+            client_identity = %peer_identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+            kx = %tls::key_exchange(tls.get_ref().1),
+            "HBONE connection accepted"
         );
-        stream.set_nodelay(true)?;
-        let app =
-            match connector::connect_tcp(&self.netns, original, self.ctx.connect_timeout).await {
-                Ok(app) => app,
-                Err(e) => {
-                    record.close(Outcome::Failed {
-                        flag: "CONNECT",
-                        error: format!("{e:#}"),
-                    });
-                    return Ok(());
+        let s: &HboneSettings = &self.ctx.hbone_settings;
+        let mut connection = s
+            .h2_server()
+            .handshake::<_, Bytes>(tls)
+            .await
+            .context("HTTP/2 handshake")?;
+        // Held until h2 has written the last frame and closed the connection.
+        let _open = self.ctx.drain.track_hbone();
+        let mut draining = false;
+        let mut pod_gone = self.pod_gone.clone();
+        let unanswered =
+            keepalive::until_unanswered(connection.ping_pong(), s.ping_interval, s.ping_timeout);
+        tokio::pin!(unanswered);
+        loop {
+            let next = tokio::select! {
+                next = connection.accept() => next,
+                reason = &mut unanswered => {
+                    // Dropping the connection resets its streams: their bridges end and close
+                    // their sockets to the app.
+                    warn!(reason, "HBONE connection closed: the peer stopped answering PINGs");
+                    break;
+                }
+                () = stop_taking_streams(&self.ctx.drain, &mut pod_gone), if !draining => {
+                    // SIGTERM, or the pod left: GOAWAY, so the peer opens new streams elsewhere;
+                    // the streams already open go on, and accept() ends once they are done.
+                    connection.graceful_shutdown();
+                    draining = true;
+                    continue;
                 }
             };
+            let Some(next) = next else { break };
+            let (request, respond) = next.context("HTTP/2")?;
+            let this = self.clone();
+            let peer_identity = peer_identity.clone();
+            tokio::spawn(
+                async move {
+                    if let Err(e) = this
+                        .serve_stream(request, respond, local, peer, peer_identity)
+                        .await
+                    {
+                        warn!(error = %format!("{e:#}"), "HBONE stream failed");
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+        Ok(())
+    }
+
+    async fn serve_stream(
+        &self,
+        request: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        local: SocketAddr,
+        peer: SocketAddr,
+        peer_identity: Option<Identity>,
+    ) -> Result<()> {
+        let _open = self.ctx.drain.track();
+        let target = match self.check(&request, local) {
+            Ok(target) => target,
+            Err((status, why)) => {
+                info!(status = status.as_u16(), why, "HBONE request refused");
+                respond.send_response(Response::builder().status(status).body(())?, true)?;
+                return Ok(());
+            }
+        };
+        // Step 4: authorization at the destination, on the proven identity.
+        let admission = admit(
+            &self.ctx,
+            InboundConnection {
+                pod: &self.pod,
+                peer,
+                target,
+                transport: Transport::Hbone {
+                    local,
+                    identity: peer_identity.clone(),
+                },
+            },
+        );
+        let (record, mut tracked) = match admission {
+            Admission::Admitted { record, tracked } => (record, tracked),
+            Admission::Denied { record, policy, .. } => {
+                info!(dst = %target, policy, status = 401, "HBONE request denied by policy");
+                respond.send_response(
+                    Response::builder()
+                        .status(StatusCode::UNAUTHORIZED)
+                        .body(())?,
+                    true,
+                )?;
+                record.close(Outcome::Denied { policy });
+                return Ok(());
+            }
+        };
+        let app = match connect_tcp(&self.netns, target, self.ctx.connect_timeout).await {
+            Ok(app) => app,
+            Err(e) => {
+                let error = format!("{e:#}");
+                info!(target = %target, error, status = 503, "HBONE target refused");
+                respond.send_response(
+                    Response::builder()
+                        .status(StatusCode::SERVICE_UNAVAILABLE)
+                        .body(())?,
+                    true,
+                )?;
+                record.close(Outcome::Failed {
+                    flag: ResponseFlag::Connect,
+                    error,
+                });
+                return Ok(());
+            }
+        };
+        // At debug, like the outbound side's "captured outbound connection": the access log
+        // line at the end is the one info line per connection.
+        debug!(dst = %target, src_identity = %peer_identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "-".into()), "HBONE stream accepted");
+        let response = Response::builder()
+            .status(StatusCode::OK)
+            .header("baggage", self.baggage())
+            .body(())?;
+        let send = respond.send_response(response, false)?;
+        let recv = request.into_body();
         let (t, result) = tokio::select! {
-            r = relay::relay(stream, app) => r,
+            r = bridge(app, send, std::future::ready(Ok(recv))) => r,
             reason = tracked.revoked() => {
+                // Dropping the bridge resets the HTTP/2 stream and closes the app's socket.
                 record.close(Outcome::Denied { policy: reason });
                 return Ok(());
             }
         };
+        // bridge(app, ..): "sent" is app → client (response), "received" client → app (request).
         record.close(Outcome::Completed {
-            request_bytes: t.sent,
-            response_bytes: t.received,
+            request_bytes: t.received,
+            response_bytes: t.sent,
             error: result.err().map(|e| e.to_string()),
         });
         Ok(())
+    }
+
+    /// Steps 1–3 of the answer order: what to connect to, or the status to refuse with.
+    /// The rules are in `request`; this server only says which address is its pod's.
+    fn check(
+        &self,
+        request: &Request<h2::RecvStream>,
+        local: SocketAddr,
+    ) -> Result<SocketAddr, Refusal> {
+        check_connect(request, local, |ip| {
+            let state = self.ctx.state.borrow();
+            state.workload_by_ip(ip).is_some_and(|w| w.key == self.pod)
+        })
+    }
+
+    fn baggage(&self) -> String {
+        let state = self.ctx.state.borrow();
+        match state.workloads.get(&self.pod) {
+            Some(w) => w.baggage(),
+            None => String::new(),
+        }
+    }
+}
+
+/// Resolves when an HBONE connection should take no more streams: the node drains, or the pod's
+/// tunnel was dropped (the sender side of `pod_gone` closed).
+async fn stop_taking_streams(drain: &Drain, pod_gone: &mut watch::Receiver<()>) {
+    tokio::select! {
+        () = drain.started() => {}
+        _ = pod_gone.changed() => {}
     }
 }

@@ -4,18 +4,18 @@
 //!   connect(); the original destination comes from the `ORIGINAL_DESTINATIONS` map
 //!   (`outbound.rs`);
 //! - inbound plaintext (`127.0.0.1:15006`, `[::1]:15006`): connections sk_lookup steered here;
-//!   the original destination is the accepted socket's local address (`inbound.rs`).
-//!
-//! - HBONE (`0.0.0.0:15008`, `[::]:15008`): mTLS HTTP/2 CONNECT from other nodes (`hbone::server`).
+//!   the original destination is the accepted socket's local address (`inbound_plaintext.rs`);
+//! - HBONE (`0.0.0.0:15008`, `[::]:15008`): mTLS HTTP/2 CONNECT from other nodes
+//!   (`inbound.rs`, as ztunnel names its HBONE server).
 //!
 //! How a connection reaches its upstream depends on the upstream's protocol (`connector.rs`).
+//! Below this layer: `hbone` (the client pool, the protocol's pieces), `tls`, `socket`.
 
-pub mod accept;
+pub mod admit;
 pub mod connector;
-pub mod drain;
 pub mod inbound;
+pub mod inbound_plaintext;
 pub mod outbound;
-pub mod relay;
 pub mod tracker;
 
 use std::{
@@ -31,7 +31,8 @@ use tracing::debug;
 
 use crate::{
     datapath::{Capture, OriginalDestinations},
-    hbone::{client::HboneClient, server::HboneServer, HboneSettings},
+    drain::Drain,
+    hbone::{client::HboneClient, HboneSettings},
     netns::Netns,
     observability::Metrics,
     state::State,
@@ -51,7 +52,7 @@ pub struct ProxyContext {
     /// Live inbound connections, re-checked when policies change.
     pub tracker: Arc<tracker::ConnectionTracker>,
     /// Open connections, and the shutdown signal (SIGTERM).
-    pub drain: Arc<drain::Drain>,
+    pub drain: Arc<Drain>,
 }
 
 /// One pod's tunnel: its listeners and accept loops. Dropping it closes the listeners (so
@@ -149,11 +150,12 @@ impl PodTunnel {
             .into_iter()
             .flatten()
         {
-            let handler = inbound::InboundPlaintext::new(ctx.clone(), pod.clone(), netns.clone());
+            let handler =
+                inbound_plaintext::InboundPlaintext::new(ctx.clone(), pod.clone(), netns.clone());
             accept_loops.push(tokio::spawn(handler.run(listener)));
         }
         for listener in listeners.hbone {
-            let server = HboneServer::new(
+            let server = inbound::HboneServer::new(
                 ctx.clone(),
                 pod.clone(),
                 identity.clone(),

@@ -9,16 +9,20 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn, Instrument as _};
 
 use super::{
-    accept,
     connector::{self, Source, UpstreamConnection},
-    relay, ProxyContext,
+    ProxyContext,
 };
 use crate::{
     config::Protocol,
-    hbone::bridge::{bridge, BridgeError},
-    observability::{ConnectionRecord, Outcome, Peer, Reporter},
+    datapath::Capture,
+    hbone::{
+        bridge::{bridge, BridgeError},
+        client::is_tls_failure,
+    },
+    netns::Netns,
+    observability::{ConnectionRecord, Outcome, Peer, Reporter, ResponseFlag},
+    socket::{accept, relay},
 };
-use crate::{datapath::Capture, netns::Netns};
 
 pub struct Outbound {
     ctx: Arc<ProxyContext>,
@@ -106,17 +110,11 @@ impl Outbound {
         let connection = match connector::connect(&self.ctx, &source, &upstream).await {
             Ok(c) => c,
             Err(e) => {
-                let error = format!("{e:#}");
                 // A TLS failure (wrong CA, wrong identity) is told apart from a refused connect.
-                // In TLS 1.3 the client finishes its handshake before the server has checked
-                // the client's certificate, so a server's refusal arrives as an alert on the
-                // first read (the HTTP/2 handshake or the CONNECT): a TLS failure too.
-                let flag = if error.contains("TLS") || error.contains("fatal alert") {
-                    "TLS_FAILURE"
-                } else {
-                    "CONNECT"
-                };
-                record.close(Outcome::Failed { flag, error });
+                record.close(Outcome::Failed {
+                    flag: failure_flag(&e),
+                    error: format!("{e:#}"),
+                });
                 // The app saw its connect succeed (it reached this proxy): it learns of the
                 // failure by a reset, as from a refused connect.
                 relay::reset_on_close(&stream);
@@ -137,8 +135,9 @@ impl Outbound {
         match result {
             // The server refused the CONNECT (policy, no such app, no answer): a failed
             // connection, as if the connect itself had failed; nothing reached the app.
+            // A TLS alert in place of the answer is the server refusing this node's certificate.
             Err(BridgeError::Refused(e)) => record.close(Outcome::Failed {
-                flag: "CONNECT",
+                flag: failure_flag(&e),
                 error: format!("{e:#}"),
             }),
             result => record.close(Outcome::Completed {
@@ -180,4 +179,13 @@ fn iptables_original_destination(stream: &TcpStream) -> std::io::Result<SocketAd
     let addr = unsafe { socket2::SockAddr::new(storage, len) };
     addr.as_socket()
         .ok_or_else(|| std::io::Error::other("SO_ORIGINAL_DST is not an IP address"))
+}
+
+/// The response flag of a connection that failed before any byte reached the app.
+fn failure_flag(error: &anyhow::Error) -> ResponseFlag {
+    if is_tls_failure(error) {
+        ResponseFlag::TlsFailure
+    } else {
+        ResponseFlag::Connect
+    }
 }

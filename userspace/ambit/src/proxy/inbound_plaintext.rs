@@ -1,0 +1,114 @@
+//! Inbound plaintext: connections to an enrolled pod's IP that `ambit_sk_lookup` handed to this
+//! listener. The accepted socket's local address is the original destination. The tunnel then
+//! connects to the app inside the pod's netns, from the pod's own address, which sk_lookup lets
+//! through (it never captures a connection from the pod to itself).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::{bail, Result};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn, Instrument as _};
+
+use ambit_abi::TUNNEL_PORTS;
+
+use super::{
+    admit::{admit, Admission, InboundConnection, Transport},
+    ProxyContext,
+};
+use crate::{
+    netns::Netns,
+    observability::{Outcome, ResponseFlag},
+    socket::{accept, connect_tcp, relay},
+};
+
+pub struct InboundPlaintext {
+    ctx: Arc<ProxyContext>,
+    pod: String,
+    netns: Arc<Netns>,
+}
+
+impl InboundPlaintext {
+    pub fn new(ctx: Arc<ProxyContext>, pod: String, netns: Arc<Netns>) -> Self {
+        Self { ctx, pod, netns }
+    }
+
+    pub async fn run(self, listener: TcpListener) {
+        let this = Arc::new(self);
+        let pod = this.pod.clone();
+        accept::serve(listener, "inbound", &pod, move |stream, peer| {
+            let this = this.clone();
+            let span = tracing::info_span!("inbound", pod = %this.pod, src = %peer);
+            async move {
+                if let Err(e) = this.handle(stream, peer).await {
+                    warn!(error = %format!("{e:#}"), "inbound connection failed");
+                }
+            }
+            .instrument(span)
+        })
+        .await
+    }
+
+    async fn handle(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {
+        let _open = self.ctx.drain.track();
+        // sk_lookup keeps the destination the client used as our local address.
+        let original = stream.local_addr()?;
+        if TUNNEL_PORTS.contains(&original.port()) {
+            bail!(
+                "refusing plaintext to the tunnel's own port {}",
+                original.port()
+            );
+        }
+        let admission = admit(
+            &self.ctx,
+            InboundConnection {
+                pod: &self.pod,
+                peer,
+                target: original,
+                transport: Transport::Plaintext,
+            },
+        );
+        let (record, mut tracked) = match admission {
+            Admission::Admitted { record, tracked } => (record, tracked),
+            // Closed without a byte, as ztunnel does for denied plaintext.
+            Admission::Denied {
+                record,
+                strict_mtls: true,
+                policy,
+            } => {
+                info!(original_dst = %original, "plaintext inbound refused: strict mTLS");
+                record.close(Outcome::Denied { policy });
+                return Ok(());
+            }
+            Admission::Denied { record, policy, .. } => {
+                info!(original_dst = %original, policy, "plaintext inbound denied by policy");
+                record.close(Outcome::Denied { policy });
+                return Ok(());
+            }
+        };
+        debug!(original_dst = %original, "captured inbound connection");
+        stream.set_nodelay(true)?;
+        let app = match connect_tcp(&self.netns, original, self.ctx.connect_timeout).await {
+            Ok(app) => app,
+            Err(e) => {
+                record.close(Outcome::Failed {
+                    flag: ResponseFlag::Connect,
+                    error: format!("{e:#}"),
+                });
+                return Ok(());
+            }
+        };
+        let (t, result) = tokio::select! {
+            r = relay::relay(stream, app) => r,
+            reason = tracked.revoked() => {
+                record.close(Outcome::Denied { policy: reason });
+                return Ok(());
+            }
+        };
+        record.close(Outcome::Completed {
+            request_bytes: t.sent,
+            response_bytes: t.received,
+            error: result.err().map(|e| e.to_string()),
+        });
+        Ok(())
+    }
+}

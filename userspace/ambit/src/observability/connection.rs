@@ -108,17 +108,28 @@ pub enum Outcome {
     Failed { flag: ResponseFlag, error: String },
 }
 
+/// What is known of a connection when it opens.
+pub struct Opened {
+    pub reporter: Reporter,
+    pub src: Peer,
+    pub dst: Peer,
+    /// `podIP:15008` when the connection travels over HBONE, that is with mutual TLS.
+    pub hbone_addr: Option<SocketAddr>,
+    /// The service, when the client dialled its VIP (known on the source side only).
+    pub service: Option<ServiceName>,
+}
+
 impl ConnectionRecord {
     /// Counts the connection as opened.
-    pub fn open(
-        metrics: Arc<Metrics>,
-        reporter: Reporter,
-        src: Peer,
-        dst: Peer,
-        hbone_addr: Option<SocketAddr>,
-        service: Option<ServiceName>,
-        mtls: bool,
-    ) -> Self {
+    pub fn open(metrics: Arc<Metrics>, opened: Opened) -> Self {
+        let Opened {
+            reporter,
+            src,
+            dst,
+            hbone_addr,
+            service,
+        } = opened;
+        let mtls = hbone_addr.is_some();
         let labels = labels(
             reporter,
             &src,
@@ -281,12 +292,13 @@ mod tests {
         let dst = Peer::addr("10.0.0.2:80".parse().unwrap());
         let record = ConnectionRecord::open(
             metrics.clone(),
-            Reporter::Destination,
-            src,
-            dst,
-            None,
-            None,
-            true,
+            Opened {
+                reporter: Reporter::Destination,
+                src,
+                dst,
+                hbone_addr: Some("10.0.0.2:15008".parse().unwrap()),
+                service: None,
+            },
         );
         record.close(Outcome::Denied {
             policy: "default/deny-80".into(),
@@ -314,16 +326,17 @@ mod tests {
         for _ in 0..2 {
             let r = ConnectionRecord::open(
                 metrics.clone(),
-                Reporter::Source,
-                Peer::default(),
-                Peer::default(),
-                None,
-                Some(ServiceName {
-                    hostname: "web.default.svc.cluster.local".into(),
-                    namespace: "default".into(),
-                    name: "web".into(),
-                }),
-                false,
+                Opened {
+                    reporter: Reporter::Source,
+                    src: Peer::default(),
+                    dst: Peer::default(),
+                    hbone_addr: None,
+                    service: Some(ServiceName {
+                        hostname: "web.default.svc.cluster.local".into(),
+                        namespace: "default".into(),
+                        name: "web".into(),
+                    }),
+                },
             );
             r.close(Outcome::Completed {
                 request_bytes: 7,

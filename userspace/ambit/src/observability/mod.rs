@@ -7,5 +7,5 @@ pub mod connection;
 pub mod http;
 pub mod metrics;
 
-pub use connection::{ConnectionRecord, Outcome, Peer, Reporter, ResponseFlag};
+pub use connection::{ConnectionRecord, Opened, Outcome, Peer, Reporter, ResponseFlag};
 pub use metrics::Metrics;

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use super::{tracker::TrackedConnection, ProxyContext};
 use crate::{
     config::MtlsMode,
-    observability::{ConnectionRecord, Peer, Reporter},
+    observability::{ConnectionRecord, Opened, Peer, Reporter},
     policy::{ConnectionInfo, Decision},
     tls::Identity,
 };
@@ -74,12 +74,13 @@ pub fn admit(ctx: &ProxyContext, conn: InboundConnection<'_>) -> Admission {
     let mtls = proven.is_some();
     let record = ConnectionRecord::open(
         ctx.metrics.clone(),
-        Reporter::Destination,
-        src,
-        dst,
-        hbone_addr,
-        None,
-        mtls,
+        Opened {
+            reporter: Reporter::Destination,
+            src,
+            dst,
+            hbone_addr,
+            service: None,
+        },
     );
     let strict = state
         .enrolled

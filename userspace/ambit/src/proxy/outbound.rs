@@ -20,7 +20,7 @@ use crate::{
         client::is_tls_failure,
     },
     netns::Netns,
-    observability::{ConnectionRecord, Outcome, Peer, Reporter, ResponseFlag},
+    observability::{ConnectionRecord, Opened, Outcome, Peer, Reporter, ResponseFlag},
     socket::{accept, relay},
 };
 
@@ -100,12 +100,14 @@ impl Outbound {
         let hbone = upstream.workload.protocol == Protocol::Hbone;
         let record = ConnectionRecord::open(
             self.ctx.metrics.clone(),
-            Reporter::Source,
-            Peer::workload(&source_workload, source.addr),
-            Peer::workload(&upstream.workload, upstream.addr),
-            hbone.then(|| SocketAddr::new(upstream.addr.ip(), ambit_abi::HBONE_PORT)),
-            upstream.service.clone(),
-            hbone,
+            Opened {
+                reporter: Reporter::Source,
+                src: Peer::workload(&source_workload, source.addr),
+                dst: Peer::workload(&upstream.workload, upstream.addr),
+                hbone_addr: hbone
+                    .then(|| SocketAddr::new(upstream.addr.ip(), ambit_abi::HBONE_PORT)),
+                service: upstream.service.clone(),
+            },
         );
         let connection = match connector::connect(&self.ctx, &source, &upstream).await {
             Ok(c) => c,

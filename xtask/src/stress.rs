@@ -1,4 +1,4 @@
-//! `cargo xtask stress`: the long versions of the reliability tests (issue 8), in a release
+//! `cargo xtask stress`: the long versions of the reliability tests, in a release
 //! build, with one table at the end. The tests themselves live in userspace/ambit/tests and run
 //! at a small scale in `cargo xtask test`; here they run at full scale:
 //!

@@ -1,4 +1,4 @@
-//! `cargo xtask vm-test`: Ambit's privileged data-path tests on other kernels (issue 5).
+//! `cargo xtask vm-test`: Ambit's privileged data-path tests on other kernels.
 //!
 //! Every kernel of vm-tests/kernels.txt (a Debian package, fetched with `apt-get download`
 //! and unpacked once into target/vm-tests/kernels/) boots under qemu — TCG emulation, since

@@ -1,4 +1,4 @@
-//! Privileged integration tests of hostile HTTP/2 peers against the HBONE server (issue 8). Each
+//! Privileged integration tests of hostile HTTP/2 peers against the HBONE server. Each
 //! test speaks raw HTTP/2 frames over real mutual TLS (a client certificate from the lab's CA, so
 //! the abuser is a valid mesh identity) to pod c's port 15008, and proves:
 //!

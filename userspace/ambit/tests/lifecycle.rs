@@ -1,4 +1,4 @@
-//! Privileged integration tests of the node's lifecycle (issue 8): SIGTERM drains open
+//! Privileged integration tests of the node's lifecycle: SIGTERM drains open
 //! connections up to a deadline, and while the node is going away capture stays attached and
 //! refuses new connections instead of letting them out around the tunnel.
 

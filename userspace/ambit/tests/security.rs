@@ -1,5 +1,5 @@
-//! Privileged integration tests of what a pod or a peer must not be able to do to the data path
-//! (issue 8): take the tunnel's ports in its own netns (running or not), leave around capture
+//! Privileged integration tests of what a pod or a peer must not be able to do to the data
+//! path: take the tunnel's ports in its own netns (running or not), leave around capture
 //! with another socket call, pass for another pod, or hold the HBONE server with handshakes that
 //! never finish.
 

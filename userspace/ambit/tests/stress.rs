@@ -1,4 +1,4 @@
-//! Load and churn (issue 8). The short versions run in `cargo xtask test`; `cargo xtask stress`
+//! Load and churn. The short versions run in `cargo xtask test`; `cargo xtask stress`
 //! runs the same tests at full scale (AMBIT_STRESS_CHURN=50000, AMBIT_STRESS_CONCURRENT=10000,
 //! AMBIT_STRESS_SOAK_SECONDS=300) and prints the `| ... |` lines they write as its table.
 //!

@@ -572,7 +572,7 @@ ambit:
             .stderr(log_file);
         self.spawn(&format!("ambit node {node}"), cmd)?;
         let log = log.to_owned();
-        // vm-tests (issue 5): a node that exited (e.g. a program the verifier rejected) will
+        // Under vm-tests a node that exited (e.g. a program the verifier rejected) will
         // never be ready; say so now instead of at the (scaled) timeout.
         let child = &mut self.children.last_mut().unwrap().1;
         let mut exited = None;
@@ -832,7 +832,7 @@ pub fn ensure_bpffs(path: &Path) -> Result<()> {
 
 /// Polls `check` until it holds, or fails after `timeout` naming `what`.
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> Result<()> {
-    let timeout = timeout.mul_f64(timeout_scale()); // vm-tests (issue 5), see timeout_scale
+    let timeout = timeout.mul_f64(timeout_scale()); // slower under vm-tests: see timeout_scale
     let deadline = Instant::now() + timeout;
     loop {
         if check() {
@@ -883,7 +883,7 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-// --- vm-tests (issue 5) ---
+// --- vm-tests ---
 /// Factor for the tests' wait timeouts: `AMBIT_TEST_TIMEOUT_SCALE` (default 1), which
 /// `cargo xtask vm-test` sets in its guests, where qemu's emulation (TCG) is 10-30x slower.
 pub fn timeout_scale() -> f64 {

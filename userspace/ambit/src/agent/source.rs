@@ -1,5 +1,5 @@
 //! Sources of desired state. The rest of the node only sees `State` updates; where they come
-//! from (a file today, Kubernetes later) stays behind `StateSource`.
+//! from (a file, or the Kubernetes API) stays behind `StateSource`.
 
 use std::{
     path::{Path, PathBuf},

@@ -157,7 +157,7 @@ impl TestLab {
     }
 
     pub fn curl(&self, pod: &str, url: &str) -> Output {
-        // vm-tests (issue 5): scaled like every wait (AMBIT_TEST_TIMEOUT_SCALE).
+        // Scaled like every wait under vm-tests (AMBIT_TEST_TIMEOUT_SCALE).
         let max_time = (10.0 * ambit_lab::timeout_scale()).to_string();
         self.lab
             .run_in_pod(pod, "curl", &["-sS", "--max-time", &max_time, url])

@@ -58,3 +58,38 @@ fn bpftool_shows_programs_and_maps_with_named_fields() {
     );
     let _ = pod("c");
 }
+
+/// The maps are kept in three places — the eBPF crate's statics (what the kernel creates), the
+/// ABI's names, and the sizes userspace reads them with (`datapath::map_layout`, also what a
+/// restarted node checks adopted pins against) — and this holds them together: the node pins
+/// exactly the ABI's maps, each with the layout userspace expects.
+#[test]
+fn the_pinned_maps_are_the_abis_with_the_layout_userspace_reads() {
+    let t = TestLab::start(&["a", "c"]);
+    let pins = t.lab.pin_dir("n1");
+    let mut pinned: Vec<String> = std::fs::read_dir(&pins)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .collect();
+    pinned.sort();
+    let mut abi: Vec<String> = ambit_abi::map_names::ALL
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    abi.sort();
+    assert_eq!(pinned, abi, "pinned maps in {}", pins.display());
+    let layout = ambit::datapath::map_layout();
+    assert_eq!(layout.len(), abi.len());
+    for (name, key, value) in layout {
+        let path = pins.join(name);
+        let show = t.bpftool(&["-j", "map", "show", "pinned", path.to_str().unwrap()]);
+        let info: serde_json::Value = serde_json::from_str(&show).unwrap();
+        assert_eq!(
+            (info["bytes_key"].as_u64(), info["bytes_value"].as_u64()),
+            (Some(key as u64), Some(value as u64)),
+            "{name}: the kernel's map (from the eBPF statics) against datapath::map_layout"
+        );
+    }
+}

@@ -365,11 +365,12 @@ where
         .with_context(|| format!("program {name} has an unexpected type"))
 }
 
-/// A pinned map from an older (or newer) Ambit with another layout must not be adopted: the
-/// programs would read it with the wrong layout.
-fn check_pinned_maps(pins: &PinLayout) -> Result<()> {
+/// Every map of the eBPF object: its name (`ambit_abi::map_names`) and the key and value sizes
+/// this userspace reads it with. A test (tests/bpftool.rs) holds it against what the kernel
+/// made from the eBPF crate's statics.
+pub fn map_layout() -> [(&'static str, usize, usize); 7] {
     use std::mem::size_of;
-    let expected: [(&str, usize, usize); 7] = [
+    [
         (
             m::ENROLLED_NETNS,
             size_of::<u64>(),
@@ -393,7 +394,13 @@ fn check_pinned_maps(pins: &PinLayout) -> Result<()> {
         (m::INBOUND_PODS, size_of::<IpKey>(), size_of::<InboundPod>()),
         (m::INBOUND_LISTENERS, size_of::<IpKey>(), size_of::<u32>()),
         (m::COUNTERS, size_of::<u32>(), size_of::<u64>()),
-    ];
+    ]
+}
+
+/// A pinned map from an older (or newer) Ambit with another layout must not be adopted: the
+/// programs would read it with the wrong layout.
+fn check_pinned_maps(pins: &PinLayout) -> Result<()> {
+    let expected = map_layout();
     for (name, key, value) in expected {
         let path = pins.map(name);
         if !path.exists() {

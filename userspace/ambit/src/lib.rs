@@ -1,5 +1,5 @@
 //! Ambit's node: eBPF capture of enrolled pods' TCP traffic and the userspace HBONE tunnel.
-//! The `ambit` binary (main.rs) is a thin command line over these modules; the integration
+//! The `ambit` binary (main.rs) is a thin command line over these modules (`node` runs one); the integration
 //! tests use them too (e.g. a hand-made HBONE client from the same `tls` and `hbone` code).
 //!
 //! Reading order: `config` (the file format) → `state` (desired state, indexed) → `agent`
@@ -19,6 +19,7 @@ pub mod handle;
 pub mod hbone;
 pub mod inspect;
 pub mod netns;
+pub mod node;
 pub mod observability;
 pub mod policy;
 pub mod proxy;

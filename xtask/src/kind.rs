@@ -32,6 +32,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::util::{has_command, is_root, workspace_root};
+
 /// kind's cluster name (`name:` in kind-config/cluster.yaml): its nodes are `ambit-control-plane`,
 /// `ambit-worker` and `ambit-worker2`, its kubectl context `kind-ambit`.
 const CLUSTER: &str = "ambit";
@@ -2209,13 +2211,6 @@ fn check_image_build(root: &Path, problems: &mut Vec<String>) {
 
 // ---------------------------------------------------------------------------------------------
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_owned()
-}
-
 /// One command line in shell syntax: plain words bare, `$VARIABLES` (dry-run placeholders) in
 /// double quotes, anything else in single quotes.
 fn shell_line<S: AsRef<str>>(args: &[S]) -> String {
@@ -2238,18 +2233,6 @@ fn quote(arg: &str) -> String {
         return format!("\"{arg}\"");
     }
     format!("'{}'", arg.replace('\'', r"'\''"))
-}
-
-fn has_command(command: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {command}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn is_root() -> bool {
-    current_uid() == 0
 }
 
 fn current_uid() -> u32 {

@@ -15,6 +15,8 @@ use std::{
 use ambit_lab::{pod, Lab, WEB_VIP};
 use anyhow::{bail, Context as _, Result};
 
+use crate::util::workspace_root;
+
 const PREFIX: &str = "ambit-lab";
 
 pub fn run(once: bool) -> Result<()> {
@@ -130,13 +132,6 @@ fn print_where_to_look(lab: &Lab, config: &Path, logs: &[PathBuf], ambit: &Path)
         cg = lab.pod_cgroup("a").display(),
         ca = config.with_file_name("ca").join("root-cert.pem").display(),
     );
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
 }
 
 /// Calls `f` on SIGINT or SIGTERM (it must only do async-signal-safe work, like setting a flag).

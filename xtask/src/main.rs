@@ -15,6 +15,7 @@ mod kind;
 mod lab;
 mod setup;
 mod stress;
+mod util;
 mod vmtest;
 
 use std::process::Command;

@@ -264,45 +264,21 @@ fn build_test_binaries(names: &[&str]) -> Result<HashMap<String, PathBuf>> {
     if !out.status.success() {
         bail!("cargo test --no-run (building the vm-tests' test binaries) failed");
     }
-    let mut exes = HashMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"test\"") {
-            continue;
-        }
-        let Some(target) = line.find("\"target\":{").map(|i| &line[i..]) else {
-            continue;
-        };
-        let kind_test = target.contains("\"kind\":[\"test\"]");
-        if let (true, Some(name), Some(exe)) = (
-            kind_test,
-            json_string(target, "name"),
-            json_string(line, "executable"),
-        ) {
-            exes.insert(name, PathBuf::from(exe));
-        }
-    }
-    Ok(exes)
+    Ok(test_executables(&String::from_utf8_lossy(&out.stdout)))
 }
 
-/// The string value of the first `"key":"..."` in a line of JSON (enough for cargo's
-/// messages; xtask has no JSON parser).
-fn json_string(json: &str, key: &str) -> Option<String> {
-    let pattern = format!("\"{key}\":\"");
-    let start = json.find(&pattern)? + pattern.len();
-    let mut value = String::new();
-    let mut chars = json[start..].chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => return Some(value),
-            '\\' => match chars.next()? {
-                'n' => value.push('\n'),
-                't' => value.push('\t'),
-                other => value.push(other),
-            },
-            c => value.push(c),
-        }
-    }
-    None
+/// Test target name → executable, from cargo's JSON messages (one per line).
+fn test_executables(messages: &str) -> HashMap<String, PathBuf> {
+    messages
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["kind"][0] == "test")
+        .filter_map(|m| {
+            let name = m["target"]["name"].as_str()?.to_owned();
+            let exe = m["executable"].as_str()?;
+            Some((name, PathBuf::from(exe)))
+        })
+        .collect()
 }
 
 fn list_tests(exe: &Path) -> Result<HashSet<String>> {
@@ -1348,14 +1324,18 @@ mod tests {
     }
 
     #[test]
-    fn cargo_messages_yield_their_strings() {
-        let line = r#"{"reason":"compiler-artifact","target":{"kind":["test"],"name":"capture"},"executable":"/t/debug/deps/capture-1\"x"}"#;
-        assert_eq!(json_string(line, "name").as_deref(), Some("capture"));
-        assert_eq!(
-            json_string(line, "executable").as_deref(),
-            Some("/t/debug/deps/capture-1\"x")
+    fn cargo_messages_yield_the_test_executables() {
+        let messages = concat!(
+            r#"{"reason":"compiler-artifact","target":{"kind":["test"],"name":"capture"},"executable":"/t/debug/deps/capture-1\"x"}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"ambit"},"executable":null}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","target":{"kind":["test"],"name":"hbone"},"executable":null}"#,
+            "\nnot json\n",
         );
-        assert_eq!(json_string(r#"{"executable":null}"#, "executable"), None);
+        let exes = test_executables(messages);
+        assert_eq!(exes.len(), 1, "{exes:?}");
+        assert_eq!(exes["capture"], PathBuf::from("/t/debug/deps/capture-1\"x"));
     }
 
     #[test]

@@ -3,15 +3,7 @@
 //! in step, the observability endpoints, and the drain on SIGTERM. `main.rs` only parses the
 //! command line and calls `run`.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use tokio::{
@@ -235,14 +227,17 @@ pub async fn run(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
         tracker: Default::default(),
         drain,
     });
-    let ready = Arc::new(AtomicBool::new(false));
+    let mut agent = Agent::new(datapath, cgroup_root, proxy.clone());
+    if let Some(annotator) = annotator {
+        agent.on_enrollment_change(move |pod, captured| annotator.mark(pod, captured));
+    }
     let _admin = admin::start(
         AdminContext {
             node: args.node.clone(),
             state: state_tx.subscribe(),
             certs: proxy.certs.clone(),
             metrics,
-            ready: ready.clone(),
+            ready: agent.readiness(),
             set_log_level,
         },
         &Addresses {
@@ -252,12 +247,7 @@ pub async fn run(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
         },
     )
     .await?;
-    let mut agent = Agent::new(datapath, cgroup_root, proxy.clone());
-    if let Some(annotator) = annotator {
-        agent.on_enrollment_change(move |pod, captured| annotator.mark(pod, captured));
-    }
     agent.apply(&initial).await?;
-    ready.store(!agent.has_failed_pods(), Ordering::Release);
     info!(
         node = %args.node,
         source = %args.config.as_ref().map(|c| c.display().to_string()).unwrap_or_else(|| "kubernetes".into()),
@@ -290,20 +280,16 @@ pub async fn run(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
                 if closed > 0 {
                     info!(closed, "connections closed: the new policy denies them");
                 }
-                ready.store(!agent.has_failed_pods(), Ordering::Release);
             }
             _ = retry.tick(), if agent.has_failed_pods() => {
                 let state = state_tx.borrow().clone();
                 if let Err(e) = agent.apply(&state).await {
                     error!("retrying enrollment: {e:#}");
                 }
-                ready.store(!agent.has_failed_pods(), Ordering::Release);
             }
             _ = renew.tick() => agent.refresh_certificates(),
             _ = vanished.tick() => {
-                if agent.release_vanished_pods().await > 0 {
-                    ready.store(!agent.has_failed_pods(), Ordering::Release);
-                }
+                agent.release_vanished_pods().await;
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -311,7 +297,6 @@ pub async fn run(args: NodeArgs, set_log_level: SetLogLevel) -> Result<()> {
     }
     // Drain: no new connections (listeners closed, capture stays attached and refuses them),
     // the open ones may finish until the deadline; a second signal cuts them now.
-    ready.store(false, Ordering::Release);
     agent.close_listeners();
     proxy.drain.start();
     proxy.hbone.stop_pooling();

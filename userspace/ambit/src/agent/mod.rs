@@ -8,7 +8,16 @@ pub mod kubernetes;
 pub mod source;
 mod time_wait;
 
-use std::{collections::BTreeMap, net::IpAddr, os::fd::AsRawFd, path::PathBuf, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
 
 use ambit_abi::{EnrolledPod, OUTBOUND_PORT};
 use anyhow::{Context as _, Result};
@@ -50,6 +59,11 @@ pub struct Agent {
     failed: BTreeMap<PodKey, String>,
     /// Told of every enrollment (true) and un-enrollment (false), e.g. to annotate the pod.
     on_change: Option<EnrollmentHook>,
+    /// The node's readiness (`/healthz/ready`), owned here: ready once every pod the desired
+    /// state enrolls has its programs attached and listeners open, and never again once
+    /// draining began.
+    ready: Arc<AtomicBool>,
+    draining: bool,
 }
 
 impl Agent {
@@ -61,7 +75,19 @@ impl Agent {
             pods: BTreeMap::new(),
             failed: BTreeMap::new(),
             on_change: None,
+            ready: Arc::new(AtomicBool::new(false)),
+            draining: false,
         }
+    }
+
+    /// The node's readiness, for the readiness endpoint to read.
+    pub fn readiness(&self) -> Arc<AtomicBool> {
+        self.ready.clone()
+    }
+
+    fn update_readiness(&self) {
+        let ready = !self.draining && self.failed.is_empty();
+        self.ready.store(ready, Ordering::Release);
     }
 
     /// Calls `hook(pod, enrolled)` after each enrollment and un-enrollment.
@@ -78,8 +104,14 @@ impl Agent {
     }
 
     /// Brings kernel and tunnel to `state`. Errors for one pod do not stop the others; they are
-    /// logged and the pod is retried on the next call.
+    /// logged and the pod is retried on the next call. Readiness follows.
     pub async fn apply(&mut self, state: &State) -> Result<()> {
+        let result = self.reconcile(state).await;
+        self.update_readiness();
+        result
+    }
+
+    async fn reconcile(&mut self, state: &State) -> Result<()> {
         // Un-enroll what is no longer wanted, or wanted differently.
         // Only a change of where the pod is (netns, cgroup, addresses) or who it is needs a
         // re-enrollment; anything else (e.g. its mTLS mode) is read per connection from the
@@ -267,12 +299,16 @@ impl Agent {
             self.unenroll(key).await;
             self.failed.insert(key.clone(), why.clone());
         }
+        self.update_readiness();
         vanished.len()
     }
 
     /// Closes every pod's listeners and leaves capture attached: new connections from and to
     /// enrolled pods are refused (fail closed) while those in flight go on. Draining.
+    /// The node is not ready from here on.
     pub fn close_listeners(&mut self) {
+        self.draining = true;
+        self.update_readiness();
         for pod in self.pods.values_mut() {
             pod.tunnel.close_listeners();
         }

@@ -137,10 +137,19 @@ pub fn client_config(
     expected: &[Identity],
     policy: CompliancePolicy,
 ) -> Result<Arc<ClientConfig>> {
+    client_config_with_provider(cert, roots, expected, provider_with(policy))
+}
+
+/// `client_config` with a given provider (the tests give it providers a peer might have).
+fn client_config_with_provider(
+    cert: &WorkloadCert,
+    roots: &[CertificateDer<'static>],
+    expected: &[Identity],
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<ClientConfig>> {
     if expected.is_empty() {
         bail!("no expected server identity: any server would be accepted");
     }
-    let provider = provider_with(policy);
     let verifier = ServerIdentityVerifier::new(
         root_store(roots)?,
         expected.to_vec(),
@@ -343,22 +352,12 @@ mod tests {
             cipher_suites: vec![ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256],
             ..ring::default_provider()
         });
-        let verifier = ServerIdentityVerifier::new(
-            root_store(&ca.roots()).unwrap(),
-            vec![server_id],
-            chacha.signature_verification_algorithms,
-        );
-        let client = ClientConfig::builder_with_provider(chacha)
-            .with_protocol_versions(&[&TLS13])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_auth_cert(client_cert.chain.clone(), client_cert.key.clone_key())
-            .unwrap();
+        let client =
+            client_config_with_provider(&client_cert, &ca.roots(), &[server_id], chacha).unwrap();
 
         let outcome = handshake(
             server_config(&server_cert, &ca.roots(), DEFAULT).unwrap(),
-            Arc::new(client),
+            client,
         )
         .await;
         let err = outcome
@@ -449,21 +448,12 @@ mod tests {
             kx_groups: ring::default_provider().kx_groups,
             ..(*provider_with(DEFAULT)).clone()
         });
-        let verifier = ServerIdentityVerifier::new(
-            root_store(&ca.roots()).unwrap(),
-            vec![server_id],
-            classical.signature_verification_algorithms,
-        );
-        let client = ClientConfig::builder_with_provider(classical)
-            .with_protocol_versions(&[&TLS13])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_auth_cert(client_cert.chain.clone(), client_cert.key.clone_key())
-            .unwrap();
+        let client =
+            client_config_with_provider(&client_cert, &ca.roots(), &[server_id], classical)
+                .unwrap();
         let outcome = handshake(
             server_config(&server_cert, &ca.roots(), CompliancePolicy::Pqc).unwrap(),
-            Arc::new(client),
+            client,
         )
         .await;
         let err = outcome.server.expect_err("server must refuse").to_string();

@@ -10,7 +10,7 @@ use tracing::info;
 use ambit::{
     datapath::{self, pins::PinLayout},
     inspect,
-    node::{self, NodeArgs},
+    node::{Node, NodeArgs},
     observability::admin::SetLogLevel,
     tls::{BuiltinCa, DEFAULT_TRUST_DOMAIN},
 };
@@ -73,7 +73,7 @@ fn main() -> Result<()> {
             runtime
                 .enable_all()
                 .build()?
-                .block_on(node::run(*args, set_log_level))
+                .block_on(async { Node::build(*args, set_log_level).await?.run().await })
         }
         Command::Inspect { node, bpffs } => inspect::print(&PinLayout::new(&bpffs, &node)?),
         Command::Ca(CaCommand::Init { dir, trust_domain }) => {

@@ -29,6 +29,7 @@ use aya::{
 use tracing::{debug, info};
 
 use crate::{netns::Netns, state::MeshDestination};
+pub use ambit_settings::{Capture, EbpfLogLevel};
 pub use pins::PinLayout;
 
 /// cgroup programs attach through bpf_link (5.7+), and bpf_links on a cgroup always coexist
@@ -38,17 +39,6 @@ const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
 /// The compiled eBPF object, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
-
-/// How an enrolled pod's outbound connections reach the tunnel's 15001 listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Capture {
-    /// `ambit_connect4/6` + `ambit_sockops` on the pod's cgroup (the default).
-    Ebpf,
-    /// iptables `REDIRECT` rules that someone else installed inside each pod (the benchmark's
-    /// baseline, to measure what eBPF capture saves). The cgroup programs are not attached; the
-    /// original destination comes from `SO_ORIGINAL_DST`; inbound still uses sk_lookup.
-    Iptables,
-}
 
 pub struct Datapath {
     ebpf: Ebpf,
@@ -287,17 +277,6 @@ impl Datapath {
         debug!(total = want.len(), removed, "mesh destinations synced");
         Ok(())
     }
-}
-
-/// Levels of the eBPF programs' own logging (aya-log's numbering; 0 is off).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum EbpfLogLevel {
-    Off = 0,
-    Error = 1,
-    Warn = 2,
-    Info = 3,
-    Debug = 4,
-    Trace = 5,
 }
 
 /// Reads the programs' log ring buffer and writes each record to this process's log. The

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+pub use ambit_settings::DEFAULT_BPFFS;
 
 #[derive(Debug, Clone)]
 pub struct PinLayout {

@@ -14,6 +14,8 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName};
 
+pub use ambit_settings::CompliancePolicy;
+
 use super::{
     ca::WorkloadCert,
     identity::Identity,
@@ -22,48 +24,6 @@ use super::{
 
 /// The only application protocol spoken over HBONE.
 const ALPN_H2: &[u8] = b"h2";
-
-/// Which key exchanges HBONE offers and accepts: Istio's `COMPLIANCE_POLICY` (set the same on
-/// istiod, ztunnel and Ambit).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum CompliancePolicy {
-    /// ztunnel's default order: X25519, P-256, P-384, then X25519MLKEM768. A client sends a
-    /// key share for X25519 first; a `pqc` server answers with a HelloRetryRequest for
-    /// X25519MLKEM768, which costs one more round trip but meets.
-    #[default]
-    Default,
-    /// Post-quantum only: X25519MLKEM768 is the one group offered and accepted (TLS 1.3 and
-    /// the AES-GCM suites, as always). Peers without it fail the handshake
-    /// (`NoKxGroupsInCommon`).
-    Pqc,
-}
-
-impl std::str::FromStr for CompliancePolicy {
-    type Err = String;
-
-    /// Istio's spellings: empty (the default) or `pqc`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "" | "default" => Ok(CompliancePolicy::Default),
-            "pqc" => Ok(CompliancePolicy::Pqc),
-            "fips-140-2" => Err("compliance policy fips-140-2 is not supported: Ambit's \
-                 cryptography (ring, aws-lc-rs for ML-KEM) is not a FIPS-validated build"
-                .to_owned()),
-            other => Err(format!(
-                "unknown compliance policy {other:?} (expected empty, or pqc)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for CompliancePolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            CompliancePolicy::Default => "default",
-            CompliancePolicy::Pqc => "pqc",
-        })
-    }
-}
 
 /// The key-exchange groups of `policy`, in preference order. The classical groups are ring's
 /// (as before); X25519MLKEM768 comes from aws-lc-rs, as ring has no ML-KEM.

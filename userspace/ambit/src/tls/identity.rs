@@ -4,8 +4,7 @@ use std::{fmt, str::FromStr};
 
 use anyhow::{bail, Result};
 
-/// Istio's default trust domain.
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub use ambit_settings::DEFAULT_TRUST_DOMAIN;
 
 const SCHEME: &str = "spiffe://";
 const SHAPE: &str = "spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>";

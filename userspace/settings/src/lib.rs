@@ -1,0 +1,244 @@
+//! The command-line settings of `ambit node`, in a crate of their own: the node parses them,
+//! and tools that check a deployment against them (xtask's DaemonSet check) read the same
+//! definitions through [`NodeArgs::command`] without building the data path.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::CommandFactory as _;
+
+/// Istio's default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// Where bpffs is mounted on a node.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceKind {
+    /// A ztunnel-format local config file, watched.
+    File,
+    /// The Kubernetes API (in-cluster config or KUBECONFIG).
+    Kubernetes,
+}
+
+#[derive(clap::Args)]
+pub struct NodeArgs {
+    /// This node's name: workloads whose `node` matches are local.
+    #[arg(long, env = "AMBIT_NODE")]
+    pub node: String,
+    /// Where the desired state comes from.
+    #[arg(long, value_enum, default_value = "file")]
+    pub source: SourceKind,
+    /// ztunnel-format local config file (with Ambit's `ambit.pods` section); `--source file`.
+    #[arg(long, required_if_eq("source", "file"))]
+    pub config: Option<PathBuf>,
+    /// The host's procfs, where pods' processes (and so their netns and cgroups) are found;
+    /// `--source kubernetes` (in a DaemonSet: the host's /proc mounted read-only).
+    #[arg(long, default_value = "/proc")]
+    pub proc_root: PathBuf,
+    /// `namespace/name` of the agent's own pod, never enrolled.
+    #[arg(long, env = "AMBIT_POD")]
+    pub own_pod: Option<String>,
+    /// Where bpffs is mounted.
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// The cgroup2 mount; found in /proc/self/mountinfo when not given.
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Timeout for the tunnel's connections to upstreams and apps.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// SPIFFE trust domain of this node's workloads (unless a workload names its own).
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// A CA in Istio's plug-in CA layout (ca-cert.pem, ca-key.pem, root-cert.pem,
+    /// cert-chain.pem), shared with other nodes (and Istio). Without it, a built-in CA is
+    /// generated for this node alone and its root written to --ca-root-out.
+    #[arg(long)]
+    pub ca_dir: Option<PathBuf>,
+    /// Where the built-in CA's root certificate is written (PEM).
+    #[arg(long, default_value = "/run/ambit/root-cert.pem")]
+    pub ca_root_out: PathBuf,
+    /// Istio's compliance policy for HBONE's TLS: empty (X25519, P-256, P-384 and the hybrid
+    /// post-quantum X25519MLKEM768, in ztunnel's order) or `pqc` (X25519MLKEM768 only). Set it
+    /// as on istiod and ztunnel.
+    #[arg(
+        long,
+        env = "COMPLIANCE_POLICY",
+        default_value = "",
+        hide_default_value = true
+    )]
+    pub compliance_policy: CompliancePolicy,
+    /// Lifetime of workload certificates; they are renewed at half of it.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub cert_lifetime: Duration,
+    /// HBONE: streams per pooled connection before another is opened.
+    #[arg(long, default_value_t = 100)]
+    pub hbone_max_streams: usize,
+    /// HBONE: streams a pooled connection carries in its life before it is retired (closed
+    /// once its last stream ends); 0: no limit. 1 gives every connection its own handshake.
+    #[arg(long, default_value_t = 0)]
+    pub hbone_max_requests_per_connection: usize,
+    /// HBONE: PING interval on every HBONE connection (the pooled ones this node opens and the
+    /// ones its pods' servers accept).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub hbone_ping_interval: Duration,
+    /// HBONE: a connection whose PING is not answered in this time is closed, with its streams.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub hbone_ping_timeout: Duration,
+    /// HBONE: a pooled connection without streams for this long is released.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub hbone_idle_timeout: Duration,
+    /// HBONE server: a peer that has not finished its TLS handshake after this long is dropped.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub hbone_handshake_timeout: Duration,
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+    /// Admin (`/config_dump`, `POST /logging?level=`); keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Detach capture on exit instead of keeping it (fail closed) for the next node process.
+    #[arg(long)]
+    pub detach_on_exit: bool,
+    /// The eBPF programs' own log (what each one decided), forwarded to this log. Off costs
+    /// nothing: the verifier removes the log calls.
+    #[arg(long, value_enum, default_value = "off")]
+    pub ebpf_log: EbpfLogLevel,
+    /// How outbound connections are captured: `ebpf` (cgroup connect hooks), or `iptables`
+    /// (REDIRECT rules installed in each pod by someone else; for comparison benchmarks).
+    #[arg(long, value_enum, default_value = "ebpf")]
+    pub capture: Capture,
+    /// On SIGTERM: how long open connections may go on before the node exits anyway. Keep it
+    /// below the pod's terminationGracePeriodSeconds.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Tokio worker threads of the tunnel (default: one per CPU).
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// `5s`, `250ms`, `5m`, `24h`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 5s or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    }
+}
+
+/// How an enrolled pod's outbound connections reach the tunnel's 15001 listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Capture {
+    /// `ambit_connect4/6` + `ambit_sockops` on the pod's cgroup (the default).
+    Ebpf,
+    /// iptables `REDIRECT` rules that someone else installed inside each pod (the benchmark's
+    /// baseline, to measure what eBPF capture saves). The cgroup programs are not attached; the
+    /// original destination comes from `SO_ORIGINAL_DST`; inbound still uses sk_lookup.
+    Iptables,
+}
+
+/// Levels of the eBPF programs' own logging (aya-log's numbering; 0 is off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EbpfLogLevel {
+    Off = 0,
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
+}
+
+/// Which key exchanges HBONE offers and accepts: Istio's `COMPLIANCE_POLICY` (set the same on
+/// istiod, ztunnel and Ambit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CompliancePolicy {
+    /// ztunnel's default order: X25519, P-256, P-384, then X25519MLKEM768. A client sends a
+    /// key share for X25519 first; a `pqc` server answers with a HelloRetryRequest for
+    /// X25519MLKEM768, which costs one more round trip but meets.
+    #[default]
+    Default,
+    /// Post-quantum only: X25519MLKEM768 is the one group offered and accepted (TLS 1.3 and
+    /// the AES-GCM suites, as always). Peers without it fail the handshake
+    /// (`NoKxGroupsInCommon`).
+    Pqc,
+}
+
+impl std::str::FromStr for CompliancePolicy {
+    type Err = String;
+
+    /// Istio's spellings: empty (the default) or `pqc`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "default" => Ok(CompliancePolicy::Default),
+            "pqc" => Ok(CompliancePolicy::Pqc),
+            "fips-140-2" => Err("compliance policy fips-140-2 is not supported: Ambit's \
+                 cryptography (ring, aws-lc-rs for ML-KEM) is not a FIPS-validated build"
+                .to_owned()),
+            other => Err(format!(
+                "unknown compliance policy {other:?} (expected empty, or pqc)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for CompliancePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CompliancePolicy::Default => "default",
+            CompliancePolicy::Pqc => "pqc",
+        })
+    }
+}
+
+/// `ambit node`'s settings as a standalone command: what the node accepts, for tools.
+#[derive(clap::Parser)]
+#[command(name = "ambit node")]
+struct NodeCommand {
+    #[command(flatten)]
+    args: NodeArgs,
+}
+
+impl NodeArgs {
+    /// The clap command `ambit node` parses: its flags, values, defaults and environment
+    /// variables.
+    pub fn command() -> clap::Command {
+        NodeCommand::command()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn the_command_lists_the_node_flags_with_their_defaults() {
+        let command = NodeArgs::command();
+        command.clone().debug_assert();
+        let metrics = command
+            .get_arguments()
+            .find(|a| a.get_id() == "metrics_addr")
+            .expect("--metrics-addr");
+        assert_eq!(metrics.get_long(), Some("metrics-addr"));
+        assert_eq!(metrics.get_default_values(), ["0.0.0.0:15020"]);
+    }
+}

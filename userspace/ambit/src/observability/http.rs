@@ -1,17 +1,20 @@
-//! A deliberately small HTTP/1.1 server for the node's operational endpoints (metrics,
-//! readiness, admin): GET/POST, no bodies, one request per connection. Requests are bounded in
-//! size and time so that a slow or hostile client cannot hold the node's resources.
+//! The HTTP/1.1 server of the node's operational endpoints (metrics, readiness, admin), on
+//! hyper. Handlers see a small [`Request`] (method, path, query) and return a [`Response`];
+//! requests carry no bodies. A client gets [`HEADER_TIMEOUT`] to send its request head, so a
+//! slow or hostile one cannot hold the node's resources.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{header::CONTENT_TYPE, server::conn::http1, service::service_fn, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
 use tracing::debug;
 
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds the request head (hyper's minimum read buffer is 8 KiB).
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Request {
     pub method: String,
@@ -53,13 +56,24 @@ impl Response {
             body,
         }
     }
+
+    fn into_hyper(self) -> hyper::Response<Full<Bytes>> {
+        let mut response = hyper::Response::new(Full::new(Bytes::from(self.body)));
+        *response.status_mut() =
+            StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(self.content_type),
+        );
+        response
+    }
 }
 
 /// Serves `handler` on `listener` until the task is dropped.
 pub async fn serve<H, F>(listener: TcpListener, handler: H)
 where
     H: Fn(Request) -> F + Send + Sync + 'static,
-    F: Future<Output = Response> + Send,
+    F: Future<Output = Response> + Send + 'static,
 {
     let handler = Arc::new(handler);
     loop {
@@ -67,68 +81,70 @@ where
             continue;
         };
         let handler = handler.clone();
+        let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let request = Request {
+                method: request.method().as_str().to_owned(),
+                path: request.uri().path().to_owned(),
+                query: request.uri().query().unwrap_or("").to_owned(),
+            };
+            let response = handler(request);
+            async move { Ok::<_, Infallible>(response.await.into_hyper()) }
+        });
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, one(stream, &*handler)).await {
-                debug!(error = %e, "admin request timed out");
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_HEAD)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                debug!(error = %e, "admin request failed");
             }
         });
     }
 }
 
-async fn one<H, F>(mut stream: TcpStream, handler: &H)
-where
-    H: Fn(Request) -> F,
-    F: Future<Output = Response>,
-{
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-        if head.len() > MAX_REQUEST_HEAD {
-            let _ = write(
-                &mut stream,
-                Response::text(431, "request header too large\n"),
-            )
-            .await;
-            return;
-        }
-    }
-    let text = String::from_utf8_lossy(&head);
-    let mut first = text.lines().next().unwrap_or("").split_whitespace();
-    let (Some(method), Some(target)) = (first.next(), first.next()) else {
-        let _ = write(&mut stream, Response::text(400, "bad request\n")).await;
-        return;
-    };
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let request = Request {
-        method: method.to_owned(),
-        path: path.to_owned(),
-        query: query.to_owned(),
-    };
-    let response = handler(request).await;
-    let _ = write(&mut stream, response).await;
-}
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-async fn write(stream: &mut TcpStream, r: Response) -> std::io::Result<()> {
-    let reason = match r.status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "",
-    };
-    let head = format!(
-        "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        r.status,
-        r.content_type,
-        r.body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(r.body.as_bytes()).await?;
-    stream.shutdown().await
+    use super::*;
+
+    async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // A server that answers before reading everything may reset the rest; that is fine.
+        let _ = stream.write_all(request).await;
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn answers_with_the_handlers_response_and_bounds_the_request_head() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, |req: Request| async move {
+            let level = req.param("level").unwrap_or("none").to_owned();
+            Response::text(200, format!("{} {} {level}\n", req.method, req.path))
+        }));
+
+        let answer = exchange(
+            addr,
+            b"POST /logging?level=debug HTTP/1.1\r\nhost: x\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.contains("content-type: text/plain"), "{answer}");
+        assert!(answer.ends_with("POST /logging debug\n"), "{answer}");
+
+        let huge = format!(
+            "GET /metrics HTTP/1.1\r\nx-padding: {}\r\n\r\n",
+            "a".repeat(MAX_REQUEST_HEAD * 2)
+        );
+        let answer = exchange(addr, huge.as_bytes()).await;
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+            "an oversized request head reached the handler: {answer}"
+        );
+    }
 }

@@ -13,10 +13,7 @@ use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Request, Response, StatusCode};
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
+use tokio::{net::TcpStream, sync::watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument as _};
 
@@ -65,22 +62,6 @@ impl HboneServer {
             pod_gone,
             config: Mutex::new(None),
         }
-    }
-
-    pub async fn run(self, listener: TcpListener) {
-        let this = Arc::new(self);
-        let pod = this.pod.clone();
-        accept::serve(listener, "hbone", &pod, move |tcp, peer| {
-            let this = this.clone();
-            let span = tracing::info_span!("hbone", pod = %this.pod, src = %peer);
-            async move {
-                if let Err(e) = this.serve_connection(tcp, peer).await {
-                    warn!(error = %format!("{e:#}"), "HBONE connection failed");
-                }
-            }
-            .instrument(span)
-        })
-        .await
     }
 
     fn server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
@@ -283,5 +264,17 @@ async fn stop_taking_streams(drain: &Drain, pod_gone: &mut watch::Receiver<()>) 
     tokio::select! {
         () = drain.started() => {}
         _ = pod_gone.changed() => {}
+    }
+}
+
+impl accept::Handler for HboneServer {
+    const LISTENER: &'static str = "HBONE";
+
+    fn pod(&self) -> &str {
+        &self.pod
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<()> {
+        self.serve_connection(stream, peer).await
     }
 }

@@ -6,8 +6,8 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::{bail, Result};
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn, Instrument as _};
+use tokio::net::TcpStream;
+use tracing::{debug, info};
 
 use ambit_abi::TUNNEL_PORTS;
 
@@ -30,22 +30,6 @@ pub struct InboundPlaintext {
 impl InboundPlaintext {
     pub fn new(ctx: Arc<ProxyContext>, pod: String, netns: Arc<Netns>) -> Self {
         Self { ctx, pod, netns }
-    }
-
-    pub async fn run(self, listener: TcpListener) {
-        let this = Arc::new(self);
-        let pod = this.pod.clone();
-        accept::serve(listener, "inbound", &pod, move |stream, peer| {
-            let this = this.clone();
-            let span = tracing::info_span!("inbound", pod = %this.pod, src = %peer);
-            async move {
-                if let Err(e) = this.handle(stream, peer).await {
-                    warn!(error = %format!("{e:#}"), "inbound connection failed");
-                }
-            }
-            .instrument(span)
-        })
-        .await
     }
 
     async fn handle(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {
@@ -110,5 +94,17 @@ impl InboundPlaintext {
             error: result.err().map(|e| e.to_string()),
         });
         Ok(())
+    }
+}
+
+impl accept::Handler for InboundPlaintext {
+    const LISTENER: &'static str = "inbound";
+
+    fn pod(&self) -> &str {
+        &self.pod
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<()> {
+        self.handle(stream, peer).await
     }
 }

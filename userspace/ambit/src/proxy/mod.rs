@@ -35,6 +35,7 @@ use crate::{
     hbone::{client::HboneClient, HboneSettings},
     netns::Netns,
     observability::Metrics,
+    socket::accept,
     state::State,
     tls::{CertManager, Identity},
 };
@@ -144,7 +145,7 @@ impl PodTunnel {
         let (gone, gone_rx) = watch::channel(());
         for listener in listeners.outbound {
             let handler = outbound::Outbound::new(ctx.clone(), pod.clone(), netns.clone());
-            accept_loops.push(tokio::spawn(handler.run(listener)));
+            accept_loops.push(tokio::spawn(accept::serve(listener, Arc::new(handler))));
         }
         for listener in [listeners.inbound_v4, listeners.inbound_v6]
             .into_iter()
@@ -152,7 +153,7 @@ impl PodTunnel {
         {
             let handler =
                 inbound_plaintext::InboundPlaintext::new(ctx.clone(), pod.clone(), netns.clone());
-            accept_loops.push(tokio::spawn(handler.run(listener)));
+            accept_loops.push(tokio::spawn(accept::serve(listener, Arc::new(handler))));
         }
         for listener in listeners.hbone {
             let server = inbound::HboneServer::new(
@@ -162,7 +163,7 @@ impl PodTunnel {
                 netns.clone(),
                 gone_rx.clone(),
             );
-            accept_loops.push(tokio::spawn(server.run(listener)));
+            accept_loops.push(tokio::spawn(accept::serve(listener, Arc::new(server))));
         }
         Self {
             accept_loops,

@@ -5,8 +5,8 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::{anyhow, Context as _, Result};
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn, Instrument as _};
+use tokio::net::TcpStream;
+use tracing::debug;
 
 use super::{
     connector::{self, Source, UpstreamConnection},
@@ -33,22 +33,6 @@ pub struct Outbound {
 impl Outbound {
     pub fn new(ctx: Arc<ProxyContext>, pod: String, netns: Arc<Netns>) -> Self {
         Self { ctx, pod, netns }
-    }
-
-    pub async fn run(self, listener: TcpListener) {
-        let this = Arc::new(self);
-        let pod = this.pod.clone();
-        accept::serve(listener, "outbound", &pod, move |stream, peer| {
-            let this = this.clone();
-            let span = tracing::info_span!("outbound", pod = %this.pod, src = %peer);
-            async move {
-                if let Err(e) = this.handle(stream, peer).await {
-                    warn!(error = %format!("{e:#}"), "outbound connection failed");
-                }
-            }
-            .instrument(span)
-        })
-        .await
     }
 
     async fn handle(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {
@@ -189,5 +173,17 @@ fn failure_flag(error: &anyhow::Error) -> ResponseFlag {
         ResponseFlag::TlsFailure
     } else {
         ResponseFlag::Connect
+    }
+}
+
+impl accept::Handler for Outbound {
+    const LISTENER: &'static str = "outbound";
+
+    fn pod(&self) -> &str {
+        &self.pod
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<()> {
+        self.handle(stream, peer).await
     }
 }

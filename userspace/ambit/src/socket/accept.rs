@@ -2,11 +2,11 @@
 //! per accepted connection, and a pause instead of a spin when the process runs out of file
 //! descriptors or memory.
 
-use std::{future::Future, io, net::SocketAddr, time::Duration};
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{warn, Instrument as _};
 
 /// How long accepting pauses when the process is out of resources. The waiting connections stay
 /// in the kernel's queue and are taken once resources are free again.
@@ -14,18 +14,42 @@ const OUT_OF_RESOURCES_PAUSE: Duration = Duration::from_millis(100);
 /// At most one warning per listener this often while out of resources.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
-/// Accepts on `listener` forever and spawns `handle(stream, peer)` for each connection.
-/// `listener_name` and `pod` only label log lines.
-pub async fn serve<F, Fut>(listener: TcpListener, listener_name: &'static str, pod: &str, handle: F)
-where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
+/// What a listener makes of each connection it accepts.
+pub trait Handler: Send + Sync + 'static {
+    /// Names the listener in log lines: `outbound`, `inbound`, `HBONE`.
+    const LISTENER: &'static str;
+
+    /// The pod the listener serves, for log lines.
+    fn pod(&self) -> &str;
+
+    /// Serves one accepted connection to its end.
+    fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// Accepts on `listener` forever and serves each connection with `handler` in a task of its
+/// own, in a span naming the listener, the pod and the peer; a connection's error is logged
+/// once, here.
+pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>) {
+    let listener_name = H::LISTENER;
+    let pod = handler.pod().to_owned();
+    let pod = pod.as_str();
     let mut warned_at: Option<Instant> = None;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer));
+                let span =
+                    tracing::info_span!("connection", listener = listener_name, pod, src = %peer);
+                let handler = handler.clone();
+                let connection = async move {
+                    if let Err(e) = handler.connection(stream, peer).await {
+                        warn!(error = %format!("{e:#}"), "{listener_name} connection failed");
+                    }
+                };
+                tokio::spawn(connection.instrument(span));
             }
             Err(e) => match ran_out_of(&e) {
                 // The listener stays readable while connections wait, so accept() would fail

@@ -221,16 +221,14 @@ fn leftovers(prefix: &str) -> Result<Vec<String>> {
 }
 
 pub fn cargo(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // `cargo +nightly` works through rustup's proxy, not through the resolved cargo binary.
     let program = if args.first().is_some_and(|a| a.starts_with('+')) {
         "cargo".to_owned()
     } else {
-        cargo
+        util::cargo_program()
     };
-    let status = Command::new(&program)
+    let status = util::cargo_command(&program)
         .args(args)
-        .env_remove("RUSTUP_TOOLCHAIN")
         .status()
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
     if !status.success() {

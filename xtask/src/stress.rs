@@ -22,7 +22,7 @@ mod fuzz;
 use std::{
     io::{BufRead as _, BufReader},
     path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     time::Instant,
 };
 
@@ -98,14 +98,12 @@ pub fn run(args: &Args) -> Result<()> {
 /// Runs one test file in a release build, one test at a time, printing its output and taking
 /// its rows; whether every test passed.
 fn run_suite(args: &Args, test: &str, kind: &str, rows: &mut Vec<String>) -> Result<bool> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut child = Command::new(cargo)
+    let mut child = crate::util::cargo_command(&crate::util::cargo_program())
         .args(["test", "--release", "-p", "ambit", "--test", test])
         .args(["--", "--nocapture", "--test-threads", "1"])
         .env("AMBIT_STRESS_CHURN", args.churn.to_string())
         .env("AMBIT_STRESS_CONCURRENT", args.concurrent.to_string())
         .env("AMBIT_STRESS_SOAK_SECONDS", args.soak_seconds.to_string())
-        .env_remove("RUSTUP_TOOLCHAIN")
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("running cargo test --test {test}"))?;

@@ -244,8 +244,7 @@ fn build_plan(paths: &Paths) -> Result<Vec<PlannedBinary>> {
 /// Builds the `ambit` package's integration tests (and so the `ambit` binary they run);
 /// returns each test binary's executable by name.
 fn build_test_binaries(names: &[&str]) -> Result<HashMap<String, PathBuf>> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    let mut cmd = crate::util::cargo_command(&crate::util::cargo_program());
     cmd.args([
         "test",
         "--no-run",
@@ -257,7 +256,6 @@ fn build_test_binaries(names: &[&str]) -> Result<HashMap<String, PathBuf>> {
         cmd.args(["--test", n]);
     }
     let out = cmd
-        .env_remove("RUSTUP_TOOLCHAIN")
         .stderr(Stdio::inherit())
         .output()
         .context("running cargo test --no-run")?;

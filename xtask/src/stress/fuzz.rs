@@ -155,10 +155,9 @@ fn cargo_fuzz(root: &Path, args: &[&str]) -> Result<()> {
 /// `cargo +nightly fuzz`, through rustup's proxy (as `crate::cargo` runs `+nightly`), in the
 /// fuzzed crate.
 fn nightly_cargo_fuzz(root: &Path) -> Command {
-    let mut cmd = Command::new("cargo");
+    let mut cmd = crate::util::cargo_command("cargo");
     cmd.args([&format!("+{}", crate::setup::ebpf_nightly()), "fuzz"])
-        .current_dir(root.join(FUZZED_CRATE))
-        .env_remove("RUSTUP_TOOLCHAIN");
+        .current_dir(root.join(FUZZED_CRATE));
     cmd
 }
 

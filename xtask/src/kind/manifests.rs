@@ -9,7 +9,7 @@ mod daemonset;
 mod node_flags;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     fmt::Display,
     fs,
     ops::Range,
@@ -27,8 +27,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
-use serde::{de::DeserializeOwned, Deserialize};
-use serde_yaml::Value;
+use serde::{de::IgnoredAny, Deserialize};
 
 use super::{
     AGENT, AGENT_NAMESPACE, CLUSTER, CLUSTER_CONFIG, CONTAINERFILE, DEMO_CLIENT, DEMO_NAMESPACE,
@@ -57,36 +56,15 @@ const READ_RESOURCES: &[(&str, &str)] = &[
     ("discovery.k8s.io", "endpointslices"),
 ];
 
-/// What kind's v1alpha4 Cluster and its nodes know besides the fields checked: any other is a
-/// typo kind would reject.
-const KIND_CLUSTER_FIELDS: &[&str] = &[
-    "networking",
-    "featureGates",
-    "runtimeConfig",
-    "kubeadmConfigPatches",
-    "kubeadmConfigPatchesJSON6902",
-    "containerdConfigPatches",
-    "containerdConfigPatchesJSON6902",
-];
-const KIND_NODE_FIELDS: &[&str] = &[
-    "image",
-    "labels",
-    "extraMounts",
-    "extraPortMappings",
-    "kubeadmConfigPatches",
-    "kubeadmConfigPatchesJSON6902",
-];
-
 /// Validates every YAML under deploy/ against the Kubernetes schemas and kind's cluster config
 /// structurally, and checks that the DaemonSet matches the code. Fails listing every problem.
 pub fn validate_manifests() -> Result<()> {
     let root = workspace_root();
-    let deploy = root.join("deploy");
     let mut yaml_files = Vec::new();
-    collect_yaml(&deploy, &mut yaml_files)?;
+    collect_yaml(&root.join("deploy"), &mut yaml_files)?;
     yaml_files.sort();
     if yaml_files.is_empty() {
-        bail!("no YAML under {}", deploy.display());
+        bail!("no YAML under {}", root.join("deploy").display());
     }
     let (kustomizations, object_files): (Vec<PathBuf>, Vec<PathBuf>) = yaml_files
         .iter()
@@ -94,27 +72,21 @@ pub fn validate_manifests() -> Result<()> {
         .partition(|f| is_kustomization(f));
 
     let mut problems = check_schemas(&root, &object_files)?;
-    let mut unreadable = Vec::new();
-    let mut objects = Vec::new();
+    let (mut objects, mut unreadable) = (Vec::new(), Vec::new());
     for file in &object_files {
-        let text =
-            fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let text = read(file)?;
         objects.extend(parse_objects(
             &relative(&root, file),
             &text,
             &mut unreadable,
         ));
     }
-    let m = Manifests(objects.iter().collect());
-
-    check_kustomizations(&root, &kustomizations, &object_files, &mut problems);
-    let cluster_config = root.join(CLUSTER_CONFIG);
-    let text = fs::read_to_string(&cluster_config)
-        .with_context(|| format!("reading {}", cluster_config.display()))?;
-    check_kind_config(&text, &mut problems);
+    check_kustomizations(&root, &kustomizations, &object_files, &mut problems)?;
+    check_kind_config(&read(&root.join(CLUSTER_CONFIG))?, &mut problems);
     let mut summary = String::new();
     // An object that did not parse would only show up again below as missing.
     if unreadable.is_empty() {
+        let m = Manifests(objects.iter().collect());
         let flags = node_flags::node_flags(&root)?;
         summary = daemonset::check_daemonset(&root, &flags, &m, &mut problems);
         check_rbac(&m, &mut problems);
@@ -143,12 +115,10 @@ pub fn validate_manifests() -> Result<()> {
 fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
+        let extension = path.extension().and_then(|e| e.to_str());
         if path.is_dir() {
             collect_yaml(&path, out)?;
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        ) {
+        } else if matches!(extension, Some("yaml" | "yml")) {
             out.push(path);
         }
     }
@@ -163,18 +133,19 @@ fn is_kustomization(path: &Path) -> bool {
 fn relative(root: &Path, file: &Path) -> String {
     file.strip_prefix(root)
         .unwrap_or(file)
-        .to_string_lossy()
-        .into_owned()
+        .display()
+        .to_string()
+}
+
+fn read(path: &Path) -> Result<String> {
+    fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
 /// kubernetes-validate on every object (strict: unknown fields are errors), for the oldest and
 /// the newest Kubernetes version; returns its complaints.
 fn check_schemas(root: &Path, files: &[PathBuf]) -> Result<Vec<String>> {
     let venv = validator_venv(root)?;
-    let files: Vec<&Path> = files
-        .iter()
-        .map(|f| f.strip_prefix(root).unwrap_or(f))
-        .collect();
+    let files: Vec<String> = files.iter().map(|f| relative(root, f)).collect();
     let mut problems = Vec::new();
     for version in KUBERNETES_VERSIONS {
         let out = Command::new(venv.join("bin").join(KUBERNETES_VALIDATE))
@@ -183,20 +154,17 @@ fn check_schemas(root: &Path, files: &[PathBuf]) -> Result<Vec<String>> {
             .current_dir(root)
             .output()
             .context("running kubernetes-validate")?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let text = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             // kubernetes-validate only warns about a kind it has no schema for: here that is a
             // typo in apiVersion or kind, so it is an error too.
             problems.push(format!("Kubernetes {version}: {}", line.trim()));
         }
         if !out.status.success() && text.trim().is_empty() {
+            let status = out.status;
             problems.push(format!(
-                "Kubernetes {version}: kubernetes-validate failed ({})",
-                out.status
+                "Kubernetes {version}: kubernetes-validate failed ({status})"
             ));
         }
     }
@@ -226,19 +194,16 @@ fn validator_venv(root: &Path) -> Result<PathBuf> {
             bail!("python3 -m venv failed: install Debian's python3-venv");
         }
     }
-    eprintln!(
-        "xtask: installing {KUBERNETES_VALIDATE} {KUBERNETES_VALIDATE_VERSION} from PyPI into it"
-    );
+    let package = format!("{KUBERNETES_VALIDATE}=={KUBERNETES_VALIDATE_VERSION}");
+    eprintln!("xtask: installing {package} from PyPI into it");
     // `python -m pip`, not `bin/pip`: a venv that was moved keeps stale script shebangs.
     let status = Command::new(venv.join("bin/python"))
         .args("-m pip install --force-reinstall --quiet --disable-pip-version-check".split(' '))
-        .arg(format!(
-            "{KUBERNETES_VALIDATE}=={KUBERNETES_VALIDATE_VERSION}"
-        ))
+        .arg(&package)
         .status()
         .context("running pip")?;
     if !status.success() {
-        bail!("pip install {KUBERNETES_VALIDATE}=={KUBERNETES_VALIDATE_VERSION} failed");
+        bail!("pip install {package} failed");
     }
     Ok(venv)
 }
@@ -316,6 +281,10 @@ impl Object {
         self.file.starts_with("deploy/samples/")
     }
 
+    fn label(&self, key: &str) -> Option<&str> {
+        self.meta.labels.as_ref()?.get(key).map(String::as_str)
+    }
+
     fn pod_spec(&self) -> Option<&PodSpec> {
         match &self.typed {
             Typed::DaemonSet(o) => o.spec.as_ref()?.template.spec.as_ref(),
@@ -356,27 +325,24 @@ fn parse_objects(file: &str, text: &str, problems: &mut Vec<String>) -> Vec<Obje
                     break;
                 }
             };
-            match Typed::parse(&head.kind, doc) {
+            let (kind, meta) = (head.kind, head.metadata);
+            match Typed::parse(&kind, doc) {
                 Ok(typed) => objects.push(Object {
                     file: file.to_owned(),
-                    kind: head.kind,
-                    meta: head.metadata,
+                    kind,
+                    meta,
                     typed,
                 }),
-                Err(e) => {
-                    let name = head.metadata.name.unwrap_or_default();
-                    errors.push((format!("{} {name}", head.kind), e));
-                }
+                Err(e) => errors.push((format!("{kind} {}", meta.name.unwrap_or_default()), e)),
             }
         }
         match errors.iter().find_map(|(_, e)| yaml11_octal(&text, e)) {
             Some((at, decimal)) => text.replace_range(at, &decimal),
             None => {
-                problems.extend(
-                    errors
-                        .iter()
-                        .map(|(what, e)| format!("{file}: {what}: {e}")),
-                );
+                let errors = errors
+                    .iter()
+                    .map(|(what, e)| format!("{file}: {what}: {e}"));
+                problems.extend(errors);
                 return objects;
             }
         }
@@ -397,10 +363,8 @@ fn yaml11_octal(text: &str, e: &serde_yaml::Error) -> Option<(Range<usize>, Stri
         rest.find(|c: char| !c.is_ascii_digit())
             .unwrap_or(rest.len()),
     );
-    let plain = after
-        .chars()
-        .next()
-        .is_none_or(|c| c.is_whitespace() || ",]}#".contains(c));
+    let plain =
+        after.is_empty() || after.starts_with(|c: char| c.is_whitespace() || ",]}#".contains(c));
     if !plain || token.len() < 2 || !token.starts_with('0') {
         return None;
     }
@@ -457,11 +421,6 @@ fn containers(pod: &PodSpec) -> impl Iterator<Item = &Container> {
     pod.containers.iter().chain(list(&pod.init_containers))
 }
 
-fn read_yaml<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(serde_yaml::from_str(&text)?)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The checks
 // ---------------------------------------------------------------------------------------------
@@ -476,18 +435,20 @@ struct Kustomization {
     resources: Vec<String>,
 }
 
+/// Each kustomization is one, its resources exist, and it lists every manifest beside it (none
+/// is forgotten).
 fn check_kustomizations(
     root: &Path,
     kustomizations: &[PathBuf],
     object_files: &[PathBuf],
     problems: &mut Vec<String>,
-) {
+) -> Result<()> {
     for file in kustomizations {
         let rel = relative(root, file);
-        let k: Kustomization = match read_yaml(file) {
+        let k: Kustomization = match serde_yaml::from_str(&read(file)?) {
             Ok(k) => k,
             Err(e) => {
-                problems.push(format!("{rel}: {e:#}"));
+                problems.push(format!("{rel}: {e}"));
                 continue;
             }
         };
@@ -499,12 +460,9 @@ fn check_kustomizations(
             ));
         }
         let dir = file.parent().unwrap_or(root);
-        for r in &k.resources {
-            if !dir.join(r).exists() {
-                problems.push(format!("{rel}: resources: {r} does not exist"));
-            }
+        for r in k.resources.iter().filter(|r| !dir.join(r).exists()) {
+            problems.push(format!("{rel}: resources: {r} does not exist"));
         }
-        // Every manifest beside it is deployed by it: none is forgotten.
         for f in object_files.iter().filter(|f| f.parent() == Some(dir)) {
             let name = f.file_name().unwrap_or_default().to_string_lossy();
             if !k.resources.iter().any(|r| *r == name) {
@@ -514,26 +472,43 @@ fn check_kustomizations(
             }
         }
     }
+    Ok(())
 }
 
-/// kind's cluster config: the fields checked, and the others by name.
+/// kind's cluster config (v1alpha4). Every field kind knows is named, so that a misspelt one
+/// fails to parse; a few are checked.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(dead_code)] // the fields named only so that they are known
 struct KindCluster {
     kind: Option<String>,
     api_version: Option<String>,
     name: Option<String>,
     #[serde(default)]
     nodes: Vec<KindNode>,
-    #[serde(flatten)]
-    other: BTreeMap<String, Value>,
+    networking: Option<IgnoredAny>,
+    feature_gates: Option<IgnoredAny>,
+    runtime_config: Option<IgnoredAny>,
+    kubeadm_config_patches: Option<IgnoredAny>,
+    #[serde(rename = "kubeadmConfigPatchesJSON6902")]
+    kubeadm_config_patches_json6902: Option<IgnoredAny>,
+    containerd_config_patches: Option<IgnoredAny>,
+    #[serde(rename = "containerdConfigPatchesJSON6902")]
+    containerd_config_patches_json6902: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[allow(dead_code)] // as KindCluster
 struct KindNode {
     role: Option<String>,
-    #[serde(flatten)]
-    other: BTreeMap<String, Value>,
+    image: Option<IgnoredAny>,
+    labels: Option<IgnoredAny>,
+    extra_mounts: Option<IgnoredAny>,
+    extra_port_mappings: Option<IgnoredAny>,
+    kubeadm_config_patches: Option<IgnoredAny>,
+    #[serde(rename = "kubeadmConfigPatchesJSON6902")]
+    kubeadm_config_patches_json6902: Option<IgnoredAny>,
 }
 
 fn check_kind_config(text: &str, problems: &mut Vec<String>) {
@@ -553,18 +528,8 @@ fn check_kind_config(text: &str, problems: &mut Vec<String>) {
             "name must be {CLUSTER} (cargo xtask kind and the kubectl context kind-{CLUSTER} use it)"
         ));
     }
-    for key in cluster.other.keys() {
-        if !KIND_CLUSTER_FIELDS.contains(&key.as_str()) {
-            p(format!("unknown field {key:?}"));
-        }
-    }
     let (mut control_planes, mut workers) = (0, 0);
     for (i, node) in cluster.nodes.iter().enumerate() {
-        for key in node.other.keys() {
-            if !KIND_NODE_FIELDS.contains(&key.as_str()) {
-                p(format!("nodes[{i}]: unknown field {key:?}"));
-            }
-        }
         match node.role.as_deref() {
             Some("control-plane") => control_planes += 1,
             Some("worker") => workers += 1,
@@ -581,13 +546,14 @@ fn check_kind_config(text: &str, problems: &mut Vec<String>) {
 }
 
 /// RBAC: the read-only role grants exactly what the Kubernetes source watches, the optional
-/// role nothing but `patch` on pods, and both are bound to the DaemonSet's ServiceAccount.
+/// role nothing but `patch` on pods, both are bound to the DaemonSet's ServiceAccount, and
+/// everything of the agent is in its namespace.
 fn check_rbac(m: &Manifests, problems: &mut Vec<String>) {
-    type Rule = (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>);
     let set = |items: &[String]| items.iter().cloned().collect::<BTreeSet<String>>();
-    let rules = |role: &ClusterRole| -> Vec<Rule> {
-        list(&role.rules)
-            .iter()
+    // Each rule as (API groups, resources, verbs).
+    let rules = |role: &ClusterRole| -> Vec<_> {
+        let rules = list(&role.rules).iter();
+        rules
             .map(|r| {
                 (
                     set(list(&r.api_groups)),
@@ -604,20 +570,18 @@ fn check_rbac(m: &Manifests, problems: &mut Vec<String>) {
             let mut granted = BTreeSet::new();
             for (groups, resources, verbs) in rules(role) {
                 // Read-only, and all three: reflectors list then watch.
-                if verbs != BTreeSet::from(["get", "list", "watch"].map(String::from)) {
+                if verbs != set(&["get", "list", "watch"].map(String::from)) {
                     r.add(format!(
                         "rules: {resources:?} must be get, list and watch, not {verbs:?}"
                     ));
                 }
                 for g in &groups {
-                    for res in &resources {
-                        granted.insert((g.clone(), res.clone()));
-                    }
+                    granted.extend(resources.iter().map(|res| (g.clone(), res.clone())));
                 }
             }
             let wanted: BTreeSet<(String, String)> = READ_RESOURCES
                 .iter()
-                .map(|(g, res)| ((*g).to_owned(), (*res).to_owned()))
+                .map(|(g, res)| (g.to_string(), res.to_string()))
                 .collect();
             for (g, res) in wanted.difference(&granted) {
                 r.add(format!(
@@ -632,45 +596,37 @@ fn check_rbac(m: &Manifests, problems: &mut Vec<String>) {
         }
     }
     if let Some((object, role)) = m.named::<ClusterRole>(ANNOTATE_ROLE) {
-        let want = (
-            BTreeSet::from([String::new()]),
-            BTreeSet::from(["pods".to_owned()]),
-            BTreeSet::from(["patch".to_owned()]),
-        );
-        if rules(role) != [want] {
-            problems.push(format!(
-                "{}: rules must grant only patch on pods (the redirection annotation)",
-                object.describe()
-            ));
+        let only = |s: &str| BTreeSet::from([s.to_owned()]);
+        if rules(role) != [(only(""), only("pods"), only("patch"))] {
+            let problem = "rules must grant only patch on pods (the redirection annotation)";
+            Report::new(object, problems).add(problem);
         }
     }
     let roles: BTreeSet<&str> = m.all::<ClusterRole>().map(|(o, _)| o.name()).collect();
     let bindings: Vec<(&Object, &ClusterRoleBinding)> = m.all().collect();
     for (object, binding) in &bindings {
+        let mut r = Report::new(object, problems);
         let role = &binding.role_ref;
         if role.kind != "ClusterRole" || !roles.contains(role.name.as_str()) {
-            problems.push(format!(
-                "{}: roleRef binds {:?}, which is no ClusterRole in deploy/",
-                object.describe(),
+            r.add(format!(
+                "roleRef binds {:?}, which is no ClusterRole in deploy/",
                 role.name
             ));
         }
         for (i, s) in list(&binding.subjects).iter().enumerate() {
-            if s.kind != "ServiceAccount"
-                || s.name != AGENT
-                || s.namespace.as_deref() != Some(AGENT_NAMESPACE)
-            {
-                problems.push(format!(
-                    "{}: subjects[{i}] must be the ServiceAccount {AGENT_NAMESPACE}/{AGENT}",
-                    object.describe()
+            let namespace = s.namespace.as_deref();
+            if s.kind != "ServiceAccount" || s.name != AGENT || namespace != Some(AGENT_NAMESPACE) {
+                r.add(format!(
+                    "subjects[{i}] must be the ServiceAccount {AGENT_NAMESPACE}/{AGENT}"
                 ));
             }
         }
     }
-    for role in &roles {
-        if !bindings.iter().any(|(_, b)| b.role_ref.name == *role) {
-            problems.push(format!("ClusterRole {role} is bound to nobody"));
-        }
+    for role in roles
+        .iter()
+        .filter(|role| !bindings.iter().any(|(_, b)| b.role_ref.name == **role))
+    {
+        problems.push(format!("ClusterRole {role} is bound to nobody"));
     }
     match m.named::<ServiceAccount>(AGENT) {
         Some((sa, _)) if sa.meta.namespace.as_deref() == Some(AGENT_NAMESPACE) => {}
@@ -678,9 +634,8 @@ fn check_rbac(m: &Manifests, problems: &mut Vec<String>) {
             "deploy/: no ServiceAccount {AGENT} in {AGENT_NAMESPACE}"
         )),
     }
-    let enforce = "pod-security.kubernetes.io/enforce";
     match m.named::<Namespace>(AGENT_NAMESPACE) {
-        Some((ns, _)) if label(&ns.meta, enforce) == Some("privileged") => {}
+        Some((ns, _)) if ns.label("pod-security.kubernetes.io/enforce") == Some("privileged") => {}
         _ => problems.push(format!(
             "deploy/: the Namespace {AGENT_NAMESPACE} must exist with pod-security.kubernetes.io/enforce: privileged (hostPath, capabilities, a privileged init container)"
         )),
@@ -708,38 +663,32 @@ fn check_namespace<'a>(
     }
 }
 
-fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
-    meta.labels.as_ref()?.get(key).map(String::as_str)
-}
-
 /// API rules the schemas do not carry, for every pod template under deploy/.
 fn check_pod_templates(m: &Manifests, problems: &mut Vec<String>) {
     for object in &m.0 {
-        let Some(pod) = object.pod_spec() else {
-            continue;
-        };
-        for c in containers(pod) {
+        let mut r = Report::new(object, problems);
+        for c in object.pod_spec().into_iter().flat_map(containers) {
             let sc = c.security_context.as_ref();
             let privileged = sc.and_then(|s| s.privileged) == Some(true);
             let no_escalation = sc.and_then(|s| s.allow_privilege_escalation) == Some(false);
-            let sys_admin = sc
+            let added = sc
                 .and_then(|s| s.capabilities.as_ref())
-                .is_some_and(|caps| {
-                    list(&caps.add)
-                        .iter()
-                        .any(|cap| cap.trim_start_matches("CAP_") == "SYS_ADMIN")
-                });
+                .map(|caps| list(&caps.add));
+            let sys_admin = added
+                .unwrap_or_default()
+                .iter()
+                .any(|cap| cap.trim_start_matches("CAP_") == "SYS_ADMIN");
             if no_escalation && (privileged || sys_admin) {
-                problems.push(format!(
-                    "{}: container {}: the API rejects securityContext.allowPrivilegeEscalation: false with privileged or SYS_ADMIN",
-                    object.describe(), c.name
+                r.add(format!(
+                    "container {}: the API rejects securityContext.allowPrivilegeEscalation: false with privileged or SYS_ADMIN",
+                    c.name
                 ));
             }
             for mount in list(&c.volume_mounts) {
                 if mount.mount_propagation.as_deref() == Some("Bidirectional") && !privileged {
-                    problems.push(format!(
-                        "{}: container {}: volumeMounts {}: the API allows Bidirectional mount propagation only in privileged containers",
-                        object.describe(), c.name, mount.name
+                    r.add(format!(
+                        "container {}: volumeMounts {}: the API allows Bidirectional mount propagation only in privileged containers",
+                        c.name, mount.name
                     ));
                 }
             }
@@ -751,7 +700,7 @@ fn check_pod_templates(m: &Manifests, problems: &mut Vec<String>) {
 /// Service whose selector and ports reach the server.
 fn check_samples(samples: &Manifests, problems: &mut Vec<String>) {
     match samples.named::<Namespace>(DEMO_NAMESPACE) {
-        Some((ns, _)) if label(&ns.meta, "istio.io/dataplane-mode") == Some("ambient") => {}
+        Some((ns, _)) if ns.label("istio.io/dataplane-mode") == Some("ambient") => {}
         _ => problems.push(format!(
             "deploy/samples: the Namespace {DEMO_NAMESPACE} must be labelled istio.io/dataplane-mode=ambient"
         )),
@@ -766,22 +715,16 @@ fn check_samples(samples: &Manifests, problems: &mut Vec<String>) {
             problems.push(format!("deploy/samples: no Deployment {app}"));
             continue;
         };
+        let mut r = Report::new(object, problems);
         if pod_labels(d).and_then(|l| l.get("app").cloned()).as_deref() != Some(app) {
-            problems.push(format!(
-                "{}: spec.template.metadata.labels: pods must carry app={app} (the demo selects them so)",
-                object.describe()
+            r.add(format!(
+                "spec.template.metadata.labels: pods must carry app={app} (the demo selects them so)"
             ));
         }
-        if let Some(name) = container {
-            if !object
-                .pod_spec()
-                .is_some_and(|pod| pod.containers.iter().any(|c| c.name == name))
-            {
-                problems.push(format!(
-                    "{}: no container {name} (the demo execs into it)",
-                    object.describe()
-                ));
-            }
+        let pod = object.pod_spec();
+        let has = |name: &str| pod.is_some_and(|p| p.containers.iter().any(|c| c.name == name));
+        if let Some(name) = container.filter(|name| !has(name)) {
+            r.add(format!("no container {name} (the demo execs into it)"));
         }
     }
     let Some((object, svc)) = samples.named::<Service>(DEMO_SERVER) else {
@@ -827,11 +770,9 @@ fn check_samples(samples: &Manifests, problems: &mut Vec<String>) {
                 server.name()
             ));
         }
+        let pod_port = |(n, name): &(String, String)| *name == target && n == DEMO_SERVER_POD_PORT;
         if number == DEMO_SERVER_SERVICE_PORT
-            && (target == DEMO_SERVER_POD_PORT
-                || ports
-                    .iter()
-                    .any(|(n, name)| *name == target && n == DEMO_SERVER_POD_PORT))
+            && (target == DEMO_SERVER_POD_PORT || ports.iter().any(pod_port))
         {
             serves_demo_port = true;
         }
@@ -847,24 +788,18 @@ fn check_samples(samples: &Manifests, problems: &mut Vec<String>) {
 /// target/.
 fn check_image_build(root: &Path, problems: &mut Vec<String>) {
     match fs::read_to_string(root.join(CONTAINERFILE)) {
-        Ok(text) => {
-            if !text.contains(BINARY_IN_IMAGE) {
-                problems.push(format!(
-                    "{CONTAINERFILE}: does not install {BINARY_IN_IMAGE}"
-                ));
-            }
-        }
+        Ok(text) if text.contains(BINARY_IN_IMAGE) => {}
+        Ok(_) => problems.push(format!(
+            "{CONTAINERFILE}: does not install {BINARY_IN_IMAGE}"
+        )),
         Err(e) => problems.push(format!("{CONTAINERFILE}: {e}")),
     }
-    match fs::read_to_string(root.join(DOCKERIGNORE)) {
-        Ok(text)
-            if text
-                .lines()
-                .any(|l| l.trim().trim_start_matches('/') == "target/" || l.trim() == "target") => {
-        }
-        _ => problems.push(format!(
+    let text = fs::read_to_string(root.join(DOCKERIGNORE)).unwrap_or_default();
+    let excluded = |l: &str| l.trim().trim_start_matches('/') == "target/" || l.trim() == "target";
+    if !text.lines().any(excluded) {
+        problems.push(format!(
             "{DOCKERIGNORE}: must exclude target/ from the image's build context"
-        )),
+        ));
     }
 }
 
@@ -872,9 +807,24 @@ fn check_image_build(root: &Path, problems: &mut Vec<String>) {
 mod tests {
     use super::{node_flags::NodeFlag, *};
 
+    fn parse(text: &str) -> (Vec<Object>, Vec<String>) {
+        let mut problems = Vec::new();
+        (
+            parse_objects("deploy/x.yaml", text, &mut problems),
+            problems,
+        )
+    }
+
+    #[track_caller]
+    fn assert_found(problems: &[String], wanted: &str) {
+        let found = problems.iter().any(|p| p.contains(wanted));
+        assert!(found, "{wanted:?} not in {problems:#?}");
+    }
+
     #[test]
-    fn a_document_that_does_not_fit_its_kind_names_file_object_and_field() {
-        let text = "# only a comment
+    fn a_document_that_does_not_fit_its_kind_names_file_object_field_and_line() {
+        let (objects, problems) = parse(
+            "# only a comment
 ---
 apiVersion: v1
 kind: ServiceAccount
@@ -891,105 +841,61 @@ spec:
       - name: ambit
         ports:
         - containerPort: http
-";
-        let mut problems = Vec::new();
-        let objects = parse_objects("deploy/x.yaml", text, &mut problems);
-        assert_eq!(objects.len(), 1, "the ServiceAccount is read");
-        assert!(ServiceAccount::pick(&objects[0].typed).is_some());
-        assert_eq!(objects[0].meta.namespace.as_deref(), Some(AGENT_NAMESPACE));
-        let [problem] = problems.as_slice() else {
-            panic!("one problem expected: {problems:?}");
-        };
-        for part in [
-            "deploy/x.yaml",
-            "DaemonSet ambit",
-            "spec.template.spec.containers[0].ports[0].containerPort",
-            "line 17",
-        ] {
-            assert!(problem.contains(part), "{part:?} not in {problem:?}");
-        }
-    }
-
-    #[test]
-    fn a_syntax_error_is_one_problem() {
-        let mut problems = Vec::new();
-        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\nmetadata: [\n";
-        parse_objects("deploy/x.yaml", text, &mut problems);
-        let [problem] = problems.as_slice() else {
-            panic!("one problem expected: {problems:?}");
-        };
-        assert!(
-            problem.starts_with("deploy/x.yaml: document 2: "),
-            "{problem}"
+",
         );
+        assert!(ServiceAccount::pick(&objects[0].typed).is_some() && objects.len() == 1);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_found(&problems, "deploy/x.yaml: DaemonSet ambit: spec.template.spec.containers[0].ports[0].containerPort: invalid type: string \"http\", expected i32 at line 17");
     }
 
     #[test]
-    fn a_kind_with_a_wrong_api_version_is_a_problem() {
-        let mut problems = Vec::new();
-        let text = "apiVersion: apps/v1beta2\nkind: DaemonSet\nmetadata: {name: ambit}\n";
-        assert!(parse_objects("deploy/x.yaml", text, &mut problems).is_empty());
-        assert!(problems[0].contains("apps/v1"), "{problems:?}");
+    fn a_wrong_api_version_and_a_syntax_error_are_problems() {
+        let (objects, problems) = parse("apiVersion: apps/v1beta2\nkind: DaemonSet\n");
+        assert!(objects.is_empty());
+        assert_found(
+            &problems,
+            "deploy/x.yaml: DaemonSet : invalid value: string \"apps/v1beta2\", expected apps/v1",
+        );
+        let (_, problems) = parse("kind: Namespace\n---\nmetadata: [\n");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_found(&problems, "deploy/x.yaml: document 2: ");
     }
 
     #[test]
     fn a_plain_leading_zero_integer_is_octal_as_kubernetes_reads_it() {
-        let volume = |mode: &str| {
-            format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec:\n  containers: []\n  volumes:\n  - name: ca\n    secret: {{secretName: ca, defaultMode: {mode}}}\n"
-            )
-        };
-        let mode = |text: &str| {
-            let mut problems = Vec::new();
-            let objects = parse_objects("deploy/p.yaml", text, &mut problems);
-            let mode = objects.first().and_then(|o| {
-                let pod = Pod::pick(&o.typed)?.spec.as_ref()?;
-                list(&pod.volumes)[0].secret.as_ref()?.default_mode
-            });
+        let mode = |mode: &str| {
+            let (objects, problems) = parse(&format!("kind: Pod\napiVersion: v1\nspec:\n  containers: []\n  volumes:\n  - {{name: ca, secret: {{defaultMode: {mode}}}}}\n"));
+            let pod = objects
+                .first()
+                .and_then(|o| Pod::pick(&o.typed)?.spec.as_ref());
+            let mode = pod.and_then(|p| list(&p.volumes)[0].secret.as_ref()?.default_mode);
             (mode, problems)
         };
-        assert_eq!(mode(&volume("0400")), (Some(0o400), vec![]));
-        assert_eq!(mode(&volume("256")), (Some(256), vec![]));
+        assert_eq!(mode("0400"), (Some(0o400), vec![]));
+        assert_eq!(mode("256"), (Some(256), vec![]));
         // Quoted, it is a string in YAML 1.1 too; 8 is no octal digit.
         for wrong in ["\"0400\"", "0480"] {
-            let (_, problems) = mode(&volume(wrong));
-            assert!(
-                problems[0].contains("defaultMode: invalid type: string"),
-                "{problems:?}"
-            );
+            assert_found(&mode(wrong).1, "defaultMode: invalid type: string");
         }
     }
 
-    /// deploy/'s objects, `file`'s text changed by `edit` (which must change it).
-    fn deploy_objects(file: &str, edit: impl Fn(&str) -> String) -> Vec<Object> {
+    /// What the checks of typed objects find in deploy/ after `edit` of `file`. `ambit node` is
+    /// taken to have every flag the DaemonSet passes, the addresses' defaults as passed.
+    fn problems_after(file: &str, edit: impl Fn(&str) -> String) -> Vec<String> {
         let root = workspace_root();
         let mut files = Vec::new();
         collect_yaml(&root.join("deploy"), &mut files).unwrap();
-        let (mut objects, mut problems, mut edited) = (Vec::new(), Vec::new(), false);
+        let (mut objects, mut problems) = (Vec::new(), Vec::new());
         for f in files.iter().filter(|f| !is_kustomization(f)) {
-            let rel = relative(&root, f);
-            let mut text = fs::read_to_string(f).unwrap();
-            if rel == file {
-                let changed = edit(&text);
-                assert_ne!(changed, text, "the edit of {file} changed nothing");
-                (text, edited) = (changed, true);
-            }
+            let (rel, text) = (relative(&root, f), read(f).unwrap());
+            let text = if rel == file { edit(&text) } else { text };
             objects.extend(parse_objects(&rel, &text, &mut problems));
         }
-        assert!(edited || file.is_empty(), "no {file}");
         assert!(problems.is_empty(), "{problems:?}");
-        objects
-    }
-
-    /// What the checks of typed objects find in deploy/ with one edit. `ambit node` is taken to
-    /// have the flags the DaemonSet passes, the addresses' defaults as passed.
-    fn problems_after(file: &str, edit: impl Fn(&str) -> String) -> Vec<String> {
-        let objects = deploy_objects(file, edit);
-        let original = deploy_objects("", |_| unreachable!());
-        let m = Manifests(original.iter().collect());
-        let (_, ds) = m
-            .named::<DaemonSet>(AGENT)
-            .expect("deploy/ has the DaemonSet");
+        let m = Manifests(objects.iter().collect());
+        let daemonset = read(&root.join("deploy/daemonset.yaml")).unwrap();
+        let (original, _) = parse(&daemonset);
+        let ds = DaemonSet::pick(&original[0].typed).unwrap();
         let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         let args = list(&pod.containers[0].args);
         let flags = args.iter().enumerate().filter(|(_, a)| a.starts_with("--"));
@@ -997,112 +903,66 @@ spec:
             flags: flags
                 .map(|(i, a)| {
                     let default = a.ends_with("-addr").then(|| args[i + 1].clone());
-                    let flag = NodeFlag {
-                        takes_value: true,
-                        default,
-                        env: None,
-                    };
-                    (a.clone(), flag)
+                    (
+                        a.clone(),
+                        NodeFlag {
+                            takes_value: true,
+                            default,
+                            env: None,
+                        },
+                    )
                 })
                 .collect(),
             required: vec!["--source".to_owned()],
         };
-        let m = Manifests(objects.iter().collect());
-        let mut problems = Vec::new();
-        daemonset::check_daemonset(&workspace_root(), &node, &m, &mut problems);
+        daemonset::check_daemonset(&root, &node, &m, &mut problems);
         check_rbac(&m, &mut problems);
         check_pod_templates(&m, &mut problems);
         check_samples(&m.samples(), &mut problems);
         problems
     }
 
-    #[track_caller]
-    fn assert_found(problems: &[String], wanted: &str) {
-        assert!(
-            problems.iter().any(|p| p.contains(wanted)),
-            "{wanted:?} not in {problems:#?}"
-        );
-    }
-
     #[test]
     fn deploy_passes_the_checks_and_each_break_is_named() {
         let problems = problems_after("", |_| unreachable!());
         assert!(problems.is_empty(), "{problems:#?}");
-
-        let ds = "deploy/daemonset.yaml";
-        let replace = |from: &'static str, to: &'static str| move |t: &str| t.replacen(from, to, 1);
-        let found = problems_after(ds, replace("        - SYS_PTRACE\n", ""));
-        assert_found(&found, "DaemonSet ambit (deploy/daemonset.yaml): containers[ambit].securityContext.capabilities.add: does not add SYS_PTRACE");
-        let found = problems_after(ds, replace("- --bpffs\n", "- --bpf-fs\n"));
-        assert_found(
-            &found,
-            "containers[ambit].args: passes --bpf-fs, which `ambit node` does not have",
-        );
-        let found = problems_after(
-            ds,
-            replace(
-                "path: /healthz/ready\n            port: 15021",
-                "path: /healthz/ready\n            port: 15022",
-            ),
-        );
-        assert_found(
-            &found,
-            "containers[ambit].readinessProbe must be httpGet /healthz/ready on port 15021",
-        );
-        let found = problems_after(ds, replace("maxSurge: 0", "maxSurge: 1"));
-        assert_found(
-            &found,
-            "spec.updateStrategy.rollingUpdate.maxSurge must be 0",
-        );
-        let found = problems_after(
-            ds,
-            replace(
-                "mountPath: /host/proc\n          readOnly: true\n        # The container",
-                "mountPath: /host/proc\n        # The container",
-            ),
-        );
-        assert_found(
-            &found,
-            "containers[ambit].volumeMounts: --proc-root /host/proc: mount must be readOnly",
-        );
-
-        let found = problems_after(
-            "deploy/rbac.yaml",
-            replace("verbs: [\"patch\"]", "verbs: [\"patch\", \"delete\"]"),
-        );
-        assert_found(
-            &found,
-            "ClusterRole ambit-annotate (deploy/rbac.yaml): rules must grant only patch on pods",
-        );
-        let found = problems_after(
-            "deploy/samples/web.yaml",
-            replace("targetPort: 8080", "targetPort: 9090"),
-        );
-        assert_found(
-            &found,
-            "Service web (deploy/samples/web.yaml): spec.ports: targetPort 9090 is no port of web",
-        );
+        for (file, from, to, wanted) in [
+            ("daemonset", "        - SYS_PTRACE\n", "", "DaemonSet ambit (deploy/daemonset.yaml): containers[ambit].securityContext.capabilities.add: does not add SYS_PTRACE"),
+            ("daemonset", "- --bpffs\n", "- --bpf-fs\n", "containers[ambit].args: passes --bpf-fs, which `ambit node` does not have"),
+            ("daemonset", "/healthz/ready\n            port: 15021", "/healthz/ready\n            port: 15022", "containers[ambit].readinessProbe must be httpGet /healthz/ready on port 15021"),
+            ("daemonset", "maxSurge: 0", "maxSurge: 1", "spec.updateStrategy.rollingUpdate.maxSurge must be 0"),
+            ("daemonset", "/host/proc\n          readOnly: true\n        #", "/host/proc\n        #", "containers[ambit].volumeMounts: --proc-root /host/proc: mount must be readOnly"),
+            ("rbac", "verbs: [\"patch\"]", "verbs: [\"patch\", \"delete\"]", "ClusterRole ambit-annotate (deploy/rbac.yaml): rules must grant only patch on pods"),
+            ("samples/web", "targetPort: 8080", "targetPort: 9090", "Service web (deploy/samples/web.yaml): spec.ports: targetPort 9090 is no port of web"),
+        ] {
+            let file = format!("deploy/{file}.yaml");
+            let edit = |text: &str| {
+                assert!(text.contains(from), "{from:?} is not in {file}");
+                text.replacen(from, to, 1)
+            };
+            assert_found(&problems_after(&file, edit), wanted);
+        }
     }
 
     #[test]
     fn kind_config_fields_are_known_and_the_lab_is_three_nodes() {
-        let config = fs::read_to_string(workspace_root().join(CLUSTER_CONFIG)).unwrap();
-        let problems = |text: &str| {
+        let config = read(&workspace_root().join(CLUSTER_CONFIG)).unwrap();
+        let problems = |text: String| {
             let mut problems = Vec::new();
-            check_kind_config(text, &mut problems);
+            check_kind_config(&text, &mut problems);
             problems
         };
-        assert_eq!(problems(&config), Vec::<String>::new());
-        let found = problems(&format!("{config}- role: worker\n  extraMount: []\n"));
-        assert_found(&found, "nodes[3]: unknown field \"extraMount\"");
-        assert_found(&found, "not 1 and 3");
-        assert_found(
-            &problems(&format!("{config}netwrking: {{}}\n")),
-            "unknown field \"netwrking\"",
-        );
-        assert_found(
-            &problems(&format!("{config}---\n{config}")),
-            "more than one document",
-        );
+        assert_eq!(problems(config.clone()), Vec::<String>::new());
+        for (more, wanted) in [
+            ("- role: worker\n", "not 1 and 3"),
+            (
+                "- role: worker\n  extraMount: []\n",
+                "nodes[3]: unknown field `extraMount`, expected one of `role`",
+            ),
+            ("netwrking: {}\n", "unknown field `netwrking`"),
+            (&format!("---\n{config}"), "more than one document"),
+        ] {
+            assert_found(&problems(format!("{config}{more}")), wanted);
+        }
     }
 }

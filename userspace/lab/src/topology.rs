@@ -31,27 +31,12 @@ pub const NODES: [NodeSpec; 2] = [
     },
 ];
 
+#[rustfmt::skip] // a table: one pod a line
 pub const PODS: [PodSpec; 4] = [
-    PodSpec {
-        name: "a",
-        node: "n1",
-        ip: "10.201.1.2",
-    },
-    PodSpec {
-        name: "b",
-        node: "n1",
-        ip: "10.201.1.3",
-    },
-    PodSpec {
-        name: "c",
-        node: "n2",
-        ip: "10.201.2.2",
-    },
-    PodSpec {
-        name: "d",
-        node: "n2",
-        ip: "10.201.2.3",
-    },
+    PodSpec { name: "a", node: "n1", ip: "10.201.1.2" },
+    PodSpec { name: "b", node: "n1", ip: "10.201.1.3" },
+    PodSpec { name: "c", node: "n2", ip: "10.201.2.2" },
+    PodSpec { name: "d", node: "n2", ip: "10.201.2.3" },
 ];
 
 /// The service VIP of the lab's `web` service (port 80 → pod c's 8080).

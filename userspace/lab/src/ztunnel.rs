@@ -12,15 +12,11 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 
-use crate::{wait_until, Lab};
-
-/// ztunnel's packet mark for its own sockets (`PACKET_MARK`); the capture rule skips them.
-const PACKET_MARK: &str = "1337";
+use crate::{capture::TUNNEL_MARK, system::run, Lab};
 
 /// A ztunnel binary and the test CA its `FAKE_CA` mode signs with.
 #[derive(Debug, Clone)]
@@ -98,32 +94,7 @@ impl Lab {
     /// lab's `ztunnel in <pod>`, stopped with the lab.
     pub fn start_ztunnel(&mut self, ztunnel: &Ztunnel, spec: &ZtunnelPod<'_>) -> Result<()> {
         let pod = spec.pod;
-        self.iptables(
-            pod,
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "OUTPUT",
-                "-p",
-                "tcp",
-                "!",
-                "-o",
-                "lo",
-                "-m",
-                "mark",
-                "!",
-                "--mark",
-                "0x539/0xfff",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                "15001",
-            ],
-        )?;
-        let log = fs::File::create(spec.log)
-            .with_context(|| format!("creating {}", spec.log.display()))?;
-        let node = self.node_name(crate::pod(pod).node);
+        self.redirect_outbound(pod, "! -o lo")?;
         let mut cmd = self.pod_command(pod, ztunnel.bin.to_str().unwrap());
         cmd.env_clear()
             .env("PROXY_MODE", "dedicated")
@@ -131,65 +102,31 @@ impl Lab {
                 "PROXY_WORKLOAD_INFO",
                 format!("{}/{pod}/{}", spec.namespace, spec.service_account),
             )
-            .env("NODE_NAME", node)
+            .env("NODE_NAME", self.node_name(crate::pod(pod).node))
             .env("LOCAL_XDS_PATH", spec.config)
             .env("XDS_ADDRESS", "")
             .env("FAKE_CA", "true")
-            .env("PACKET_MARK", PACKET_MARK)
+            .env("PACKET_MARK", TUNNEL_MARK.to_string())
             .env("ENABLE_ORIG_SRC", "false")
             .env("ZTUNNEL_WORKER_THREADS", spec.worker_threads.to_string())
             .env("COMPLIANCE_POLICY", spec.compliance_policy)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let what = format!("ztunnel in {pod}");
-        self.spawn(&what, cmd)?;
+            .env("RUST_LOG", "info");
         let netns = self.netns(pod);
-        let child = &mut self.children.last_mut().expect("just spawned").1;
-        let mut exited = None;
-        let ready = wait_until(Duration::from_secs(20), &format!("{what} ready"), || {
-            if let Ok(Some(status)) = child.try_wait() {
-                exited = Some(status);
-                return true;
-            }
-            http_status_in(&netns, "http://127.0.0.1:15021/healthz/ready") == Some(200)
-        });
-        let log = || fs::read_to_string(spec.log).unwrap_or_default();
-        match (ready, exited) {
-            (Ok(()), None) => Ok(()),
-            (_, Some(status)) => {
-                bail!(
-                    "{what} exited ({status}) before it was ready; its log:\n{}",
-                    log()
-                )
-            }
-            (Err(e), None) => Err(e).with_context(|| format!("its log:\n{}", log())),
-        }
+        let ready = || http_status_in(&netns, "http://127.0.0.1:15021/healthz/ready") == Some(200);
+        self.spawn_until_ready(&format!("ztunnel in {pod}"), cmd, spec.log, ready)
     }
 
     /// Stops the ztunnel of a pod and removes its capture rule.
     pub fn stop_ztunnel(&mut self, pod: &str) -> Result<()> {
         self.stop(&format!("ztunnel in {pod}"))?;
-        self.iptables(pod, &["-t", "nat", "-F", "OUTPUT"])
+        self.remove_redirect(pod)
     }
 
     /// The Prometheus text of the ztunnel in `pod` (its `/metrics` on 15020).
     pub fn ztunnel_metrics(&self, pod: &str) -> Result<String> {
-        let out = self
-            .run_in_pod(
-                pod,
-                "curl",
-                &["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"],
-            )
-            .context("reading ztunnel's metrics")?;
-        if !out.status.success() {
-            bail!(
-                "ztunnel metrics in pod {pod}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let mut curl = self.pod_command(pod, "curl");
+        curl.args(["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"]);
+        run(&mut curl, &format!("ztunnel metrics in pod {pod}"))
     }
 }
 

@@ -87,7 +87,7 @@ pub fn validate_manifests() -> Result<()> {
     // An object that did not parse would only show up again below as missing.
     if unreadable.is_empty() {
         let m = Manifests(objects.iter().collect());
-        let flags = node_flags::node_flags(&root)?;
+        let flags = node_flags::node_flags()?;
         summary = daemonset::check_daemonset(&root, &flags, &m, &mut problems);
         check_rbac(&m, &mut problems);
         check_pod_templates(&m, &mut problems);

@@ -186,7 +186,7 @@ fn check_command_line(c: &Container, node: &NodeFlags, r: &mut Report) -> Passed
         };
         let Some(flag) = node.flags.get(name) else {
             r.add(format!(
-                "{C}.args: passes {name}, which `ambit node` does not have (target/debug/ambit node --help)"
+                "{C}.args: passes {name}, which `ambit node` does not have (userspace/settings: NodeArgs)"
             ));
             continue;
         };
@@ -290,7 +290,7 @@ fn check_ports(
         ("--admin-addr", false),
     ] {
         let Some(default) = node.default_of(flag) else {
-            r.add(format!("`ambit node --help` shows no default for {flag}"));
+            r.add(format!("`ambit node` has no default for {flag}"));
             continue;
         };
         let value = passed.value(flag).unwrap_or(default);

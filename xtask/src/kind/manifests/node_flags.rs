@@ -1,9 +1,9 @@
-//! The command line of `ambit node` that the DaemonSet must agree with. [`node_flags`] is the one
-//! way in: today it reads `ambit node --help`, so that what is checked is what the binary says.
+//! The command line of `ambit node` that the DaemonSet must agree with, read from the same clap
+//! definitions the node parses (`ambit_settings::NodeArgs`).
 
-use std::{collections::BTreeMap, path::Path, process::Command};
+use std::collections::BTreeMap;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 
 pub(super) struct NodeFlags {
     /// By long name (`--bpffs`).
@@ -26,92 +26,40 @@ impl NodeFlags {
     }
 }
 
-/// `ambit node`'s flags, from `target/debug/ambit node --help` (built first if missing).
-pub(super) fn node_flags(root: &Path) -> Result<NodeFlags> {
-    let ambit = root.join("target/debug/ambit");
-    if !ambit.exists() {
-        crate::cargo(&["build", "-p", "ambit"])?;
-    }
-    let out = Command::new(&ambit)
-        .args(["node", "--help"])
-        .output()
-        .with_context(|| format!("running {} node --help", ambit.display()))?;
-    if !out.status.success() {
-        bail!("{} node --help failed", ambit.display());
-    }
-    let flags = parse_help(&String::from_utf8_lossy(&out.stdout));
-    if flags.flags.is_empty() {
-        bail!("found no flag in `ambit node --help`");
-    }
-    Ok(flags)
-}
-
-/// Reads clap's long or short help.
-fn parse_help(text: &str) -> NodeFlags {
+/// `ambit node`'s flags (`--help` included, as clap adds it).
+pub(super) fn node_flags() -> Result<NodeFlags> {
+    let mut command = ambit_settings::NodeArgs::command();
+    command.build();
     let mut flags = BTreeMap::new();
     let mut required = Vec::new();
-    let mut current: Option<String> = None;
-    let mut description: BTreeMap<String, String> = BTreeMap::new();
-    for line in text.lines() {
-        let trimmed = line.trim();
-        if let Some(usage) = trimmed.strip_prefix("Usage:") {
-            // Options outside [OPTIONS] in the usage line are required.
-            required.extend(
-                usage
-                    .split_whitespace()
-                    .filter(|t| t.starts_with("--"))
-                    .map(|t| t.trim_matches(['[', ']']).to_owned()),
-            );
+    for arg in command.get_arguments() {
+        let Some(long) = arg.get_long() else {
             continue;
-        }
-        // `--flag <VALUE>` or `-f, --flag`; not the `- value: ...` lines of possible values.
-        let b = trimmed.as_bytes();
-        let flag_line = trimmed.starts_with("--")
-            || (b.len() > 5
-                && b[0] == b'-'
-                && b[1].is_ascii_alphanumeric()
-                && trimmed[2..].starts_with(", --"));
-        if flag_line {
-            let tokens: Vec<&str> = trimmed.split_whitespace().collect();
-            current = None;
-            for (i, t) in tokens.iter().enumerate() {
-                if let Some(name) = t.strip_prefix("--") {
-                    let name = format!("--{}", name.trim_end_matches(','));
-                    let takes_value = tokens.get(i + 1).is_some_and(|n| n.starts_with('<'));
-                    flags.insert(
-                        name.clone(),
-                        NodeFlag {
-                            takes_value,
-                            default: None,
-                            env: None,
-                        },
-                    );
-                    current = Some(name);
-                    break;
-                }
-            }
-            // Short help puts the description on the same line.
-            if let Some(name) = &current {
-                description.insert(name.clone(), trimmed.to_owned());
-            }
-        } else if let Some(name) = &current {
-            let d = description.entry(name.clone()).or_default();
-            d.push(' ');
-            d.push_str(trimmed);
+        };
+        let name = format!("--{long}");
+        let defaults: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        // A switch's implicit `false` is not a default anyone writes down.
+        let takes_value = arg.get_action().takes_values();
+        flags.insert(
+            name.clone(),
+            NodeFlag {
+                takes_value,
+                default: (takes_value && !defaults.is_empty()).then(|| defaults.join(",")),
+                env: arg.get_env().map(|e| e.to_string_lossy().into_owned()),
+            },
+        );
+        if arg.is_required_set() {
+            required.push(name);
         }
     }
-    let bracketed = |text: &str, tag: &str| -> Option<String> {
-        let start = text.find(tag)? + tag.len();
-        let end = text[start..].find(']')? + start;
-        Some(text[start..end].trim().to_owned())
-    };
-    for (name, text) in description {
-        if let Some(flag) = flags.get_mut(&name) {
-            flag.default = bracketed(&text, "[default: ");
-            flag.env = bracketed(&text, "[env: ").map(|e| e.trim_end_matches('=').to_owned());
-        }
+    if flags.is_empty() {
+        bail!("found no flag in `ambit node`'s settings");
     }
-    NodeFlags { flags, required }
+    Ok(NodeFlags { flags, required })
 }
 
 #[cfg(test)]
@@ -120,43 +68,16 @@ mod tests {
 
     #[test]
     fn reads_values_defaults_env_and_required_flags() {
-        let help = parse_help(
-            "Runs the node agent
-
-Usage: ambit node [OPTIONS] --source <SOURCE> --node <NODE>
-
-Options:
-      --source <SOURCE>
-          Where pods come from
-
-          Possible values:
-          - kubernetes: the API server
-          - static:     a file
-
-      --node <NODE>
-          This node's name [env: NODE_NAME=]
-
-      --metrics-addr <METRICS_ADDR>
-          Prometheus
-          [default: 0.0.0.0:15020]
-
-  -v, --verbose
-          More logs
-
-  -h, --help  Print help (see a summary with '-h')
-",
-        );
-        assert_eq!(help.required, ["--source", "--node"]);
+        let node = node_flags().unwrap();
+        assert_eq!(node.required, ["--node"]);
         let flag = |takes_value, default: Option<&str>, env: Option<&str>| NodeFlag {
             takes_value,
             default: default.map(str::to_owned),
             env: env.map(str::to_owned),
         };
-        assert_eq!(help.flags["--source"], flag(true, None, None));
-        assert_eq!(help.flags["--node"], flag(true, None, Some("NODE_NAME")));
-        assert_eq!(help.default_of("--metrics-addr"), Some("0.0.0.0:15020"));
-        assert_eq!(help.flags["--verbose"], flag(false, None, None));
-        assert_eq!(help.flags["--help"], flag(false, None, None));
-        assert_eq!(help.flags.len(), 5);
+        assert_eq!(node.flags["--node"], flag(true, None, Some("AMBIT_NODE")));
+        assert_eq!(node.default_of("--metrics-addr"), Some("0.0.0.0:15020"));
+        assert_eq!(node.flags["--detach-on-exit"], flag(false, None, None));
+        assert_eq!(node.flags["--help"], flag(false, None, None));
     }
 }

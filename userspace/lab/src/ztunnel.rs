@@ -2,8 +2,7 @@
 //! it in a lab pod, in dedicated mode (one ztunnel serving the one workload of its netns), with
 //! its test CA (`FAKE_CA=true`) and a local config file instead of istiod.
 //!
-//! Which ztunnel: `AMBIT_ZTUNNEL_BIN`, else `../shared/tools/ztunnel/ztunnel` beside this
-//! repository (where the project's CI provides one), else none; its test CA (`root-cert.pem`,
+//! Which ztunnel: `AMBIT_ZTUNNEL_BIN`, else `ztunnel` on PATH, else none; its test CA (`root-cert.pem`,
 //! `ca-key.pem`) is read from `AMBIT_ZTUNNEL_FAKE_CA`, else `fake-ca/` beside the binary. Ambit
 //! takes that CA as an Istio plug-in CA ([`Ztunnel::write_plugin_ca`]) so that both sides chain
 //! to one root.
@@ -29,15 +28,20 @@ impl Ztunnel {
     /// The ztunnel to test against, or why there is none (for the one line a skipped suite
     /// prints).
     pub fn find() -> std::result::Result<Ztunnel, String> {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let bin = match std::env::var_os("AMBIT_ZTUNNEL_BIN") {
             Some(bin) => PathBuf::from(bin),
-            None => repo.join("../shared/tools/ztunnel/ztunnel"),
+            None => std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .map(|dir| dir.join("ztunnel"))
+                .find(|bin| bin.is_file())
+                .ok_or(
+                    "no ztunnel on PATH (set AMBIT_ZTUNNEL_BIN to Istio's ztunnel, built with \
+                        its `testing` feature)",
+                )?,
         };
         if !bin.is_file() {
             return Err(format!(
-                "no ztunnel binary at {} (set AMBIT_ZTUNNEL_BIN to Istio's ztunnel, built with \
-                 its `testing` feature)",
+                "no ztunnel binary at {} (AMBIT_ZTUNNEL_BIN: Istio's ztunnel, built with its \
+                 `testing` feature)",
                 bin.display()
             ));
         }

@@ -6,7 +6,7 @@
 //! (enrollment) → `datapath` (eBPF maps and links) → `proxy` (listeners and handlers:
 //! outbound, HBONE inbound, plaintext inbound) → `hbone` (the client pool and the protocol's
 //! pieces) and `tls` → `socket` and `drain` (plain TCP, shutdown). Each layer only uses the
-//! ones after it.
+//! ones after it. `xds` holds the protobuf messages of istiod's API (delta xDS and the CA).
 
 pub mod agent;
 pub mod cgroup;
@@ -26,3 +26,4 @@ pub mod proxy;
 pub mod socket;
 pub mod state;
 pub mod tls;
+pub mod xds;

@@ -19,7 +19,14 @@ use crate::util::workspace_root;
 
 const PREFIX: &str = "ambit-lab";
 
-pub fn run(once: bool) -> Result<()> {
+/// Where the lab's nodes get the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    File,
+    Xds,
+}
+
+pub fn run(once: bool, source: Source) -> Result<()> {
     ambit_lab::require_root()?;
     crate::cargo(&["build", "--release", "-p", "ambit"])?;
     let root = workspace_root();
@@ -39,15 +46,58 @@ pub fn run(once: bool) -> Result<()> {
     if !ca.join("root-cert.pem").exists() {
         lab.init_ca(&ambit, &ca)?;
     }
-    let ca_arg = ca.display().to_string();
     let logs: Vec<PathBuf> = ["n1", "n2"]
         .iter()
         .map(|n| dir.join(format!("{n}.log")))
         .collect();
     let workers = ambit_lab::worker_threads_per_node(ambit_lab::cores(), 2).to_string();
+    let mut args = vec!["--worker-threads".to_owned(), workers];
+    // With xDS the nodes' config file holds only where their pods are (what istio-cni tells
+    // ztunnel); the mesh comes from the stand-in istiod, and certificates from its CA.
+    let node_config = match source {
+        Source::File => {
+            args.extend(["--ca-dir".to_owned(), ca.display().to_string()]);
+            config.clone()
+        }
+        Source::Xds => {
+            let text = fs::read_to_string(&config)?;
+            let (mesh, pods) = text
+                .split_once("\nambit:")
+                .context("the lab config has no ambit section")?;
+            fs::write(&config, format!("{mesh}\n"))?;
+            let pods_file = dir.join("pods.yaml");
+            fs::write(&pods_file, format!("ambit:{pods}"))?;
+            let log = dir.join("control-plane.log");
+            let address = lab.start_control_plane(&ambit, "n2", &config, &ca, &log)?;
+            println!(
+                "== stand-in istiod serving {} at {address} (log {})",
+                config.display(),
+                log.display()
+            );
+            let token = dir.join("istio-token");
+            fs::write(&token, "lab-token")?;
+            let root = ca.join("root-cert.pem").display().to_string();
+            args.extend(
+                [
+                    "--source",
+                    "xds",
+                    "--xds-address",
+                    &address,
+                    "--xds-root-cert",
+                    &root,
+                    "--ca-address",
+                    &address,
+                    "--token-file",
+                ]
+                .map(str::to_owned),
+            );
+            args.push(token.display().to_string());
+            pods_file
+        }
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     for (node, log) in ["n1", "n2"].iter().zip(&logs) {
-        let args = ["--ca-dir", &ca_arg, "--worker-threads", &workers];
-        lab.start_node(&ambit, node, &config, log, &args)?;
+        lab.start_node(&ambit, node, &node_config, log, &args)?;
     }
     println!("== Ambit nodes running: {PREFIX}-n1 (pods a, b), {PREFIX}-n2 (pods c, d)");
 

@@ -51,6 +51,11 @@ enum Task {
         /// Run the demonstration once and tear down (for scripts).
         #[arg(long)]
         once: bool,
+        /// Where the nodes get the mesh: `file` (each node watches the config file) or `xds`
+        /// (a stand-in istiod, `ambit control-plane`, serves the file over delta xDS and signs
+        /// the nodes' certificates; the nodes hold no CA key).
+        #[arg(long, value_enum, default_value = "file")]
+        source: lab::Source,
     },
     /// Run the privileged data-path tests on Debian's 6.1 and 6.12 kernels under qemu, and on
     /// the host's kernel directly (see vm-tests/README.md); one line per kernel.
@@ -89,9 +94,9 @@ fn main() -> Result<()> {
             no_vm,
             cargo_args,
         } => test(!no_lint, !no_vm, &cargo_args),
-        Task::Lab { once } => {
+        Task::Lab { once, source } => {
             setup::run()?;
-            lab::run(once)
+            lab::run(once, source)
         }
         Task::VmTest { kernel, timeout } => {
             setup::run()?;

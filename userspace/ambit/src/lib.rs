@@ -6,11 +6,13 @@
 //! (enrollment) → `datapath` (eBPF maps and links) → `proxy` (listeners and handlers:
 //! outbound, HBONE inbound, plaintext inbound) → `hbone` (the client pool and the protocol's
 //! pieces) and `tls` → `socket` and `drain` (plain TCP, shutdown). Each layer only uses the
-//! ones after it. `xds` holds the protobuf messages of istiod's API (delta xDS and the CA).
+//! ones after it. `xds` talks to istiod (delta xDS as a source, its CA by CSR);
+//! `control_plane` is `ambit control-plane`, a stand-in istiod built on the same messages.
 
 pub mod agent;
 pub mod cgroup;
 pub mod config;
+pub mod control_plane;
 pub mod datapath;
 pub mod drain;
 #[doc(hidden)]

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use tracing::info;
 
 use ambit::{
+    control_plane::{self, ControlPlaneArgs},
     datapath::{self, pins::PinLayout},
     inspect,
     node::{Node, NodeArgs},
@@ -36,6 +37,9 @@ enum Command {
         #[arg(long, default_value = datapath::pins::DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
+    /// A stand-in istiod: xDS (workloads, services, policies from a config file) and a CA
+    /// (signs workload CSRs), for labs and tests.
+    ControlPlane(Box<ControlPlaneArgs>),
     /// Certificate authority tools.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -74,6 +78,13 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(async { Node::build(*args, set_log_level).await?.run().await })
+        }
+        Command::ControlPlane(args) => {
+            let _ = init_logging(false);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(control_plane::run(*args))
         }
         Command::Inspect { node, bpffs } => inspect::print(&PinLayout::new(&bpffs, &node)?),
         Command::Ca(CaCommand::Init { dir, trust_domain }) => {

@@ -31,6 +31,7 @@ use crate::{
     proxy::ProxyContext,
     state::State,
     tls::{BuiltinCa, CertManager, CertificateAuthority, PluginCa},
+    xds::{ca_client::IstiodCa, client::XdsSettings, source::XdsSource},
 };
 
 pub use ambit_settings::{parse_duration, NodeArgs, SourceKind};
@@ -82,6 +83,16 @@ impl Node {
                 annotator = k8s.annotator();
                 Box::new(k8s)
             }
+            SourceKind::Xds => Box::new(
+                XdsSource::connect(
+                    xds_settings(&args),
+                    args.config.clone(),
+                    &args.node,
+                    &args.trust_domain,
+                    Duration::from_secs(60),
+                )
+                .await?,
+            ),
         };
         let initial = source.initial()?;
         let ca = certificate_authority(&args)?;
@@ -122,7 +133,11 @@ impl Node {
         agent.apply(&initial).await?;
         info!(
             node = %args.node,
-            source = %args.config.as_ref().map(|c| c.display().to_string()).unwrap_or_else(|| "kubernetes".into()),
+            source = %match args.source {
+                SourceKind::File => args.config.as_ref().map(|c| c.display().to_string()).unwrap_or_default(),
+                SourceKind::Kubernetes => "kubernetes".into(),
+                SourceKind::Xds => args.xds_address.clone(),
+            },
             pins = %agent.datapath().pins().root().display(),
             enrolled = initial.enrolled.len(),
             "node ready"
@@ -271,6 +286,20 @@ fn proxy_context(
 /// The CA that signs this node's workload certificates; a missing or malformed plug-in CA file
 /// stops the node with an error naming it.
 fn certificate_authority(args: &NodeArgs) -> Result<Arc<dyn CertificateAuthority>> {
+    if let Some(address) = &args.ca_address {
+        let root = args
+            .ca_root_cert
+            .clone()
+            .unwrap_or_else(|| args.xds_root_cert.clone());
+        let ca = IstiodCa::new(
+            address,
+            root,
+            Some(args.token_file.clone()),
+            &args.trust_domain,
+        )?;
+        info!(%address, "certificates from istiod's CA");
+        return Ok(Arc::new(ca));
+    }
     if let Some(dir) = &args.ca_dir {
         let ca = PluginCa::load(dir, &args.trust_domain)?;
         info!(dir = %dir.display(), "using the plug-in CA");
@@ -283,6 +312,26 @@ fn certificate_authority(args: &NodeArgs) -> Result<Arc<dyn CertificateAuthority
     ca.write_root(&args.ca_root_out)?;
     info!(root = %args.ca_root_out.display(), "using a built-in CA for this node alone");
     Ok(Arc::new(ca))
+}
+
+/// How `--source xds` reaches istiod and who this node is to it.
+fn xds_settings(args: &NodeArgs) -> XdsSettings {
+    let (pod_namespace, pod_name) = args
+        .own_pod
+        .as_deref()
+        .and_then(|p| p.split_once('/'))
+        .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
+        .unwrap_or_else(|| ("istio-system".to_owned(), format!("ambit-{}", args.node)));
+    XdsSettings {
+        address: args.xds_address.clone(),
+        root_cert: args.xds_root_cert.clone(),
+        token: Some(args.token_file.clone()),
+        node_name: args.node.clone(),
+        pod_name,
+        pod_namespace,
+        instance_ip: args.instance_ip.clone(),
+        cluster_id: args.cluster_id.clone(),
+    }
 }
 
 /// Each captured connection holds a few sockets: raise the soft fd limit to the hard one.

@@ -11,7 +11,9 @@ mod common;
 
 use std::{fs, path::PathBuf, time::Duration};
 
-use ambit_lab::{pod, wait_until, without_ambit_section, Lab, Ztunnel, ZtunnelPod, WEB_VIP};
+use ambit_lab::{
+    pod, wait_until, without_ambit_section, Lab, Ztunnel, ZtunnelPod, ZtunnelSource, WEB_VIP,
+};
 use common::{assert_ok, stdout, tool, LabSetup, TestLab, AMBIT};
 
 /// The VIP of the `sleep` service (port 80 → pod a's 8080), for the ztunnel → Ambit direction.
@@ -222,7 +224,7 @@ impl Interop {
             pod: "c",
             namespace: "default",
             service_account: "web",
-            config: &self.ztunnel_config,
+            source: ZtunnelSource::LocalConfig(&self.ztunnel_config),
             log: &self.ztunnel_log,
             worker_threads: 1,
             compliance_policy: self.ztunnel_compliance,
@@ -750,4 +752,232 @@ fn ambit_by_default_meets_a_post_quantum_only_ztunnel() {
         let line = log.lines().find(|l| l.contains(needle)).unwrap_or_default();
         assert!(line.contains("kx=X25519MLKEM768"), "{needle}: {line}");
     }
+}
+
+/// A policy istiod would push: deny port 9999 to every workload of namespace `default`.
+const DENY_9999: &str = "[{name: deny-9999, namespace: default, scope: Namespace, action: Deny, \
+                         rules: [[[{destinationPorts: [9999]}]]]}]";
+
+/// The stand-in istiod (`ambit control-plane`) is trusted because the real client accepts it:
+/// ztunnel, without its test CA and without a local config, takes its certificate from the
+/// stand-in's CA and its workloads, services and policies from its delta xDS, and shows them
+/// in `/config_dump`.
+#[test]
+fn ztunnel_takes_config_and_certificates_from_the_stand_in_istiod() {
+    let Some(zt) = ztunnel() else { return };
+    let mut t = TestLab::start_custom(LabSetup {
+        config: &|lab| ambit_yaml(lab, "[]"),
+        ca: &|lab, dir| lab.init_ca(std::path::Path::new(AMBIT), dir),
+        http_pods: &["c"],
+        nodes: &[],
+        node_args: &[],
+    });
+    let mesh = t.dir.join("mesh.yaml");
+    fs::write(&mesh, without_ambit_section(&mesh_yaml(&t.lab, DENY_9999))).unwrap();
+    let ca = t.dir.join("ca");
+    let control_plane_log = t.dir.join("control-plane.log");
+    let address = t
+        .lab
+        .start_control_plane(
+            std::path::Path::new(AMBIT),
+            "n2",
+            &mesh,
+            &ca,
+            &control_plane_log,
+        )
+        .unwrap();
+    let token = t.dir.join("istio-token");
+    fs::write(&token, "a-projected-service-account-token").unwrap();
+    let ztunnel_log = t.dir.join("ztunnel.log");
+    let root_cert = ca.join("root-cert.pem");
+    let spec = ZtunnelPod {
+        pod: "c",
+        namespace: "default",
+        service_account: "web",
+        source: ZtunnelSource::Istiod {
+            address: &address,
+            root_cert: &root_cert,
+            token: &token,
+        },
+        log: &ztunnel_log,
+        worker_threads: 1,
+        compliance_policy: "",
+    };
+    let logs = || {
+        format!(
+            "--- control plane ---\n{}\n--- ztunnel ---\n{}",
+            fs::read_to_string(&control_plane_log).unwrap_or_default(),
+            fs::read_to_string(&ztunnel_log).unwrap_or_default()
+        )
+    };
+    if let Err(e) = t.lab.start_ztunnel(&zt, &spec) {
+        panic!(
+            "ztunnel did not get ready with the stand-in istiod: {e:#}\n{}",
+            logs()
+        );
+    }
+    let config_dump = || {
+        stdout(
+            &t.lab
+                .run_in_pod("c", "curl", &["-sS", "http://127.0.0.1:15000/config_dump"])
+                .unwrap(),
+        )
+    };
+    // ztunnel asks for its workload's certificate when a connection first needs it: one
+    // request from c to its own service, through ztunnel.
+    let _ = t.lab.run_in_pod(
+        "c",
+        "curl",
+        &["-sS", "--max-time", "5", &format!("http://{WEB_VIP}/")],
+    );
+    let _ = wait_until(Duration::from_secs(10), "ztunnel's certificate", || {
+        config_dump().contains(C_ID.trim_start_matches("spiffe://"))
+    });
+    let dump = config_dump();
+    let dump: serde_json::Value = serde_json::from_str(&dump)
+        .unwrap_or_else(|e| panic!("config_dump is not JSON ({e}): {dump}\n{}", logs()));
+    let names = |key: &str, field: &str| -> Vec<String> {
+        dump[key]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| i[field].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut workloads = names("workloads", "name");
+    workloads.sort();
+    assert_eq!(workloads, ["a", "c"], "{dump:#}\n{}", logs());
+    let mut services = names("services", "hostname");
+    services.sort();
+    assert_eq!(
+        services,
+        [
+            "sleep.default.svc.cluster.local",
+            "web.default.svc.cluster.local"
+        ],
+        "{dump:#}"
+    );
+    assert_eq!(names("policies", "name"), ["deny-9999"], "{dump:#}");
+    let certificates = dump["certificates"].to_string();
+    assert!(
+        certificates.contains(C_ID),
+        "ztunnel holds no certificate for {C_ID}: {certificates}\n{}",
+        logs()
+    );
+    let control_plane = fs::read_to_string(&control_plane_log).unwrap();
+    assert!(
+        control_plane.contains(&format!("certificate signed identity={C_ID}")),
+        "{}",
+        logs()
+    );
+    assert!(!control_plane.contains("NACK"), "{}", logs());
+}
+
+/// Ambit and ztunnel, both fed only by the stand-in istiod and both holding certificates from
+/// its CA (no test CA, no local config on either side), exchange traffic both ways.
+#[test]
+fn ambit_and_ztunnel_fed_by_one_stand_in_istiod_talk_both_ways() {
+    let Some(zt) = ztunnel() else { return };
+    let mut t = TestLab::start_custom(LabSetup {
+        config: &|lab| ambit_yaml(lab, "[]"),
+        ca: &|lab, dir| lab.init_ca(std::path::Path::new(AMBIT), dir),
+        http_pods: &["a", "c"],
+        nodes: &[],
+        node_args: &[],
+    });
+    let (mesh, pods) = common::split_config(&fs::read_to_string(&t.config).unwrap());
+    let mesh_file = t.dir.join("mesh.yaml");
+    fs::write(&mesh_file, mesh).unwrap();
+    let pods_file = t.dir.join("pods.yaml");
+    fs::write(&pods_file, pods).unwrap();
+    let ca = t.dir.join("ca");
+    let root_cert = ca.join("root-cert.pem");
+    let control_plane_log = t.dir.join("control-plane.log");
+    let address = t
+        .lab
+        .start_control_plane(
+            std::path::Path::new(AMBIT),
+            "n2",
+            &mesh_file,
+            &ca,
+            &control_plane_log,
+        )
+        .unwrap();
+    let token = t.dir.join("istio-token");
+    fs::write(&token, "a-projected-service-account-token").unwrap();
+    let n1_log = t.dir.join("n1.log");
+    let root = root_cert.display().to_string();
+    let token_arg = token.display().to_string();
+    let args = [
+        "--source",
+        "xds",
+        "--xds-address",
+        &address,
+        "--xds-root-cert",
+        &root,
+        "--ca-address",
+        &address,
+        "--token-file",
+        &token_arg,
+    ];
+    t.lab
+        .start_node(
+            std::path::Path::new(AMBIT),
+            "n1",
+            &pods_file,
+            &n1_log,
+            &args,
+        )
+        .unwrap();
+    let ztunnel_log = t.dir.join("ztunnel.log");
+    let spec = ZtunnelPod {
+        pod: "c",
+        namespace: "default",
+        service_account: "web",
+        source: ZtunnelSource::Istiod {
+            address: &address,
+            root_cert: &root_cert,
+            token: &token,
+        },
+        log: &ztunnel_log,
+        worker_threads: 1,
+        compliance_policy: "",
+    };
+    t.lab.start_ztunnel(&zt, &spec).unwrap();
+    let logs = || {
+        format!(
+            "--- Ambit (n1) ---\n{}\n--- ztunnel ---\n{}\n--- control plane ---\n{}",
+            fs::read_to_string(&n1_log).unwrap_or_default(),
+            fs::read_to_string(&ztunnel_log).unwrap_or_default(),
+            fs::read_to_string(&control_plane_log).unwrap_or_default()
+        )
+    };
+    for d in BOTH_WAYS {
+        let url = format!("http://{}:8080/", d.server_ip());
+        let out = t
+            .lab
+            .run_in_pod(d.client, "curl", &["-sS", "--max-time", "10", &url])
+            .unwrap();
+        assert!(
+            out.status.success() && stdout(&out).contains(&format!("hello from pod {}", d.server)),
+            "{} → {}: {}\n{}",
+            d.client,
+            d.server,
+            String::from_utf8_lossy(&out.stderr),
+            logs()
+        );
+    }
+    // Each side saw the other's identity, issued by the one CA.
+    let ztunnel_text = fs::read_to_string(&ztunnel_log).unwrap();
+    assert!(ztunnel_text.contains(A_ID), "{}", logs());
+    let n1_text = fs::read_to_string(&n1_log).unwrap();
+    assert!(
+        n1_text.contains("certificate from istiod's CA"),
+        "{}",
+        logs()
+    );
+    assert!(n1_text.contains(C_ID), "{}", logs());
 }

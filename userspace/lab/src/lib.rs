@@ -36,4 +36,4 @@ pub use system::{
     worker_threads_per_node, write_atomically,
 };
 pub use topology::{pod, NodeSpec, PodSpec, NODES, PODS, WEB_VIP};
-pub use ztunnel::{without_ambit_section, Ztunnel, ZtunnelPod};
+pub use ztunnel::{without_ambit_section, Ztunnel, ZtunnelPod, ZtunnelSource};

@@ -194,6 +194,47 @@ impl Lab {
         self.spawn_until_ready(&format!("ambit node {node}"), cmd, log, ready)
     }
 
+    /// Starts `ambit control-plane` (the stand-in istiod: xDS and CA) in node `node`'s netns,
+    /// listening on the node's link address, port 15012, and serving `config` with the CA in
+    /// `ca_dir`; waits until it accepts connections. Returns its address for `XDS_ADDRESS` /
+    /// `--xds-address` (`https://<ip>:15012`).
+    pub fn start_control_plane(
+        &mut self,
+        ambit: &Path,
+        node: &str,
+        config: &Path,
+        ca_dir: &Path,
+        log: &Path,
+    ) -> Result<String> {
+        let ip = crate::topology::node(node).link_ip;
+        let mut cmd = self.node_command(node, ambit.to_str().unwrap());
+        cmd.args([
+            "control-plane",
+            "--listen",
+            &format!("{ip}:15012"),
+            "--config",
+        ])
+        .arg(config)
+        .arg("--ca-dir")
+        .arg(ca_dir)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .env("NO_COLOR", "1");
+        let ns = self.netns(node);
+        let probe = format!("exec 3<>/dev/tcp/{ip}/15012");
+        let ready = || {
+            Command::new("ip")
+                .args(["netns", "exec", &ns, "bash", "-c", &probe])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        self.spawn_until_ready(&format!("control plane in {node}"), cmd, log, ready)?;
+        Ok(format!("https://{ip}:15012"))
+    }
+
     /// Sends `signal` to a process the lab started, without waiting for it.
     pub fn signal(&self, what: &str, signal: i32) -> Result<()> {
         let pid = self

@@ -81,14 +81,29 @@ pub struct ZtunnelPod<'a> {
     pub pod: &'a str,
     pub namespace: &'a str,
     pub service_account: &'a str,
-    /// ztunnel's local config (`workloads`, `services`, `policies` only: it refuses unknown
-    /// fields, so Ambit's `ambit` section must not be in it; see [`without_ambit_section`]).
-    pub config: &'a Path,
+    /// Where its config and certificates come from.
+    pub source: ZtunnelSource<'a>,
     pub log: &'a Path,
     /// `ZTUNNEL_WORKER_THREADS`.
     pub worker_threads: usize,
     /// `COMPLIANCE_POLICY`: empty or `pqc`.
     pub compliance_policy: &'a str,
+}
+
+/// Where a lab ztunnel gets its config and its certificates.
+#[derive(Debug, Clone)]
+pub enum ZtunnelSource<'a> {
+    /// A local config file (`workloads`, `services`, `policies` only: ztunnel refuses unknown
+    /// fields, so Ambit's `ambit` section must not be in it; see [`without_ambit_section`]) and
+    /// certificates from its test CA (`FAKE_CA`).
+    LocalConfig(&'a Path),
+    /// An istiod (or Ambit's stand-in) at `address` (`https://host:port`) for both xDS and the
+    /// CA, verified with `root_cert`, authenticated with the token in `token`.
+    Istiod {
+        address: &'a str,
+        root_cert: &'a Path,
+        token: &'a Path,
+    },
 }
 
 impl Lab {
@@ -98,7 +113,18 @@ impl Lab {
     /// lab's `ztunnel in <pod>`, stopped with the lab.
     pub fn start_ztunnel(&mut self, ztunnel: &Ztunnel, spec: &ZtunnelPod<'_>) -> Result<()> {
         let pod = spec.pod;
-        self.redirect_outbound(pod, "! -o lo")?;
+        // ztunnel's connections to istiod are not marked: keep them out of its own capture.
+        let capture = match &spec.source {
+            ZtunnelSource::LocalConfig(_) => "! -o lo".to_owned(),
+            ZtunnelSource::Istiod { address, .. } => {
+                let host = address
+                    .trim_start_matches("https://")
+                    .rsplit_once(':')
+                    .map_or(*address, |(host, _)| host);
+                format!("! -o lo ! -d {host}")
+            }
+        };
+        self.redirect_outbound(pod, &capture)?;
         let mut cmd = self.pod_command(pod, ztunnel.bin.to_str().unwrap());
         cmd.env_clear()
             .env("PROXY_MODE", "dedicated")
@@ -107,14 +133,32 @@ impl Lab {
                 format!("{}/{pod}/{}", spec.namespace, spec.service_account),
             )
             .env("NODE_NAME", self.node_name(crate::pod(pod).node))
-            .env("LOCAL_XDS_PATH", spec.config)
-            .env("XDS_ADDRESS", "")
-            .env("FAKE_CA", "true")
+            .env("POD_NAME", pod)
+            .env("POD_NAMESPACE", spec.namespace)
+            .env("INSTANCE_IP", crate::pod(pod).ip)
             .env("PACKET_MARK", TUNNEL_MARK.to_string())
             .env("ENABLE_ORIG_SRC", "false")
             .env("ZTUNNEL_WORKER_THREADS", spec.worker_threads.to_string())
             .env("COMPLIANCE_POLICY", spec.compliance_policy)
             .env("RUST_LOG", "info");
+        match &spec.source {
+            ZtunnelSource::LocalConfig(config) => {
+                cmd.env("LOCAL_XDS_PATH", config)
+                    .env("XDS_ADDRESS", "")
+                    .env("FAKE_CA", "true");
+            }
+            ZtunnelSource::Istiod {
+                address,
+                root_cert,
+                token,
+            } => {
+                cmd.env("XDS_ADDRESS", address)
+                    .env("CA_ADDRESS", address)
+                    .env("XDS_ROOT_CA", root_cert)
+                    .env("CA_ROOT_CA", root_cert)
+                    .env("AUTH_TOKEN", token);
+            }
+        }
         let netns = self.netns(pod);
         let ready = || http_status_in(&netns, "http://127.0.0.1:15021/healthz/ready") == Some(200);
         self.spawn_until_ready(&format!("ztunnel in {pod}"), cmd, spec.log, ready)

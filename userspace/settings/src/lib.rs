@@ -18,6 +18,9 @@ pub enum SourceKind {
     File,
     /// The Kubernetes API (in-cluster config or KUBECONFIG).
     Kubernetes,
+    /// istiod's delta xDS (`--xds-address`) for workloads, services and policies; this
+    /// node's pods from `--config` (a file with only the `ambit.pods` section).
+    Xds,
 }
 
 #[derive(clap::Args)]
@@ -31,6 +34,43 @@ pub struct NodeArgs {
     /// ztunnel-format local config file (with Ambit's `ambit.pods` section); `--source file`.
     #[arg(long, required_if_eq("source", "file"))]
     pub config: Option<PathBuf>,
+    /// istiod's xDS (`--source xds`): `https://host:port`.
+    #[arg(
+        long,
+        env = "XDS_ADDRESS",
+        default_value = "https://istiod.istio-system.svc:15012"
+    )]
+    pub xds_address: String,
+    /// The root certificate istiod's serving certificate chains to (`--source xds`, and the CA
+    /// client's default).
+    #[arg(
+        long,
+        env = "XDS_ROOT_CA",
+        default_value = "/var/run/secrets/istio/root-cert.pem"
+    )]
+    pub xds_root_cert: PathBuf,
+    /// istiod's CA: certificates are requested from it (CSRs; the keys stay on this node)
+    /// instead of signed by a local CA. `https://host:port`.
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// The root certificate of the CA's serving certificate (default: `--xds-root-cert`); also
+    /// the first trust anchor of workload certificates.
+    #[arg(long, env = "CA_ROOT_CA")]
+    pub ca_root_cert: Option<PathBuf>,
+    /// The bearer token sent to istiod (a projected service account token, audience
+    /// `istio-ca`), re-read at each connection.
+    #[arg(
+        long,
+        env = "AUTH_TOKEN",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    pub token_file: PathBuf,
+    /// The cluster's name in the mesh (`CLUSTER_ID`).
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// This agent pod's IP (the node id istiod logs).
+    #[arg(long, env = "INSTANCE_IP", default_value = "")]
+    pub instance_ip: String,
     /// The host's procfs, where pods' processes (and so their netns and cgroups) are found;
     /// `--source kubernetes` (in a DaemonSet: the host's /proc mounted read-only).
     #[arg(long, default_value = "/proc")]

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use ambit_lab::{pod, Lab, ZtunnelPod};
+use ambit_lab::{pod, Lab, ZtunnelPod, ZtunnelSource};
 use anyhow::{bail, Context as _, Result};
 
 use super::{mode::Mode, Env};
@@ -213,7 +213,7 @@ fn start_ztunnels(lab: &mut Lab, env: &Env, session: &mut Session, tag: &str) ->
             namespace: "default",
             // `config_yaml_workloads`: service account = pod name.
             service_account: pod_name,
-            config: &config,
+            source: ZtunnelSource::LocalConfig(&config),
             log: &log,
             worker_threads: mode.worker_threads(env.cores),
             compliance_policy: "",

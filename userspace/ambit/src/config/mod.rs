@@ -173,6 +173,17 @@ impl Service {
 impl LocalConfig {
     /// Parses and validates; errors name the source (file) and, for YAML errors, line and field.
     pub fn parse(text: &str, source: &str) -> Result<Self> {
+        let config = Self::parse_unchecked(text, source)?;
+        config
+            .validate()
+            .with_context(|| format!("{source}: invalid config"))?;
+        Ok(config)
+    }
+
+    /// Parses without the checks across entries (unique workload IPs, known pods, policies that
+    /// compile): what the stand-in istiod serves, so that a test can push what a node must
+    /// refuse.
+    pub fn parse_unchecked(text: &str, source: &str) -> Result<Self> {
         let yaml_error = |e: serde_yaml::Error| {
             let at = e
                 .location()
@@ -189,13 +200,10 @@ impl LocalConfig {
         config.policies_raw = serde_yaml::from_str::<Raw>(text)
             .map_err(yaml_error)?
             .policies;
-        config
-            .validate()
-            .with_context(|| format!("{source}: invalid config"))?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let mut ips = BTreeMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
             if w.name.is_empty() || w.namespace.is_empty() {

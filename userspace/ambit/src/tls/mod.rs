@@ -18,7 +18,7 @@ mod verify;
 
 // The public API, re-exported flat (`crate::tls::Identity`, ...). Until the node wires all of
 // it in, some re-exports are unused.
-pub use ca::{BuiltinCa, CertificateAuthority, PluginCa, WorkloadCert};
+pub use ca::{BuiltinCa, CertificateAuthority, PluginCa, SignedCsr, WorkloadCert};
 pub use config::{
     client_config, dummy_server_name, install_default_provider, key_exchange, peer_identity,
     server_config, CompliancePolicy,

@@ -31,6 +31,17 @@ pub struct TestLab {
     /// Flags every `ambit node` of this lab gets.
     node_args: Vec<String>,
     protocol: &'static str,
+    /// With `--source xds`: the nodes' pods file (`config` is then the stand-in istiod's).
+    pods: Option<PathBuf>,
+}
+
+/// The lab's two halves under `--source xds`: the mesh (served by the stand-in istiod) and the
+/// `ambit` section (the nodes' pods file).
+pub fn split_config(text: &str) -> (String, String) {
+    match text.split_once("\nambit:") {
+        Some((mesh, pods)) => (format!("{mesh}\n"), format!("ambit:{pods}")),
+        None => (text.to_owned(), "ambit:\n  pods: []\n".to_owned()),
+    }
 }
 
 impl TestLab {
@@ -75,6 +86,73 @@ impl TestLab {
         t
     }
 
+    /// The lab of [`TestLab::start_with`], but the nodes hold no CA and no mesh config: a
+    /// stand-in istiod (`ambit control-plane`, in node n2's netns) serves the mesh over delta
+    /// xDS and signs their certificates; the nodes' `--config` only says where their pods are.
+    pub fn start_xds(options: &LabConfig<'_>, node_args: &[&str]) -> TestLab {
+        let mut t = Self::start_custom(LabSetup {
+            config: &|lab| lab.config_yaml_with(options),
+            ca: &|lab, dir| lab.init_ca(Path::new(AMBIT), dir),
+            http_pods: &["c", "d"],
+            nodes: &[],
+            node_args: &[],
+        });
+        let (mesh, pods) = split_config(&fs::read_to_string(&t.config).unwrap());
+        fs::write(&t.config, mesh).unwrap();
+        let pods_file = t.dir.join("pods.yaml");
+        fs::write(&pods_file, pods).unwrap();
+        let ca = t.dir.join("ca");
+        let address = t
+            .lab
+            .start_control_plane(
+                Path::new(AMBIT),
+                "n2",
+                &t.config,
+                &ca,
+                &t.dir.join("control-plane.log"),
+            )
+            .unwrap();
+        let token = t.dir.join("istio-token");
+        fs::write(&token, "lab-token").unwrap();
+        let root = ca.join("root-cert.pem");
+        let mut args: Vec<String> = [
+            "--source",
+            "xds",
+            "--xds-address",
+            &address,
+            "--xds-root-cert",
+            &root.display().to_string(),
+            "--ca-address",
+            &address,
+            "--token-file",
+            &token.display().to_string(),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        args.extend(node_args.iter().map(|a| a.to_string()));
+        t.node_args = args;
+        t.pods = Some(pods_file.clone());
+        t.protocol = if options.protocol == "TCP" {
+            "TCP"
+        } else {
+            "HBONE"
+        };
+        for node in ["n1", "n2"] {
+            let log = t.dir.join(format!("{node}.log"));
+            let a: Vec<&str> = t.node_args.iter().map(String::as_str).collect();
+            t.lab
+                .start_node(Path::new(AMBIT), node, &pods_file, &log, &a)
+                .unwrap();
+            t.logs.insert(node.to_owned(), log);
+        }
+        t
+    }
+
+    /// The stand-in istiod's log (labs of [`TestLab::start_xds`]).
+    pub fn control_plane_log(&self) -> String {
+        fs::read_to_string(self.dir.join("control-plane.log")).unwrap_or_default()
+    }
+
     /// A lab set up as `setup` says.
     pub fn start_custom(setup: LabSetup<'_>) -> TestLab {
         static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -115,6 +193,7 @@ impl TestLab {
             logs,
             node_args: args,
             protocol: "HBONE",
+            pods: None,
         }
     }
 
@@ -140,7 +219,7 @@ impl TestLab {
             protocol: self.protocol,
             ..LabConfig::default()
         };
-        write_atomically(&self.config, &self.lab.config_yaml_with(&options)).unwrap();
+        self.write_files(&self.lab.config_yaml_with(&options));
         self.wait_log(node, "config applied", before + 1);
     }
 
@@ -150,9 +229,25 @@ impl TestLab {
             .iter()
             .map(|n| self.log(n).matches("config applied").count())
             .collect();
-        write_atomically(&self.config, text).unwrap();
+        self.write_files(text);
         for (node, before) in nodes.iter().zip(before) {
             self.wait_log(node, "config applied", before + 1);
+        }
+    }
+
+    /// Writes a lab config: the nodes' file, or under xDS the stand-in's mesh and the pods file.
+    fn write_files(&self, text: &str) {
+        match &self.pods {
+            None => write_atomically(&self.config, text).unwrap(),
+            Some(pods_file) => {
+                // Only what changed: a rewritten pods file is applied on its own, and a test
+                // waiting for "config applied" must see the push.
+                let (mesh, pods) = split_config(text);
+                if fs::read_to_string(pods_file).ok().as_deref() != Some(pods.as_str()) {
+                    write_atomically(pods_file, &pods).unwrap();
+                }
+                write_atomically(&self.config, &mesh).unwrap();
+            }
         }
     }
 

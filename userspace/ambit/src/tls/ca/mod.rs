@@ -90,6 +90,72 @@ fn sign_workload_cert(
     identity: &Identity,
     lifetime: Duration,
 ) -> Result<WorkloadCert> {
+    let (params, not_before, not_after) = leaf_params(ca_not_after, identity, lifetime)?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating a P-256 key")?;
+    let leaf = params
+        .signed_by(&key, issuer)
+        .with_context(|| format!("signing a certificate for {identity}"))?;
+    Ok(WorkloadCert {
+        identity: identity.clone(),
+        chain: vec![leaf.der().clone()],
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        not_before,
+        not_after,
+    })
+}
+
+/// A certificate signed for a certificate signing request: the requester holds the key.
+#[derive(Debug, Clone)]
+pub struct SignedCsr {
+    pub identity: Identity,
+    /// Leaf first, then the CA's intermediates (not the root).
+    pub chain: Vec<CertificateDer<'static>>,
+}
+
+/// Signs the public key of a PEM certificate signing request with the workload profile of
+/// [`sign_workload_cert`], for the identity in the request's one URI SAN. Only the key and
+/// that identity are taken from the request; everything else is the profile's.
+fn sign_csr(
+    issuer: &Issuer<'_, KeyPair>,
+    ca_not_after: SystemTime,
+    csr_pem: &str,
+    lifetime: Duration,
+) -> Result<SignedCsr> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .context("the certificate signing request does not parse")?;
+    let uris: Vec<&str> = csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|san| match san {
+            SanType::URI(uri) => Some(uri.as_str()),
+            _ => None,
+        })
+        .collect();
+    let [uri] = uris.as_slice() else {
+        bail!(
+            "the certificate signing request has {} URI SANs; exactly one SPIFFE identity is signed",
+            uris.len()
+        );
+    };
+    let identity = Identity::parse(uri).context("the certificate signing request's URI SAN")?;
+    let (params, _, _) = leaf_params(ca_not_after, &identity, lifetime)?;
+    let leaf = params
+        .signed_by(&csr.public_key, issuer)
+        .with_context(|| format!("signing a certificate for {identity}"))?;
+    Ok(SignedCsr {
+        identity,
+        chain: vec![leaf.der().clone()],
+    })
+}
+
+/// The workload profile's parameters for `identity`, valid from a minute ago for `lifetime`
+/// (capped at the CA's expiry), with that validity.
+fn leaf_params(
+    ca_not_after: SystemTime,
+    identity: &Identity,
+    lifetime: Duration,
+) -> Result<(CertificateParams, SystemTime, SystemTime)> {
     if lifetime < Duration::from_secs(1) {
         bail!("certificate lifetime {lifetime:?} is shorter than a second");
     }
@@ -124,18 +190,7 @@ fn sign_workload_cert(
     params.use_authority_key_identifier_extension = true;
     params.not_before = not_before.into();
     params.not_after = not_after.into();
-
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating a P-256 key")?;
-    let leaf = params
-        .signed_by(&key, issuer)
-        .with_context(|| format!("signing a certificate for {identity}"))?;
-    Ok(WorkloadCert {
-        identity: identity.clone(),
-        chain: vec![leaf.der().clone()],
-        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        not_before,
-        not_after,
-    })
+    Ok((params, not_before, not_after))
 }
 
 /// `t` truncated to whole seconds, as X.509 stores it.

@@ -8,7 +8,7 @@ use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkc
 
 /// Reads every certificate in the PEM file at `path`; at least one is required and each
 /// must be valid X.509.
-pub(super) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     parse_certs(&read(path)?, &path.display().to_string())
 }
 
@@ -42,6 +42,11 @@ pub(crate) fn parse_key(data: &[u8], name: &str) -> Result<KeyPair> {
         )
     })?;
     key_pair(&key).map_err(|e| anyhow!("{name}: unsupported or malformed private key: {e}"))
+}
+
+/// `cert` as a PEM `CERTIFICATE` block (what istiod's CA answers with).
+pub(crate) fn to_pem(cert: &CertificateDer<'_>) -> String {
+    ::pem::encode(&::pem::Pem::new("CERTIFICATE", cert.to_vec()))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {

@@ -82,6 +82,31 @@ impl PluginCa {
         Ok(ca)
     }
 
+    /// Signs a certificate signing request (the stand-in istiod's CA); the chain is the leaf and
+    /// this CA's `cert-chain.pem`.
+    pub fn sign_csr(&self, csr_pem: &str, lifetime: Duration) -> Result<super::SignedCsr> {
+        let mut signed = super::sign_csr(&self.issuer, self.not_after, csr_pem, lifetime)?;
+        signed.chain.extend(self.chain.iter().cloned());
+        Ok(signed)
+    }
+
+    /// Signs a TLS serving certificate for `key` (the stand-in istiod's); returns the leaf and
+    /// this CA's chain as PEM.
+    pub fn sign_server_cert(
+        &self,
+        params: rcgen::CertificateParams,
+        key: &KeyPair,
+    ) -> Result<String> {
+        let leaf = params
+            .signed_by(key, &self.issuer)
+            .context("signing the serving certificate")?;
+        let mut pem = leaf.pem();
+        for cert in &self.chain {
+            pem.push_str(&super::pem::to_pem(cert));
+        }
+        Ok(pem)
+    }
+
     /// Issues a short-lived probe certificate and verifies it against the roots, so that a
     /// broken set of files fails at load rather than in every handshake.
     fn self_check(&self) -> Result<()> {

@@ -1,0 +1,154 @@
+//! `--source xds`: the mesh (workloads, services, policies) from istiod over delta xDS, and
+//! this node's pods from where the node learns them. istiod does not know where a pod's
+//! network namespace and cgroup are (ztunnel learns that from istio-cni); here a file with
+//! only the `ambit.pods` section says it (`--config`), re-read when it changes. A listed pod
+//! whose workload istiod has not sent yet waits for it.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info};
+
+use super::client::{self, XdsSettings};
+use crate::{
+    agent::source::StateSource,
+    config::{AmbitSection, LocalConfig},
+    state::State,
+};
+
+pub struct XdsSource {
+    configs: watch::Receiver<Option<Arc<LocalConfig>>>,
+    pods_file: Option<PathBuf>,
+    node: String,
+    trust_domain: String,
+}
+
+impl XdsSource {
+    /// Starts the xDS client and waits until istiod has sent a complete state (both types), at
+    /// most `timeout`.
+    pub async fn connect(
+        settings: XdsSettings,
+        pods_file: Option<PathBuf>,
+        node: &str,
+        trust_domain: &str,
+        timeout: Duration,
+    ) -> Result<XdsSource> {
+        let address = settings.address.clone();
+        let (configs_tx, mut configs) = watch::channel(None);
+        tokio::spawn(client::run(settings, configs_tx));
+        let first = match tokio::time::timeout(timeout, configs.wait_for(Option::is_some)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(anyhow!("the xDS client stopped")),
+            Err(_) => Err(anyhow!(
+                "no complete state from {address} within {timeout:?}"
+            )),
+        };
+        first?;
+        info!(%address, "xDS: first state received");
+        Ok(XdsSource {
+            configs,
+            pods_file,
+            node: node.to_owned(),
+            trust_domain: trust_domain.to_owned(),
+        })
+    }
+
+    /// The mesh istiod sent, with this node's pods from the pods file.
+    fn state(&self) -> Result<Arc<State>> {
+        let Some(mesh) = self.configs.borrow().clone() else {
+            bail!("no state from istiod yet");
+        };
+        let mut config = (*mesh).clone();
+        if let Some(file) = &self.pods_file {
+            config.ambit = read_pods(file)?;
+            let workloads: std::collections::BTreeSet<String> = config
+                .workloads
+                .iter()
+                .map(|w| format!("{}/{}", w.namespace, w.name))
+                .collect();
+            config.ambit.pods.retain(|pod| {
+                let known = workloads.contains(&pod.workload);
+                if !known {
+                    debug!(pod = %pod.workload, "waiting for istiod to send this pod's workload");
+                }
+                known
+            });
+        }
+        Ok(Arc::new(State::from_config(
+            &config,
+            &self.node,
+            &self.trust_domain,
+        )?))
+    }
+}
+
+impl StateSource for XdsSource {
+    fn initial(&mut self) -> Result<Arc<State>> {
+        self.state()
+    }
+
+    fn watch(
+        mut self: Box<Self>,
+        updates: mpsc::Sender<Arc<State>>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut pods_stamp = self.pods_file.as_deref().and_then(stamp);
+            loop {
+                tokio::select! {
+                    changed = self.configs.changed() => if changed.is_err() { return },
+                    _ = tick.tick() => {
+                        let now = self.pods_file.as_deref().and_then(stamp);
+                        if now == pods_stamp {
+                            continue;
+                        }
+                        pods_stamp = now;
+                    }
+                }
+                match self.state() {
+                    Ok(state) => {
+                        if updates.send(state).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => error!("state rejected, the last good state stays in force: {e:#}"),
+                }
+            }
+        })
+    }
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// The `ambit` section of the pods file; nothing else may be in it.
+fn read_pods(path: &Path) -> Result<AmbitSection> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PodsFile {
+        #[serde(default)]
+        ambit: AmbitSection,
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: PodsFile = serde_yaml::from_str(&text).map_err(|e| {
+        let at = e
+            .location()
+            .map(|l| format!(":{}:{}", l.line(), l.column()))
+            .unwrap_or_default();
+        anyhow::anyhow!(
+            "{}{at}: {e} (with --source xds the file holds only the `ambit` section; the mesh \
+             comes from istiod)",
+            path.display()
+        )
+    })?;
+    Ok(file.ambit)
+}

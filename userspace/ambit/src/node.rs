@@ -31,7 +31,11 @@ use crate::{
     proxy::ProxyContext,
     state::State,
     tls::{BuiltinCa, CertManager, CertificateAuthority, PluginCa},
-    xds::{ca_client::IstiodCa, client::XdsSettings, source::XdsSource},
+    xds::{
+        ca_client::IstiodCa,
+        client::XdsSettings,
+        source::{LocalPods, XdsSource},
+    },
 };
 
 pub use ambit_settings::{parse_duration, NodeArgs, SourceKind};
@@ -83,16 +87,35 @@ impl Node {
                 annotator = k8s.annotator();
                 Box::new(k8s)
             }
-            SourceKind::Xds => Box::new(
-                XdsSource::connect(
-                    xds_settings(&args),
-                    args.config.clone(),
-                    &args.node,
-                    &args.trust_domain,
-                    Duration::from_secs(60),
+            SourceKind::Xds => {
+                let pods = match &args.config {
+                    Some(file) => LocalPods::File(file.clone()),
+                    None => {
+                        let mut k8s = KubernetesSource::new(
+                            &args.node,
+                            &args.trust_domain,
+                            args.own_pod.clone(),
+                            Arc::new(ProcLocator {
+                                proc_root: args.proc_root.clone(),
+                                cgroup_root: cgroup_root.clone(),
+                            }),
+                        );
+                        k8s.connect(Duration::from_secs(60)).await?;
+                        annotator = k8s.annotator();
+                        LocalPods::Kubernetes(Box::new(k8s))
+                    }
+                };
+                Box::new(
+                    XdsSource::connect(
+                        xds_settings(&args),
+                        pods,
+                        &args.node,
+                        &args.trust_domain,
+                        Duration::from_secs(60),
+                    )
+                    .await?,
                 )
-                .await?,
-            ),
+            }
         };
         let initial = source.initial()?;
         let ca = certificate_authority(&args)?;

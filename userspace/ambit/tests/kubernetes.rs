@@ -5,12 +5,18 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use ambit::agent::{
-    kubernetes::{
-        discovery::{PodLocation, PodLocator},
-        KubernetesSource,
+use ambit::{
+    agent::{
+        kubernetes::{
+            discovery::{PodLocation, PodLocator},
+            KubernetesSource,
+        },
+        source::StateSource,
     },
-    source::StateSource,
+    xds::{
+        client::XdsSettings,
+        source::{LocalPods, XdsSource},
+    },
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -182,4 +188,125 @@ async fn next_state(
             return state;
         }
     }
+}
+
+/// A stand-in istiod in this process (`ambit control-plane`'s server) serving `mesh`, with a
+/// fresh CA; returns its address and the CA's root file.
+async fn stand_in_istiod(dir: &std::path::Path, mesh: &str) -> (String, std::path::PathBuf) {
+    let ca = dir.join("ca");
+    ambit::tls::BuiltinCa::generate("cluster.local")
+        .unwrap()
+        .write_plugin_layout(&ca)
+        .unwrap();
+    std::fs::write(dir.join("mesh.yaml"), mesh).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let args = ambit::control_plane::ControlPlaneArgs {
+        config: dir.join("mesh.yaml"),
+        ca_dir: ca.clone(),
+        trust_domain: "cluster.local".into(),
+        listen,
+        serving_names: Vec::new(),
+        max_cert_lifetime: Duration::from_secs(3600),
+    };
+    tokio::spawn(async move { ambit::control_plane::run(args).await.unwrap() });
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(listen).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (format!("https://{listen}"), ca.join("root-cert.pem"))
+}
+
+/// The mesh as istiod would send it for the fixture's cluster: only some of its pods.
+fn mesh(workloads: &[(&str, &str, &str)]) -> String {
+    let mut yaml = String::from("workloads:\n");
+    for (name, ip, node) in workloads {
+        yaml.push_str(&format!(
+            "- {{name: {name}, namespace: demo, serviceAccount: {name}, workloadIps: [\"{ip}\"], \
+             protocol: HBONE, node: {node}}}\n"
+        ));
+    }
+    yaml.push_str("services: []\npolicies: []\n");
+    yaml
+}
+
+/// `--source xds` in a cluster: the mesh from istiod, this node's pods (and where they are)
+/// from the Kubernetes API. A local mesh pod is enrolled once istiod sends its workload.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_xds_the_mesh_comes_from_istiod_and_the_pods_from_the_api() {
+    let dir = std::env::temp_dir().join(format!("ambit-xds-k8s-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // istiod knows demo/sleep (on this node) and demo/web-2 (on worker2), not demo/web yet.
+    let (address, root) = stand_in_istiod(
+        &dir,
+        &mesh(&[
+            ("sleep", "10.244.1.5", "worker"),
+            ("web-2", "10.244.2.9", "worker2"),
+        ]),
+    )
+    .await;
+    let (events, _) = broadcast::channel(16);
+    let url = fake_api(events.clone()).await;
+    ambit::tls::install_default_provider();
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let mut k8s = KubernetesSource::new(
+        "worker",
+        "cluster.local",
+        Some("ambit-system/ambit-x1".into()),
+        Arc::new(EveryPod),
+    );
+    k8s.connect_with(client, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let settings = XdsSettings {
+        address,
+        root_cert: root,
+        token: None,
+        node_name: "worker".into(),
+        pod_name: "ambit-x1".into(),
+        pod_namespace: "ambit-system".into(),
+        instance_ip: "10.244.1.2".into(),
+        cluster_id: "Kubernetes".into(),
+    };
+    let mut source = XdsSource::connect(
+        settings,
+        LocalPods::Kubernetes(Box::new(k8s)),
+        "worker",
+        "cluster.local",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let initial = source.initial().unwrap();
+    assert_eq!(initial.enrolled.keys().collect::<Vec<_>>(), ["demo/sleep"]);
+    assert_eq!(
+        initial.workloads.keys().collect::<Vec<_>>(),
+        ["demo/sleep", "demo/web-2"]
+    );
+
+    let (tx, mut rx) = mpsc::channel(4);
+    let _task = Box::new(source).watch(tx);
+    // istiod sends demo/web: the local pod the API already listed is enrolled.
+    std::fs::write(
+        dir.join("mesh.yaml"),
+        mesh(&[
+            ("sleep", "10.244.1.5", "worker"),
+            ("web", "10.244.1.7", "worker"),
+            ("web-2", "10.244.2.9", "worker2"),
+        ]),
+    )
+    .unwrap();
+    let state = next_state(&mut rx, |s| s.enrolled.contains_key("demo/web")).await;
+    assert_eq!(
+        state.enrolled.keys().collect::<Vec<_>>(),
+        ["demo/sleep", "demo/web"]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -19,7 +19,8 @@ pub enum SourceKind {
     /// The Kubernetes API (in-cluster config or KUBECONFIG).
     Kubernetes,
     /// istiod's delta xDS (`--xds-address`) for workloads, services and policies; this
-    /// node's pods from `--config` (a file with only the `ambit.pods` section).
+    /// node's pods from the Kubernetes API (as `kubernetes`), or from `--config` when given (a
+    /// file with only the `ambit.pods` section).
     Xds,
 }
 

@@ -1,8 +1,10 @@
 //! `--source xds`: the mesh (workloads, services, policies) from istiod over delta xDS, and
 //! this node's pods from where the node learns them. istiod does not know where a pod's
-//! network namespace and cgroup are (ztunnel learns that from istio-cni); here a file with
-//! only the `ambit.pods` section says it (`--config`), re-read when it changes. A listed pod
-//! whose workload istiod has not sent yet waits for it.
+//! network namespace and cgroup are (ztunnel learns that from istio-cni); here they come from
+//! [`LocalPods`]: the Kubernetes API and the host's /proc (in a cluster), or a file with only
+//! the `ambit.pods` section (`--config`, the lab), re-read when it changes. A pod whose
+//! workload istiod has not sent (yet) is not enrolled; one whose workload istiod removes is
+//! un-enrolled.
 
 use std::{
     path::{Path, PathBuf},
@@ -17,16 +19,33 @@ use tracing::{debug, error, info};
 
 use super::client::{self, XdsSettings};
 use crate::{
-    agent::source::StateSource,
+    agent::{kubernetes::KubernetesSource, source::StateSource},
     config::{AmbitSection, LocalConfig},
     state::State,
 };
 
 pub struct XdsSource {
     configs: watch::Receiver<Option<Arc<LocalConfig>>>,
-    pods_file: Option<PathBuf>,
+    pods: LocalPods,
     node: String,
     trust_domain: String,
+}
+
+/// Where this node's pods (their netns and cgroup) come from.
+pub enum LocalPods {
+    /// A file with only the `ambit` section.
+    File(PathBuf),
+    /// The Kubernetes API's pods on this node, found in the host's /proc.
+    Kubernetes(Box<KubernetesSource>),
+}
+
+impl LocalPods {
+    fn read(&self) -> Result<AmbitSection> {
+        match self {
+            LocalPods::File(path) => read_pods(path),
+            LocalPods::Kubernetes(k8s) => k8s.local_pods(),
+        }
+    }
 }
 
 impl XdsSource {
@@ -34,7 +53,7 @@ impl XdsSource {
     /// most `timeout`.
     pub async fn connect(
         settings: XdsSettings,
-        pods_file: Option<PathBuf>,
+        pods: LocalPods,
         node: &str,
         trust_domain: &str,
         timeout: Duration,
@@ -53,7 +72,7 @@ impl XdsSource {
         info!(%address, "xDS: first state received");
         Ok(XdsSource {
             configs,
-            pods_file,
+            pods,
             node: node.to_owned(),
             trust_domain: trust_domain.to_owned(),
         })
@@ -65,8 +84,8 @@ impl XdsSource {
             bail!("no state from istiod yet");
         };
         let mut config = (*mesh).clone();
-        if let Some(file) = &self.pods_file {
-            config.ambit = read_pods(file)?;
+        {
+            config.ambit = self.pods.read()?;
             let workloads: std::collections::BTreeSet<String> = config
                 .workloads
                 .iter()
@@ -98,14 +117,16 @@ impl StateSource for XdsSource {
         updates: mpsc::Sender<Arc<State>>,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
+            // Pods are polled: a new pod's containers appear in /proc a moment after the API
+            // says it runs, and a file is edited in place or replaced.
             let mut tick = tokio::time::interval(Duration::from_millis(500));
-            let mut pods_stamp = self.pods_file.as_deref().and_then(stamp);
+            let mut pods_stamp = self.pods_stamp();
             loop {
                 tokio::select! {
                     changed = self.configs.changed() => if changed.is_err() { return },
                     _ = tick.tick() => {
-                        let now = self.pods_file.as_deref().and_then(stamp);
-                        if now == pods_stamp {
+                        let now = self.pods_stamp();
+                        if now == pods_stamp && !self.pods_changed() {
                             continue;
                         }
                         pods_stamp = now;
@@ -121,6 +142,24 @@ impl StateSource for XdsSource {
                 }
             }
         })
+    }
+}
+
+impl XdsSource {
+    /// The pods file's modification stamp (none for Kubernetes).
+    fn pods_stamp(&self) -> Option<(SystemTime, u64)> {
+        match &self.pods {
+            LocalPods::File(path) => stamp(path),
+            LocalPods::Kubernetes(_) => None,
+        }
+    }
+
+    /// Whether the Kubernetes objects changed since the last look.
+    fn pods_changed(&self) -> bool {
+        match &self.pods {
+            LocalPods::File(_) => false,
+            LocalPods::Kubernetes(k8s) => k8s.take_changed(),
+        }
     }
 }
 

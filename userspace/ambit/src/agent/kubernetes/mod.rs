@@ -30,7 +30,10 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::source::StateSource;
-use crate::state::State;
+use crate::{
+    config::{AmbitSection, LocalConfig},
+    state::State,
+};
 use discovery::PodLocator;
 use model::{build_config, ClusterView};
 
@@ -166,6 +169,27 @@ impl KubernetesSource {
     }
 
     fn build(&self) -> Result<Arc<State>> {
+        Ok(Arc::new(State::from_config(
+            &self.config()?,
+            &self.node,
+            &self.trust_domain,
+        )?))
+    }
+
+    /// This node's mesh pods and where they are (the `ambit` section of the config the API's
+    /// objects make): what `--source xds` enrolls in a cluster, with the mesh from istiod.
+    pub fn local_pods(&self) -> Result<AmbitSection> {
+        Ok(self.config()?.ambit)
+    }
+
+    /// Whether an object changed since the last call (and so `local_pods` may have).
+    pub fn take_changed(&self) -> bool {
+        self.stores
+            .as_ref()
+            .is_some_and(|s| s.changed.swap(false, Ordering::AcqRel))
+    }
+
+    fn config(&self) -> Result<LocalConfig> {
         let stores = self.stores.as_ref().context("not connected")?;
         let (pods, namespaces, services, slices) = (
             stores.pods.state(),
@@ -179,17 +203,12 @@ impl KubernetesSource {
             services: services.iter().map(|s| s.as_ref()).collect(),
             slices: slices.iter().map(|s| s.as_ref()).collect(),
         };
-        let config = build_config(
+        Ok(build_config(
             &view,
             &self.node,
             self.own_pod.as_deref(),
             self.locator.as_ref(),
-        );
-        Ok(Arc::new(State::from_config(
-            &config,
-            &self.node,
-            &self.trust_domain,
-        )?))
+        ))
     }
 }
 

@@ -18,7 +18,7 @@ mod stress;
 mod util;
 mod vmtest;
 
-use std::process::Command;
+use std::os::unix::fs::MetadataExt as _;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -207,19 +207,26 @@ fn leftovers(prefix: &str) -> Result<Vec<String>> {
             }
         }
     }
-    let out = Command::new("pgrep")
-        .args(["-f", "ambit node --node ambit-t"])
-        .output()?;
-    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-        found.push(format!("process {pid} (ambit node)"));
-    }
-    // The interop tests' ztunnels (they run in lab pods, so a leftover also leaves its cgroup).
-    if let Ok(ztunnel) = ambit_lab::Ztunnel::find() {
-        let out = Command::new("pgrep")
-            .args(["-f", &ztunnel.bin.display().to_string()])
-            .output()?;
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            found.push(format!("process {pid} (ztunnel)"));
+    // Processes still inside one of the lab's network namespaces (nodes, the stand-in istiod,
+    // ztunnels, servers): only this run's, whatever else runs on the machine.
+    let lab_namespaces: Vec<u64> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .filter_map(|e| e.metadata().ok().map(|m| m.ino()))
+        .collect();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(netns) = std::fs::metadata(entry.path().join("ns/net")) else {
+            continue;
+        };
+        if lab_namespaces.contains(&netns.ino()) {
+            let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            found.push(format!("process {pid} ({})", name.trim()));
         }
     }
     Ok(found)

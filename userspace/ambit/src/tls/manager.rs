@@ -26,7 +26,38 @@ pub struct CertManager {
     lifetime: Duration,
     /// The key exchanges the HBONE configurations built from these certificates use.
     compliance: CompliancePolicy,
-    cache: Mutex<HashMap<Identity, Cached>>,
+    /// One slot per identity. The map's lock is held only to find a slot, so that a slow CA
+    /// (istiod, over the network) stalls no other identity.
+    cache: Mutex<HashMap<Identity, Arc<Slot>>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The current certificate (locked only to read or replace it).
+    current: Mutex<Option<Cached>>,
+    /// Held while this identity is being issued: one issuance at a time, and while a renewal
+    /// runs the current certificate keeps serving without waiting for it.
+    issuing: Mutex<()>,
+}
+
+impl Slot {
+    fn current(&self) -> std::sync::MutexGuard<'_, Option<Cached>> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The current certificate if it is not due for renewal.
+    fn fresh(&self) -> Option<Arc<WorkloadCert>> {
+        let current = self.current();
+        let cached = current.as_ref()?;
+        (Instant::now() < cached.refresh_at).then(|| cached.cert.clone())
+    }
+
+    /// The current certificate if it has not expired.
+    fn valid(&self) -> Option<Arc<WorkloadCert>> {
+        let current = self.current();
+        let cached = current.as_ref()?;
+        (SystemTime::now() < cached.cert.not_after).then(|| cached.cert.clone())
+    }
 }
 
 struct Cached {
@@ -61,25 +92,44 @@ impl CertManager {
     /// after half of the cached one's validity. If re-issuing fails while the cached one is
     /// still valid, the cached one is returned (and the failure logged).
     pub fn get(&self, identity: &Identity) -> Result<Arc<WorkloadCert>> {
-        // Issuing is local and fast; holding the lock avoids issuing twice for one identity.
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        let cached = cache.get(identity);
-        if let Some(cached) = cached.filter(|c| Instant::now() < c.refresh_at) {
-            return Ok(cached.cert.clone());
+        let slot = self
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(identity.clone())
+            .or_default()
+            .clone();
+        if let Some(fresh) = slot.fresh() {
+            return Ok(fresh);
         }
+        let _issuing = match slot.issuing.try_lock() {
+            Ok(guard) => guard,
+            // Another connection is renewing this identity: the current one serves meanwhile;
+            // without one, wait for that issuance and take what it got.
+            Err(_) => {
+                if let Some(valid) = slot.valid() {
+                    return Ok(valid);
+                }
+                let guard = slot.issuing.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(fresh) = slot.fresh() {
+                    return Ok(fresh);
+                }
+                guard
+            }
+        };
         match self.issue(identity) {
             Ok(fresh) => {
                 let cert = fresh.cert.clone();
-                cache.insert(identity.clone(), fresh);
+                *slot.current() = Some(fresh);
                 Ok(cert)
             }
-            Err(e) => match cached {
-                Some(old) if SystemTime::now() < old.cert.not_after => {
+            Err(e) => match slot.valid() {
+                Some(old) => {
                     let error = format!("{e:#}");
                     warn!(%identity, %error, "certificate renewal failed; keeping the current one");
-                    Ok(old.cert.clone())
+                    Ok(old)
                 }
-                _ => Err(e),
+                None => Err(e),
             },
         }
     }
@@ -118,7 +168,7 @@ impl CertManager {
         let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         let mut certs: Vec<_> = cache
             .iter()
-            .map(|(id, c)| (id.clone(), c.cert.not_after))
+            .filter_map(|(id, slot)| Some((id.clone(), slot.current().as_ref()?.cert.not_after)))
             .collect();
         certs.sort();
         certs
@@ -207,6 +257,91 @@ mod tests {
         );
         assert_eq!(manager.trust_domain(), "cluster.local");
         assert_eq!(manager.roots(), ca.roots());
+    }
+
+    /// Holds every issuance of one identity until the test lets it go.
+    struct GatedCa {
+        inner: BuiltinCa,
+        gated: Identity,
+        entered: std::sync::mpsc::SyncSender<()>,
+        gate: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl CertificateAuthority for GatedCa {
+        fn issue(&self, identity: &Identity, lifetime: Duration) -> Result<WorkloadCert> {
+            if *identity == self.gated {
+                self.entered.send(()).unwrap();
+                self.gate.lock().unwrap().recv().unwrap();
+            }
+            self.inner.issue(identity, lifetime)
+        }
+        fn roots(&self) -> Vec<CertificateDer<'static>> {
+            self.inner.roots()
+        }
+        fn trust_domain(&self) -> &str {
+            self.inner.trust_domain()
+        }
+    }
+
+    /// A manager whose CA holds `gated`'s issuances: (manager, entered, release).
+    fn gated(
+        gated: &Identity,
+        lifetime: Duration,
+    ) -> (
+        Arc<CertManager>,
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (release, gate) = std::sync::mpsc::channel();
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(4);
+        let ca = Arc::new(GatedCa {
+            inner: BuiltinCa::generate("cluster.local").unwrap(),
+            gated: gated.clone(),
+            entered: entered_tx,
+            gate: Mutex::new(gate),
+        });
+        (Arc::new(CertManager::new(ca, lifetime)), entered, release)
+    }
+
+    /// `get` on a thread; its answer within 10 s, or a failure (not a hang) if it waits on the
+    /// held issuance.
+    fn get_soon(manager: &Arc<CertManager>, id: &Identity) -> Arc<WorkloadCert> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (m, id) = (manager.clone(), id.clone());
+        std::thread::spawn(move || tx.send(m.get(&id).unwrap()));
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("waited for another identity's (or a renewal's) issuance")
+    }
+
+    #[test]
+    fn an_identity_being_issued_holds_up_no_other() {
+        let slow = Identity::new("cluster.local", "default", "slow");
+        let (manager, entered, release) = gated(&slow, Duration::from_secs(3600));
+        let m = manager.clone();
+        let id = slow.clone();
+        let held = std::thread::spawn(move || m.get(&id).unwrap());
+        entered.recv().unwrap();
+        let other = Identity::new("cluster.local", "default", "other");
+        assert_eq!(get_soon(&manager, &other).identity, other);
+        release.send(()).unwrap();
+        assert_eq!(held.join().unwrap().identity, slow);
+    }
+
+    #[test]
+    fn during_a_renewal_the_current_certificate_serves() {
+        let id = Identity::new("cluster.local", "default", "sleep");
+        let (manager, entered, release) = gated(&id, Duration::from_secs(2));
+        release.send(()).unwrap();
+        let first = manager.get(&id).unwrap();
+        entered.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(1100)); // past the refresh point
+        let m = manager.clone();
+        let renewing_id = id.clone();
+        let renewing = std::thread::spawn(move || m.get(&renewing_id).unwrap());
+        entered.recv().unwrap();
+        assert!(Arc::ptr_eq(&get_soon(&manager, &id), &first));
+        release.send(()).unwrap();
+        assert!(!Arc::ptr_eq(&renewing.join().unwrap(), &first));
     }
 
     #[tokio::test]

@@ -103,6 +103,15 @@ pub fn run(once: bool, source: Source) -> Result<()> {
 
     demo(&lab, &logs)?;
     print_where_to_look(&lab, &config, &logs, &ambit);
+    if source == Source::Xds {
+        println!(
+            "  with xDS:     {config} is served by the stand-in istiod (edit it: it pushes the change);
+                the nodes' pods: {pods}; its log: {log}",
+            config = config.display(),
+            pods = dir.join("pods.yaml").display(),
+            log = dir.join("control-plane.log").display(),
+        );
+    }
 
     if once {
         println!("== --once: tearing down");

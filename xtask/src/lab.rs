@@ -60,13 +60,10 @@ pub fn run(once: bool, source: Source) -> Result<()> {
             config.clone()
         }
         Source::Xds => {
-            let text = fs::read_to_string(&config)?;
-            let (mesh, pods) = text
-                .split_once("\nambit:")
-                .context("the lab config has no ambit section")?;
-            fs::write(&config, format!("{mesh}\n"))?;
+            let (mesh, pods) = ambit_lab::split_mesh_and_pods(&fs::read_to_string(&config)?);
+            fs::write(&config, mesh)?;
             let pods_file = dir.join("pods.yaml");
-            fs::write(&pods_file, format!("ambit:{pods}"))?;
+            fs::write(&pods_file, pods)?;
             let log = dir.join("control-plane.log");
             let address = lab.start_control_plane(&ambit, "n2", &config, &ca, &log)?;
             println!(
@@ -76,22 +73,11 @@ pub fn run(once: bool, source: Source) -> Result<()> {
             );
             let token = dir.join("istio-token");
             fs::write(&token, "lab-token")?;
-            let root = ca.join("root-cert.pem").display().to_string();
-            args.extend(
-                [
-                    "--source",
-                    "xds",
-                    "--xds-address",
-                    &address,
-                    "--xds-root-cert",
-                    &root,
-                    "--ca-address",
-                    &address,
-                    "--token-file",
-                ]
-                .map(str::to_owned),
-            );
-            args.push(token.display().to_string());
+            args.extend(ambit_lab::xds_node_args(
+                &address,
+                &ca.join("root-cert.pem"),
+                &token,
+            ));
             pods_file
         }
     };

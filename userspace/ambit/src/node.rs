@@ -4,7 +4,7 @@
 //! endpoints); [`Node::run`] follows the source until SIGTERM and then drains. `main.rs` only
 //! parses the command line and calls both.
 
-use std::{sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use tokio::{
@@ -73,17 +73,7 @@ impl Node {
                 Box::new(FileSource::new(config, &args.node, &args.trust_domain))
             }
             SourceKind::Kubernetes => {
-                let locator = Arc::new(ProcLocator {
-                    proc_root: args.proc_root.clone(),
-                    cgroup_root: cgroup_root.clone(),
-                });
-                let mut k8s = KubernetesSource::new(
-                    &args.node,
-                    &args.trust_domain,
-                    args.own_pod.clone(),
-                    locator,
-                );
-                k8s.connect(Duration::from_secs(60)).await?;
+                let k8s = kubernetes_source(&args, &cgroup_root).await?;
                 annotator = k8s.annotator();
                 Box::new(k8s)
             }
@@ -91,16 +81,7 @@ impl Node {
                 let pods = match &args.config {
                     Some(file) => LocalPods::File(file.clone()),
                     None => {
-                        let mut k8s = KubernetesSource::new(
-                            &args.node,
-                            &args.trust_domain,
-                            args.own_pod.clone(),
-                            Arc::new(ProcLocator {
-                                proc_root: args.proc_root.clone(),
-                                cgroup_root: cgroup_root.clone(),
-                            }),
-                        );
-                        k8s.connect(Duration::from_secs(60)).await?;
+                        let k8s = kubernetes_source(&args, &cgroup_root).await?;
                         annotator = k8s.annotator();
                         LocalPods::Kubernetes(Box::new(k8s))
                     }
@@ -335,6 +316,23 @@ fn certificate_authority(args: &NodeArgs) -> Result<Arc<dyn CertificateAuthority
     ca.write_root(&args.ca_root_out)?;
     info!(root = %args.ca_root_out.display(), "using a built-in CA for this node alone");
     Ok(Arc::new(ca))
+}
+
+/// The Kubernetes API's view of this node, connected: the mesh under `--source kubernetes`,
+/// this node's pods under `--source xds`.
+async fn kubernetes_source(args: &NodeArgs, cgroup_root: &Path) -> Result<KubernetesSource> {
+    let locator = Arc::new(ProcLocator {
+        proc_root: args.proc_root.clone(),
+        cgroup_root: cgroup_root.to_owned(),
+    });
+    let mut k8s = KubernetesSource::new(
+        &args.node,
+        &args.trust_domain,
+        args.own_pod.clone(),
+        locator,
+    );
+    k8s.connect(Duration::from_secs(60)).await?;
+    Ok(k8s)
 }
 
 /// How `--source xds` reaches istiod and who this node is to it.

@@ -12,7 +12,8 @@ mod common;
 use std::{fs, path::PathBuf, time::Duration};
 
 use ambit_lab::{
-    pod, wait_until, without_ambit_section, Lab, Ztunnel, ZtunnelPod, ZtunnelSource, WEB_VIP,
+    pod, split_mesh_and_pods, wait_until, without_ambit_section, Lab, Ztunnel, ZtunnelPod,
+    ZtunnelSource, WEB_VIP,
 };
 use common::{assert_ok, stdout, tool, LabSetup, TestLab, AMBIT};
 
@@ -774,31 +775,13 @@ fn ztunnel_takes_config_and_certificates_from_the_stand_in_istiod() {
     });
     let mesh = t.dir.join("mesh.yaml");
     fs::write(&mesh, without_ambit_section(&mesh_yaml(&t.lab, DENY_9999))).unwrap();
-    let ca = t.dir.join("ca");
-    let control_plane_log = t.dir.join("control-plane.log");
-    let address = t
-        .lab
-        .start_control_plane(
-            std::path::Path::new(AMBIT),
-            "n2",
-            &mesh,
-            &ca,
-            &control_plane_log,
-        )
-        .unwrap();
-    let token = t.dir.join("istio-token");
-    fs::write(&token, "a-projected-service-account-token").unwrap();
+    let stand_in = t.start_stand_in(&mesh);
     let ztunnel_log = t.dir.join("ztunnel.log");
-    let root_cert = ca.join("root-cert.pem");
     let spec = ZtunnelPod {
         pod: "c",
         namespace: "default",
         service_account: "web",
-        source: ZtunnelSource::Istiod {
-            address: &address,
-            root_cert: &root_cert,
-            token: &token,
-        },
+        source: stand_in.ztunnel_source(),
         log: &ztunnel_log,
         worker_threads: 1,
         compliance_policy: "",
@@ -806,7 +789,7 @@ fn ztunnel_takes_config_and_certificates_from_the_stand_in_istiod() {
     let logs = || {
         format!(
             "--- control plane ---\n{}\n--- ztunnel ---\n{}",
-            fs::read_to_string(&control_plane_log).unwrap_or_default(),
+            stand_in.log(),
             fs::read_to_string(&ztunnel_log).unwrap_or_default()
         )
     };
@@ -867,7 +850,7 @@ fn ztunnel_takes_config_and_certificates_from_the_stand_in_istiod() {
         "ztunnel holds no certificate for {C_ID}: {certificates}\n{}",
         logs()
     );
-    let control_plane = fs::read_to_string(&control_plane_log).unwrap();
+    let control_plane = stand_in.log();
     assert!(
         control_plane.contains(&format!("certificate signed identity={C_ID}")),
         "{}",
@@ -888,41 +871,15 @@ fn ambit_and_ztunnel_fed_by_one_stand_in_istiod_talk_both_ways() {
         nodes: &[],
         node_args: &[],
     });
-    let (mesh, pods) = common::split_config(&fs::read_to_string(&t.config).unwrap());
+    let (mesh, pods) = split_mesh_and_pods(&fs::read_to_string(&t.config).unwrap());
     let mesh_file = t.dir.join("mesh.yaml");
     fs::write(&mesh_file, mesh).unwrap();
     let pods_file = t.dir.join("pods.yaml");
     fs::write(&pods_file, pods).unwrap();
-    let ca = t.dir.join("ca");
-    let root_cert = ca.join("root-cert.pem");
-    let control_plane_log = t.dir.join("control-plane.log");
-    let address = t
-        .lab
-        .start_control_plane(
-            std::path::Path::new(AMBIT),
-            "n2",
-            &mesh_file,
-            &ca,
-            &control_plane_log,
-        )
-        .unwrap();
-    let token = t.dir.join("istio-token");
-    fs::write(&token, "a-projected-service-account-token").unwrap();
+    let stand_in = t.start_stand_in(&mesh_file);
     let n1_log = t.dir.join("n1.log");
-    let root = root_cert.display().to_string();
-    let token_arg = token.display().to_string();
-    let args = [
-        "--source",
-        "xds",
-        "--xds-address",
-        &address,
-        "--xds-root-cert",
-        &root,
-        "--ca-address",
-        &address,
-        "--token-file",
-        &token_arg,
-    ];
+    let args = stand_in.node_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     t.lab
         .start_node(
             std::path::Path::new(AMBIT),
@@ -937,11 +894,7 @@ fn ambit_and_ztunnel_fed_by_one_stand_in_istiod_talk_both_ways() {
         pod: "c",
         namespace: "default",
         service_account: "web",
-        source: ZtunnelSource::Istiod {
-            address: &address,
-            root_cert: &root_cert,
-            token: &token,
-        },
+        source: stand_in.ztunnel_source(),
         log: &ztunnel_log,
         worker_threads: 1,
         compliance_policy: "",
@@ -952,7 +905,7 @@ fn ambit_and_ztunnel_fed_by_one_stand_in_istiod_talk_both_ways() {
             "--- Ambit (n1) ---\n{}\n--- ztunnel ---\n{}\n--- control plane ---\n{}",
             fs::read_to_string(&n1_log).unwrap_or_default(),
             fs::read_to_string(&ztunnel_log).unwrap_or_default(),
-            fs::read_to_string(&control_plane_log).unwrap_or_default()
+            stand_in.log()
         )
     };
     for d in BOTH_WAYS {

@@ -10,7 +10,7 @@ mod common;
 
 use std::{fs, path::Path, time::Duration};
 
-use ambit_lab::{pod, wait_until, LabConfig};
+use ambit_lab::{pod, split_mesh_and_pods, wait_until, LabConfig};
 use common::{stdout, TestLab, AMBIT};
 
 const DENY_8080: &str = "[{name: deny-8080, namespace: default, scope: Namespace, action: Deny, \
@@ -98,7 +98,7 @@ fn a_bad_push_is_refused_and_the_last_state_stays_in_force() {
     assert_reaches(&t, "at start");
     // A workload that claims pod c's address: a node must not accept two owners of one IP.
     let text = t.lab.config_yaml_with(&LabConfig::default());
-    let (mesh, _) = common::split_config(&text);
+    let (mesh, _) = split_mesh_and_pods(&text);
     let impostor = mesh.replacen(
         "workloads:\n",
         &format!(
@@ -152,7 +152,7 @@ fn istiod_going_away_keeps_the_state_and_its_return_resumes_the_stream() {
         ..LabConfig::default()
     });
     let before = t.log("n2").matches("config applied").count();
-    fs::write(&config, common::split_config(&text).0).unwrap();
+    fs::write(&config, split_mesh_and_pods(&text).0).unwrap();
     t.wait_log("n2", "config applied", before + 1);
     assert!(
         !web(&t).status.success(),

@@ -36,4 +36,6 @@ pub use system::{
     worker_threads_per_node, write_atomically,
 };
 pub use topology::{pod, NodeSpec, PodSpec, NODES, PODS, WEB_VIP};
-pub use ztunnel::{without_ambit_section, Ztunnel, ZtunnelPod, ZtunnelSource};
+pub use ztunnel::{
+    split_mesh_and_pods, without_ambit_section, xds_node_args, Ztunnel, ZtunnelPod, ZtunnelSource,
+};

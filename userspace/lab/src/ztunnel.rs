@@ -192,10 +192,38 @@ fn http_status_in(netns: &str, url: &str) -> Option<u16> {
 /// A lab config without its `ambit` section (the last top-level key), for ztunnel, which
 /// refuses unknown fields.
 pub fn without_ambit_section(config: &str) -> String {
+    split_mesh_and_pods(config).0
+}
+
+/// A lab config's two halves: the mesh (`workloads`, `services`, `policies`: what istiod, or
+/// the stand-in, serves) and the `ambit` section (where the nodes' pods are: what a node under
+/// `--source xds` reads from its `--config`). Without an `ambit` section, no pods.
+pub fn split_mesh_and_pods(config: &str) -> (String, String) {
     match config.find("\nambit:") {
-        Some(at) => config[..=at].to_owned(),
-        None => config.to_owned(),
+        Some(at) => (config[..=at].to_owned(), config[at + 1..].to_owned()),
+        None => (config.to_owned(), "ambit:\n  pods: []\n".to_owned()),
     }
+}
+
+/// The `ambit node` flags of a node fed by an istiod (or the stand-in) at `address`: the mesh
+/// over xDS and certificates from its CA, both verified with `root_cert`, with the token in
+/// `token`.
+pub fn xds_node_args(address: &str, root_cert: &Path, token: &Path) -> Vec<String> {
+    let (root, token) = (root_cert.display().to_string(), token.display().to_string());
+    [
+        "--source",
+        "xds",
+        "--xds-address",
+        address,
+        "--xds-root-cert",
+        &root,
+        "--ca-address",
+        address,
+        "--token-file",
+        &token,
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 #[cfg(test)]
@@ -210,5 +238,12 @@ mod tests {
             "workloads: []\nservices: []\npolicies: []\n"
         );
         assert_eq!(without_ambit_section("workloads: []\n"), "workloads: []\n");
+        assert_eq!(
+            split_mesh_and_pods(config),
+            (
+                "workloads: []\nservices: []\npolicies: []\n".to_owned(),
+                "ambit:\n  pods: []\n".to_owned()
+            )
+        );
     }
 }

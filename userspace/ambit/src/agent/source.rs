@@ -22,6 +22,13 @@ pub trait StateSource: Send + 'static {
     fn watch(self: Box<Self>, updates: mpsc::Sender<Arc<State>>) -> tokio::task::JoinHandle<()>;
 }
 
+/// What tells a watched file's edits apart: editors replace files (new mtime) or rewrite them
+/// in place (new mtime or length).
+pub(crate) fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
 /// A ztunnel-format local config file, re-read when it changes.
 pub struct FileSource {
     path: PathBuf,
@@ -45,8 +52,7 @@ impl FileSource {
     }
 
     fn stamp(&self) -> Option<(SystemTime, u64)> {
-        let meta = std::fs::metadata(&self.path).ok()?;
-        Some((meta.modified().ok()?, meta.len()))
+        file_stamp(&self.path)
     }
 
     fn load(&mut self) -> Result<Option<Arc<State>>> {

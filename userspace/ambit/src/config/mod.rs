@@ -170,6 +170,15 @@ impl Service {
     }
 }
 
+/// A YAML error naming its source (a file) and, where known, line and column.
+pub(crate) fn yaml_error(source: &str, e: serde_yaml::Error) -> anyhow::Error {
+    let at = e
+        .location()
+        .map(|l| format!(":{}:{}", l.line(), l.column()))
+        .unwrap_or_default();
+    anyhow::anyhow!("{source}{at}: {e}")
+}
+
 impl LocalConfig {
     /// Parses and validates; errors name the source (file) and, for YAML errors, line and field.
     pub fn parse(text: &str, source: &str) -> Result<Self> {
@@ -184,13 +193,7 @@ impl LocalConfig {
     /// compile): what the stand-in istiod serves, so that a test can push what a node must
     /// refuse.
     pub fn parse_unchecked(text: &str, source: &str) -> Result<Self> {
-        let yaml_error = |e: serde_yaml::Error| {
-            let at = e
-                .location()
-                .map(|l| format!(":{}:{}", l.line(), l.column()))
-                .unwrap_or_default();
-            anyhow::anyhow!("{source}{at}: {e}")
-        };
+        let yaml_error = |e| yaml_error(source, e);
         let mut config: LocalConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
         #[derive(Deserialize)]
         struct Raw {

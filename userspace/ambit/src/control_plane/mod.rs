@@ -61,7 +61,7 @@ pub async fn run(args: ControlPlaneArgs) -> Result<()> {
     let (resources_tx, resources) = watch::channel(Arc::new(first));
     tokio::spawn(watch_config(args.config.clone(), resources_tx));
 
-    let (cert_pem, key_pem) = serving_certificate(&args)?;
+    let (cert_pem, key_pem) = serving_certificate(&args, &ca)?;
     let identity = tonic::transport::Identity::from_pem(cert_pem, key_pem);
     let tls = tonic::transport::ServerTlsConfig::new().identity(identity);
     info!(listen = %args.listen, config = %args.config.display(), "control plane serving xDS and the CA");
@@ -152,7 +152,7 @@ async fn watch_config(path: PathBuf, resources: watch::Sender<Arc<Resources>>) {
 
 /// A serving certificate signed by the mesh CA for istiod's name, the listen address and
 /// `--serving-names`: what a node proxy verifies against its `XDS_ROOT_CA`/`CA_ROOT_CA`.
-fn serving_certificate(args: &ControlPlaneArgs) -> Result<(String, String)> {
+fn serving_certificate(args: &ControlPlaneArgs, ca: &PluginCa) -> Result<(String, String)> {
     let mut params = CertificateParams::default();
     params
         .distinguished_name
@@ -175,7 +175,6 @@ fn serving_certificate(args: &ControlPlaneArgs) -> Result<(String, String)> {
     }
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let key = KeyPair::generate().context("generating the serving key")?;
-    let ca = PluginCa::load(&args.ca_dir, &args.trust_domain)?;
     let chain = ca.sign_server_cert(params, &key)?;
     Ok((chain, key.serialize_pem()))
 }

@@ -15,6 +15,7 @@ pub mod manager;
 #[cfg(test)]
 mod testutil;
 mod verify;
+pub(crate) use verify::uri_sans;
 
 // The public API, re-exported flat (`crate::tls::Identity`, ...). Until the node wires all of
 // it in, some re-exports are unused.

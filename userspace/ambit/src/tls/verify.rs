@@ -59,7 +59,7 @@ pub(super) fn verify_chain(
 }
 
 /// The URI SANs of `cert`, in order.
-pub(super) fn uri_sans(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+pub(crate) fn uri_sans(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
     let (_, x509) = x509_parser::parse_x509_certificate(cert).map_err(|e| e.to_string())?;
     let Some(san) = x509.subject_alternative_name().map_err(|e| e.to_string())? else {
         return Ok(Vec::new());

@@ -25,7 +25,7 @@ use super::{
     client::{bearer, channel},
     proto::ca::IstioCertificateRequest,
 };
-use crate::tls::{ca::pem, CertificateAuthority, Identity, WorkloadCert};
+use crate::tls::{ca::pem, uri_sans, CertificateAuthority, Identity, WorkloadCert};
 
 /// The CSR metadata key by which a node proxy asks for one of its pods' identities.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
@@ -120,7 +120,7 @@ impl IstiodCa {
         };
         let (_, x509) = x509_parser::parse_x509_certificate(leaf)
             .map_err(|e| anyhow!("the CA's leaf certificate: {e}"))?;
-        let got = leaf_identity(&x509)?;
+        let got = leaf_identity(leaf)?;
         if &got != identity {
             bail!("the CA signed {got}, not the {identity} asked for");
         }
@@ -160,21 +160,9 @@ impl CertificateAuthority for IstiodCa {
     }
 }
 
-fn leaf_identity(x509: &x509_parser::certificate::X509Certificate<'_>) -> Result<Identity> {
-    use x509_parser::extensions::GeneralName;
-    let san = x509
-        .subject_alternative_name()
-        .map_err(|e| anyhow!("the leaf's SAN: {e}"))?
-        .ok_or_else(|| anyhow!("the leaf has no SAN"))?;
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(uri) => Some(*uri),
-            _ => None,
-        })
-        .collect();
+/// The one SPIFFE identity in the leaf's URI SANs.
+fn leaf_identity(leaf: &CertificateDer<'_>) -> Result<Identity> {
+    let uris = uri_sans(leaf).map_err(|e| anyhow!("the leaf's SAN: {e}"))?;
     match uris.as_slice() {
         [uri] => Identity::parse(uri),
         _ => bail!("the leaf has {} URI SANs, not one", uris.len()),

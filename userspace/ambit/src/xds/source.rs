@@ -19,8 +19,11 @@ use tracing::{debug, error, info};
 
 use super::client::{self, XdsSettings};
 use crate::{
-    agent::{kubernetes::KubernetesSource, source::StateSource},
-    config::{AmbitSection, LocalConfig},
+    agent::{
+        kubernetes::KubernetesSource,
+        source::{file_stamp, StateSource},
+    },
+    config::{yaml_error, AmbitSection, LocalConfig},
     state::State,
 };
 
@@ -149,7 +152,7 @@ impl XdsSource {
     /// The pods file's modification stamp (none for Kubernetes).
     fn pods_stamp(&self) -> Option<(SystemTime, u64)> {
         match &self.pods {
-            LocalPods::File(path) => stamp(path),
+            LocalPods::File(path) => file_stamp(path),
             LocalPods::Kubernetes(_) => None,
         }
     }
@@ -163,11 +166,6 @@ impl XdsSource {
     }
 }
 
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
-}
-
 /// The `ambit` section of the pods file; nothing else may be in it.
 fn read_pods(path: &Path) -> Result<AmbitSection> {
     #[derive(Deserialize)]
@@ -179,14 +177,10 @@ fn read_pods(path: &Path) -> Result<AmbitSection> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let file: PodsFile = serde_yaml::from_str(&text).map_err(|e| {
-        let at = e
-            .location()
-            .map(|l| format!(":{}:{}", l.line(), l.column()))
-            .unwrap_or_default();
-        anyhow::anyhow!(
-            "{}{at}: {e} (with --source xds the file holds only the `ambit` section; the mesh \
-             comes from istiod)",
-            path.display()
+        anyhow!(
+            "{:#} (with --source xds the file holds only the `ambit` section; the mesh comes \
+             from istiod)",
+            yaml_error(&path.display().to_string(), e)
         )
     })?;
     Ok(file.ambit)

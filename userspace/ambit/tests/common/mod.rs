@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use ambit_lab::{wait_until, write_atomically, Lab, LabConfig};
+use ambit_lab::{
+    split_mesh_and_pods, wait_until, write_atomically, xds_node_args, Lab, LabConfig, ZtunnelSource,
+};
 
 pub const AMBIT: &str = env!("CARGO_BIN_EXE_ambit");
 
@@ -35,12 +37,32 @@ pub struct TestLab {
     pods: Option<PathBuf>,
 }
 
-/// The lab's two halves under `--source xds`: the mesh (served by the stand-in istiod) and the
-/// `ambit` section (the nodes' pods file).
-pub fn split_config(text: &str) -> (String, String) {
-    match text.split_once("\nambit:") {
-        Some((mesh, pods)) => (format!("{mesh}\n"), format!("ambit:{pods}")),
-        None => (text.to_owned(), "ambit:\n  pods: []\n".to_owned()),
+/// A stand-in istiod (`ambit control-plane`) a test started in node n2's netns, signing with
+/// the lab's CA (`<dir>/ca`); the token file its callers present.
+pub struct StandIn {
+    pub address: String,
+    pub root_cert: PathBuf,
+    pub token: PathBuf,
+    pub log: PathBuf,
+}
+
+impl StandIn {
+    /// The flags of an `ambit node` fed by it.
+    pub fn node_args(&self) -> Vec<String> {
+        xds_node_args(&self.address, &self.root_cert, &self.token)
+    }
+
+    /// A lab ztunnel fed by it.
+    pub fn ztunnel_source(&self) -> ZtunnelSource<'_> {
+        ZtunnelSource::Istiod {
+            address: &self.address,
+            root_cert: &self.root_cert,
+            token: &self.token,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -97,38 +119,12 @@ impl TestLab {
             nodes: &[],
             node_args: &[],
         });
-        let (mesh, pods) = split_config(&fs::read_to_string(&t.config).unwrap());
+        let (mesh, pods) = split_mesh_and_pods(&fs::read_to_string(&t.config).unwrap());
         fs::write(&t.config, mesh).unwrap();
         let pods_file = t.dir.join("pods.yaml");
         fs::write(&pods_file, pods).unwrap();
-        let ca = t.dir.join("ca");
-        let address = t
-            .lab
-            .start_control_plane(
-                Path::new(AMBIT),
-                "n2",
-                &t.config,
-                &ca,
-                &t.dir.join("control-plane.log"),
-            )
-            .unwrap();
-        let token = t.dir.join("istio-token");
-        fs::write(&token, "lab-token").unwrap();
-        let root = ca.join("root-cert.pem");
-        let mut args: Vec<String> = [
-            "--source",
-            "xds",
-            "--xds-address",
-            &address,
-            "--xds-root-cert",
-            &root.display().to_string(),
-            "--ca-address",
-            &address,
-            "--token-file",
-            &token.display().to_string(),
-        ]
-        .map(str::to_owned)
-        .to_vec();
+        let mesh_file = t.config.clone();
+        let mut args = t.start_stand_in(&mesh_file).node_args();
         args.extend(node_args.iter().map(|a| a.to_string()));
         t.node_args = args;
         t.pods = Some(pods_file.clone());
@@ -146,6 +142,25 @@ impl TestLab {
             t.logs.insert(node.to_owned(), log);
         }
         t
+    }
+
+    /// Starts the stand-in istiod serving `mesh` (logging to `<dir>/control-plane.log`) and
+    /// writes the token its callers present (`<dir>/istio-token`).
+    pub fn start_stand_in(&mut self, mesh: &Path) -> StandIn {
+        let ca = self.dir.join("ca");
+        let log = self.dir.join("control-plane.log");
+        let address = self
+            .lab
+            .start_control_plane(Path::new(AMBIT), "n2", mesh, &ca, &log)
+            .unwrap();
+        let token = self.dir.join("istio-token");
+        fs::write(&token, "a-projected-service-account-token").unwrap();
+        StandIn {
+            address,
+            root_cert: ca.join("root-cert.pem"),
+            token,
+            log,
+        }
     }
 
     /// The stand-in istiod's log (labs of [`TestLab::start_xds`]).
@@ -242,7 +257,7 @@ impl TestLab {
             Some(pods_file) => {
                 // Only what changed: a rewritten pods file is applied on its own, and a test
                 // waiting for "config applied" must see the push.
-                let (mesh, pods) = split_config(text);
+                let (mesh, pods) = split_mesh_and_pods(text);
                 if fs::read_to_string(pods_file).ok().as_deref() != Some(pods.as_str()) {
                     write_atomically(pods_file, &pods).unwrap();
                 }

@@ -859,78 +859,283 @@ fn ztunnel_takes_config_and_certificates_from_the_stand_in_istiod() {
     assert!(!control_plane.contains("NACK"), "{}", logs());
 }
 
+/// Ambit on n1 (pod a) and ztunnel in pod c, both fed only by one stand-in istiod serving
+/// `mesh` (a mesh of `mesh_yaml`'s shape) and both holding certificates from its CA.
+struct FedByIstiod {
+    t: TestLab,
+    stand_in: common::StandIn,
+    n1_log: PathBuf,
+    ztunnel_log: PathBuf,
+}
+
+impl FedByIstiod {
+    fn start(zt: &Ztunnel, mesh: impl Fn(&Lab) -> String) -> FedByIstiod {
+        let mut t = TestLab::start_custom(LabSetup {
+            config: &|lab| ambit_yaml(lab, "[]"),
+            ca: &|lab, dir| lab.init_ca(std::path::Path::new(AMBIT), dir),
+            http_pods: &["a", "c"],
+            nodes: &[],
+            node_args: &[],
+        });
+        let (_, pods) = split_mesh_and_pods(&fs::read_to_string(&t.config).unwrap());
+        let mesh_file = t.dir.join("mesh.yaml");
+        fs::write(&mesh_file, mesh(&t.lab)).unwrap();
+        let pods_file = t.dir.join("pods.yaml");
+        fs::write(&pods_file, pods).unwrap();
+        let stand_in = t.start_stand_in(&mesh_file);
+        let n1_log = t.dir.join("n1.log");
+        let args = stand_in.node_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        t.lab
+            .start_node(
+                std::path::Path::new(AMBIT),
+                "n1",
+                &pods_file,
+                &n1_log,
+                &args,
+            )
+            .unwrap();
+        let ztunnel_log = t.dir.join("ztunnel.log");
+        let spec = ZtunnelPod {
+            pod: "c",
+            namespace: "default",
+            service_account: "web",
+            source: stand_in.ztunnel_source(),
+            log: &ztunnel_log,
+            worker_threads: 1,
+            compliance_policy: "",
+        };
+        t.lab.start_ztunnel(zt, &spec).unwrap();
+        FedByIstiod {
+            t,
+            stand_in,
+            n1_log,
+            ztunnel_log,
+        }
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "--- Ambit (n1) ---\n{}\n--- ztunnel ---\n{}\n--- control plane ---\n{}",
+            fs::read_to_string(&self.n1_log).unwrap_or_default(),
+            fs::read_to_string(&self.ztunnel_log).unwrap_or_default(),
+            self.stand_in.log()
+        )
+    }
+
+    /// curl from `client` to `url`: the body, or a panic with every log.
+    fn get(&self, client: &str, url: &str) -> String {
+        let out = self
+            .t
+            .lab
+            .run_in_pod(client, "curl", &["-sS", "--max-time", "10", url])
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{client} → {url}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        stdout(&out)
+    }
+}
+
 /// Ambit and ztunnel, both fed only by the stand-in istiod and both holding certificates from
 /// its CA (no test CA, no local config on either side), exchange traffic both ways.
 #[test]
 fn ambit_and_ztunnel_fed_by_one_stand_in_istiod_talk_both_ways() {
     let Some(zt) = ztunnel() else { return };
-    let mut t = TestLab::start_custom(LabSetup {
-        config: &|lab| ambit_yaml(lab, "[]"),
-        ca: &|lab, dir| lab.init_ca(std::path::Path::new(AMBIT), dir),
-        http_pods: &["a", "c"],
-        nodes: &[],
-        node_args: &[],
-    });
-    let (mesh, pods) = split_mesh_and_pods(&fs::read_to_string(&t.config).unwrap());
-    let mesh_file = t.dir.join("mesh.yaml");
-    fs::write(&mesh_file, mesh).unwrap();
-    let pods_file = t.dir.join("pods.yaml");
-    fs::write(&pods_file, pods).unwrap();
-    let stand_in = t.start_stand_in(&mesh_file);
-    let n1_log = t.dir.join("n1.log");
-    let args = stand_in.node_args();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    t.lab
-        .start_node(
-            std::path::Path::new(AMBIT),
-            "n1",
-            &pods_file,
-            &n1_log,
-            &args,
-        )
-        .unwrap();
-    let ztunnel_log = t.dir.join("ztunnel.log");
-    let spec = ZtunnelPod {
-        pod: "c",
-        namespace: "default",
-        service_account: "web",
-        source: stand_in.ztunnel_source(),
-        log: &ztunnel_log,
-        worker_threads: 1,
-        compliance_policy: "",
-    };
-    t.lab.start_ztunnel(&zt, &spec).unwrap();
-    let logs = || {
-        format!(
-            "--- Ambit (n1) ---\n{}\n--- ztunnel ---\n{}\n--- control plane ---\n{}",
-            fs::read_to_string(&n1_log).unwrap_or_default(),
-            fs::read_to_string(&ztunnel_log).unwrap_or_default(),
-            stand_in.log()
-        )
-    };
+    let f = FedByIstiod::start(&zt, |lab| without_ambit_section(&mesh_yaml(lab, "[]")));
     for d in BOTH_WAYS {
-        let url = format!("http://{}:8080/", d.server_ip());
-        let out = t
-            .lab
-            .run_in_pod(d.client, "curl", &["-sS", "--max-time", "10", &url])
-            .unwrap();
+        let body = f.get(d.client, &format!("http://{}:8080/", d.server_ip()));
         assert!(
-            out.status.success() && stdout(&out).contains(&format!("hello from pod {}", d.server)),
-            "{} → {}: {}\n{}",
+            body.contains(&format!("hello from pod {}", d.server)),
+            "{} → {}: {body}\n{}",
             d.client,
             d.server,
-            String::from_utf8_lossy(&out.stderr),
-            logs()
+            f.logs()
         );
     }
     // Each side saw the other's identity, issued by the one CA.
-    let ztunnel_text = fs::read_to_string(&ztunnel_log).unwrap();
-    assert!(ztunnel_text.contains(A_ID), "{}", logs());
-    let n1_text = fs::read_to_string(&n1_log).unwrap();
+    let ztunnel_text = fs::read_to_string(&f.ztunnel_log).unwrap();
+    assert!(ztunnel_text.contains(A_ID), "{}", f.logs());
+    let n1_text = fs::read_to_string(&f.n1_log).unwrap();
     assert!(
         n1_text.contains("certificate from istiod's CA"),
         "{}",
-        logs()
+        f.logs()
     );
-    assert!(n1_text.contains(C_ID), "{}", logs());
+    assert!(n1_text.contains(C_ID), "{}", f.logs());
+}
+
+/// The waypoint: pod d, service account `waypoint`, behind the `waypoint` service.
+const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
+const WAYPOINT_HOST: &str = "waypoint.default.svc.cluster.local";
+const WAYPOINT_VIP: &str = "10.96.0.12";
+
+/// `mesh_yaml` with a waypoint in pod d in front of everything: of both services (by the
+/// waypoint service's hostname) and of both workloads (by the waypoint's address), as istiod
+/// says it when a namespace is labelled `istio.io/use-waypoint`.
+fn mesh_with_waypoint(lab: &Lab) -> String {
+    use serde_yaml::{Mapping, Value};
+    let mut mesh: Value =
+        serde_yaml::from_str(&without_ambit_section(&mesh_yaml(lab, "[]"))).unwrap();
+    let by_address: Value = serde_yaml::from_str(&format!(
+        "{{destination: \"/{}\", hboneMtlsPort: 15008}}",
+        pod("d").ip
+    ))
+    .unwrap();
+    let by_hostname: Value = serde_yaml::from_str(&format!(
+        "{{destination: \"default/{WAYPOINT_HOST}\", hboneMtlsPort: 15008}}"
+    ))
+    .unwrap();
+    let set = |list: &mut Value, waypoint: &Value| {
+        for entry in list.as_sequence_mut().unwrap() {
+            let entry: &mut Mapping = entry.as_mapping_mut().unwrap();
+            entry.insert("waypoint".into(), waypoint.clone());
+        }
+    };
+    set(&mut mesh["workloads"], &by_address);
+    set(&mut mesh["services"], &by_hostname);
+    let waypoint_workload: Value = serde_yaml::from_str(&format!(
+        r#"
+uid: lab//v1/Pod/default/waypoint
+name: waypoint
+namespace: default
+serviceAccount: waypoint
+trustDomain: cluster.local
+workloadIps: ["{d_ip}"]
+protocol: HBONE
+node: {n2}
+services:
+  "default/{WAYPOINT_HOST}":
+    15008: 15008
+"#,
+        d_ip = pod("d").ip,
+        n2 = lab.node_name("n2"),
+    ))
+    .unwrap();
+    let waypoint_service: Value = serde_yaml::from_str(&format!(
+        r#"
+name: waypoint
+namespace: default
+hostname: {WAYPOINT_HOST}
+vips: ["/{WAYPOINT_VIP}"]
+ports:
+  15008: 15008
+"#
+    ))
+    .unwrap();
+    mesh["workloads"]
+        .as_sequence_mut()
+        .unwrap()
+        .push(waypoint_workload);
+    mesh["services"]
+        .as_sequence_mut()
+        .unwrap()
+        .push(waypoint_service);
+    serde_yaml::to_string(&mesh).unwrap()
+}
+
+/// A destination with a waypoint: Ambit sends its traffic to the waypoint with the CONNECT
+/// ztunnel sends (compared against the real ztunnel's, to the same stand-in waypoint), and
+/// accepts the waypoint's own tunnel to its pod, as ztunnel does. Service-addressed (the
+/// service's waypoint, found by hostname) and workload-addressed (the workload's, by address).
+#[test]
+fn traffic_to_a_destination_with_a_waypoint_goes_through_it_as_ztunnel_sends_it() {
+    let Some(zt) = ztunnel() else { return };
+    let f = FedByIstiod::start(&zt, mesh_with_waypoint);
+    let route = |server: &str, id: &str| common::waypoint::Route {
+        target: format!("{}:8080", pod(server).ip).parse().unwrap(),
+        identity: id.to_owned(),
+    };
+    let routes = [
+        (format!("{WEB_VIP}:80"), route("c", C_ID)),
+        (format!("{}:8080", pod("c").ip), route("c", C_ID)),
+        (format!("{SLEEP_VIP}:80"), route("a", A_ID)),
+        (format!("{}:8080", pod("a").ip), route("a", A_ID)),
+    ];
+    let waypoint = common::waypoint::StandInWaypoint::start(
+        &f.t.lab.netns_path("d"),
+        &f.t.dir.join("ca"),
+        WAYPOINT_ID,
+        routes.into_iter().collect(),
+    )
+    .unwrap();
+    // Each client, to the other side's service VIP and to its pod's address: every request
+    // goes through the waypoint (which the server's node proxy lets in) and is answered.
+    for d in BOTH_WAYS {
+        for url in [
+            format!("http://{}/", d.vip),
+            format!("http://{}:8080/", d.server_ip()),
+        ] {
+            let body = f.get(d.client, &url);
+            assert!(
+                body.contains(&format!("hello from pod {}", d.server)),
+                "{} → {url}: {body}\n{}",
+                d.client,
+                f.logs()
+            );
+        }
+    }
+    let recorded = waypoint.recorded();
+    let from = |client: &str, authority: String| {
+        recorded
+            .iter()
+            .find(|r| r.client == client && r.authority == authority)
+            .unwrap_or_else(|| {
+                panic!(
+                    "the waypoint got no CONNECT {authority} from {client}: {recorded:#?}\n{}",
+                    f.logs()
+                )
+            })
+            .clone()
+    };
+    // By service: the CONNECT names the VIP as dialled (untranslated).
+    let ambit_svc = from(A_ID, format!("{WEB_VIP}:80"));
+    let ztunnel_svc = from(C_ID, format!("{SLEEP_VIP}:80"));
+    // By workload: the pod's address as dialled.
+    let ambit_pod = from(A_ID, format!("{}:8080", pod("c").ip));
+    let ztunnel_pod = from(C_ID, format!("{}:8080", pod("a").ip));
+    assert_eq!(recorded.len(), 4, "{recorded:#?}");
+    // The same headers, and the same shape of `forwarded`: the client's address, and the
+    // service's hostname when a service was dialled.
+    let names = |r: &common::waypoint::Recorded| r.headers.keys().cloned().collect::<Vec<_>>();
+    for (ambit, ztunnel) in [(&ambit_svc, &ztunnel_svc), (&ambit_pod, &ztunnel_pod)] {
+        assert_eq!(
+            names(ambit),
+            names(ztunnel),
+            "Ambit's CONNECT {ambit:#?}\nztunnel's {ztunnel:#?}"
+        );
+        assert_eq!(
+            forwarded_shape(ambit, "a"),
+            forwarded_shape(ztunnel, "c"),
+            "Ambit's CONNECT {ambit:#?}\nztunnel's {ztunnel:#?}"
+        );
+    }
+    assert_eq!(
+        forwarded_shape(&ambit_svc, "a"),
+        "for=\"<client>\";host=<service>.default.svc.cluster.local"
+    );
+}
+
+/// A CONNECT's `forwarded` header with what differs between two clients blanked out: the
+/// client's address (`<client>`, its port dropped) and the service's name (`<service>`).
+fn forwarded_shape(r: &common::waypoint::Recorded, client: &str) -> String {
+    let forwarded = r.headers.get("forwarded").cloned().unwrap_or_default();
+    forwarded
+        .split(';')
+        .map(|part| match part.split_once('=') {
+            Some(("for", addr)) if addr.trim_matches('"').starts_with(pod(client).ip) => {
+                "for=\"<client>\"".to_owned()
+            }
+            Some(("host", host)) => format!(
+                "host={}",
+                host.replacen("web.", "<service>.", 1)
+                    .replacen("sleep.", "<service>.", 1)
+            ),
+            _ => part.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(";")
 }

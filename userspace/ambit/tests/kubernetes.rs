@@ -140,8 +140,8 @@ async fn the_kubernetes_source_follows_the_api() {
     );
     assert!(
         initial
-            .resolve("10.96.100.10:80".parse().unwrap())
-            .is_some(),
+            .resolve("10.96.100.10:80".parse().unwrap(), None)
+            .is_ok(),
         "the web VIP"
     );
 
@@ -171,7 +171,9 @@ async fn the_kubernetes_source_follows_the_api() {
         .send(("/api/v1/namespaces".into(), modified("MODIFIED", demo)))
         .unwrap();
     let state = next_state(&mut rx, |s| s.enrolled.is_empty()).await;
-    assert!(state.resolve("10.96.100.10:80".parse().unwrap()).is_none());
+    assert!(state
+        .resolve("10.96.100.10:80".parse().unwrap(), None)
+        .is_err());
 }
 
 async fn next_state(

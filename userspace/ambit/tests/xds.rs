@@ -223,3 +223,119 @@ fn remove_workload(text: &str, name: &str) -> String {
     }
     out
 }
+
+const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
+
+/// The lab's config with `policies`, a waypoint workload in pod d, and (if `waypoint` is set)
+/// the web service and workload c naming `waypoint` (a ztunnel-style destination, e.g.
+/// `"/<ip>"`) as their waypoint.
+fn with_waypoint(t: &TestLab, waypoint: Option<&str>, policies: &str) -> String {
+    use serde_yaml::Value;
+    let text = t.lab.config_yaml_with(&LabConfig {
+        policies,
+        ..LabConfig::default()
+    });
+    let mut config: Value = serde_yaml::from_str(&text).unwrap();
+    if let Some(destination) = waypoint {
+        let gateway: Value =
+            serde_yaml::from_str(&format!("{{destination: \"{destination}\"}}")).unwrap();
+        for list in ["workloads", "services"] {
+            for entry in config[list].as_sequence_mut().unwrap() {
+                if entry["name"] == "c" || entry["name"] == "web" {
+                    entry["waypoint"] = gateway.clone();
+                }
+            }
+        }
+    }
+    let waypoint_workload: Value = serde_yaml::from_str(&format!(
+        "{{uid: lab//v1/Pod/default/waypoint, name: waypoint, namespace: default, \
+         serviceAccount: waypoint, workloadIps: [\"{}\"], protocol: HBONE, node: {}}}",
+        pod("d").ip,
+        t.lab.node_name("n2")
+    ))
+    .unwrap();
+    config["workloads"]
+        .as_sequence_mut()
+        .unwrap()
+        .push(waypoint_workload);
+    serde_yaml::to_string(&config).unwrap()
+}
+
+/// Waypoints pushed by istiod, with Ambit on both sides: traffic to the web service and to pod
+/// c goes through the waypoint (a stand-in in pod d, see interop.rs for the comparison with
+/// ztunnel's CONNECT), c's node lets the waypoint's tunnel in and applies c's policies to the
+/// waypoint's identity, and a waypoint that cannot be found fails closed: nothing goes around
+/// it.
+#[test]
+fn a_pushed_waypoint_carries_the_traffic_and_an_unknown_one_fails_closed() {
+    let t = start(&[]);
+    let c_pod = format!("{}:8080", pod("c").ip);
+    let web_vip = format!("{}:80", ambit_lab::WEB_VIP);
+    let route = common::waypoint::Route {
+        target: c_pod.parse().unwrap(),
+        identity: "spiffe://cluster.local/ns/default/sa/web".into(),
+    };
+    let waypoint = common::waypoint::StandInWaypoint::start(
+        &t.lab.netns_path("d"),
+        &t.dir.join("ca"),
+        WAYPOINT_ID,
+        [(c_pod.clone(), route.clone()), (web_vip.clone(), route)]
+            .into_iter()
+            .collect(),
+    )
+    .unwrap();
+    let d_address = format!("/{}", pod("d").ip);
+    t.write_config(&with_waypoint(&t, Some(&d_address), "[]"), &["n1", "n2"]);
+    let logs = || {
+        format!(
+            "--- n1 ---\n{}\n--- n2 ---\n{}\n--- control plane ---\n{}",
+            t.log("n1"),
+            t.log("n2"),
+            t.control_plane_log()
+        )
+    };
+    for authority in [&web_vip, &c_pod] {
+        let out = t.curl("a", &format!("http://{authority}/"));
+        assert!(
+            out.status.success() && stdout(&out).contains("hello from pod c"),
+            "a → {authority} through the waypoint: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            logs()
+        );
+    }
+    let recorded: Vec<(String, String)> = waypoint
+        .recorded()
+        .into_iter()
+        .map(|r| (r.client, r.authority))
+        .collect();
+    let a_id = "spiffe://cluster.local/ns/default/sa/sleep".to_owned();
+    assert_eq!(
+        recorded,
+        [(a_id.clone(), web_vip.clone()), (a_id, c_pod.clone())],
+        "{}",
+        logs()
+    );
+    // c's policies see the waypoint as the peer: denying its principal refuses the traffic.
+    let deny_waypoint = "[{name: deny-waypoint, namespace: default, scope: Namespace, \
+                         action: Deny, rules: [[[{principals: [!Exact cluster.local/ns/default/sa/waypoint]}]]]}]";
+    t.write_config(&with_waypoint(&t, Some(&d_address), deny_waypoint), &["n2"]);
+    assert!(!web(&t).status.success(), "{}", logs());
+    t.wait_log("n2", "HBONE request denied by policy", 1);
+    // A waypoint nobody can find: refused at the source, never sent around it to c.
+    let before = waypoint.recorded().len();
+    t.write_config(&with_waypoint(&t, Some("/10.201.2.99"), "[]"), &["n1"]);
+    for authority in [&web_vip, &c_pod] {
+        let out = t.curl("a", &format!("http://{authority}/"));
+        assert!(
+            !out.status.success(),
+            "a → {authority} went around an unknown waypoint\n{}",
+            logs()
+        );
+    }
+    t.wait_log("n1", "names waypoint \"/10.201.2.99\"", 2);
+    assert_eq!(waypoint.recorded().len(), before);
+    // And without a waypoint, straight to c again.
+    t.write_config(&with_waypoint(&t, None, "[]"), &["n1"]);
+    assert_reaches(&t, "once the waypoint was removed");
+    assert_eq!(waypoint.recorded().len(), before);
+}

@@ -47,6 +47,9 @@ pub struct Workload {
     /// `"<namespace>/<hostname>"` → service port → target port.
     #[serde(default)]
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    /// The waypoint that traffic addressed to this workload's IP goes through.
+    #[serde(default)]
+    pub waypoint: Option<GatewayAddress>,
     /// What telemetry calls this workload (ztunnel's fields of the same names).
     #[serde(flatten)]
     pub telemetry: WorkloadTelemetry,
@@ -102,6 +105,68 @@ pub struct Service {
     /// Extra identities a server of this service may present (SPIFFE URIs).
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
+    /// The waypoint that traffic addressed to this service's VIPs goes through.
+    #[serde(default)]
+    pub waypoint: Option<GatewayAddress>,
+}
+
+/// Where a waypoint is reached (ztunnel's `GatewayAddress`): a workload or service address, or
+/// a service by `namespace/hostname`, and the port its HBONE (mutual TLS) listener is on.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayAddress {
+    pub destination: GatewayDestination,
+    #[serde(default = "default_hbone_port")]
+    pub hbone_mtls_port: u16,
+}
+
+fn default_hbone_port() -> u16 {
+    ambit_abi::HBONE_PORT
+}
+
+/// A gateway's destination as ztunnel's local config writes it: `"<network>/<ip>"` (an
+/// address) or `"<namespace>/<hostname>"` (a service).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayDestination {
+    Address(IpAddr),
+    Hostname { namespace: String, hostname: String },
+}
+
+impl GatewayDestination {
+    pub fn parse(text: &str) -> Result<Self> {
+        let Some((prefix, rest)) = text.split_once('/') else {
+            bail!("{text:?} is neither \"<network>/<ip>\" nor \"<namespace>/<hostname>\"");
+        };
+        if let Ok(ip) = rest.parse::<IpAddr>() {
+            return Ok(Self::Address(ip));
+        }
+        if prefix.is_empty() || rest.is_empty() {
+            bail!("{text:?}: a hostname needs its namespace (\"<namespace>/<hostname>\")");
+        }
+        Ok(Self::Hostname {
+            namespace: prefix.to_owned(),
+            hostname: rest.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for GatewayDestination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Address(ip) => write!(f, "/{ip}"),
+            Self::Hostname {
+                namespace,
+                hostname,
+            } => write!(f, "{namespace}/{hostname}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GatewayDestination {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::parse(&text).map_err(|e| serde::de::Error::custom(format!("{e:#}")))
+    }
 }
 
 /// Ambit's own section: the lab (or any file-driven node) says here where its pods live.
@@ -323,6 +388,38 @@ mod tests {
         let bad = "ambit:\n  pods:\n  - workload: default/a\n    netns: /x\n    cgroup: x\n    dataplaneMod: none\n";
         let err = format!("{:#}", LocalConfig::parse(bad, "lab.yaml").unwrap_err());
         assert!(err.contains("dataplaneMod"), "{err}");
+    }
+
+    #[test]
+    fn waypoints_read_as_ztunnel_writes_them() {
+        let text = r#"
+workloads:
+- {name: a, namespace: d, workloadIps: [10.0.0.1],
+   waypoint: {destination: "/10.0.0.9", hboneMtlsPort: 15008}}
+services:
+- {name: web, namespace: d, hostname: web.d.svc, vips: ["/10.96.0.1"], ports: {80: 8080},
+   waypoint: {destination: "d/waypoint.d.svc.cluster.local"}}
+"#;
+        let config = LocalConfig::parse(text, "lab.yaml").unwrap();
+        assert_eq!(
+            config.workloads[0].waypoint,
+            Some(GatewayAddress {
+                destination: GatewayDestination::Address("10.0.0.9".parse().unwrap()),
+                hbone_mtls_port: 15008,
+            })
+        );
+        let service_waypoint = config.services[0].waypoint.as_ref().unwrap();
+        assert_eq!(
+            service_waypoint.destination.to_string(),
+            "d/waypoint.d.svc.cluster.local"
+        );
+        assert_eq!(service_waypoint.hbone_mtls_port, 15008);
+        let bad = "workloads:\n- {name: a, namespace: d, waypoint: {destination: waypoint}}\n";
+        let err = format!("{:#}", LocalConfig::parse(bad, "lab.yaml").unwrap_err());
+        assert!(
+            err.starts_with("lab.yaml:2:") && err.contains("waypoint"),
+            "{err}"
+        );
     }
 
     #[test]

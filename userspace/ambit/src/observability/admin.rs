@@ -119,6 +119,14 @@ fn admin_route(ctx: &AdminContext, req: Request) -> Response {
     }
 }
 
+/// A waypoint as ztunnel's config dump writes it.
+fn waypoint_json(g: &crate::config::GatewayAddress) -> serde_json::Value {
+    json!({
+        "destination": g.destination.to_string(),
+        "hboneMtlsPort": g.hbone_mtls_port,
+    })
+}
+
 pub fn config_dump(ctx: &AdminContext) -> String {
     let state = ctx.state.borrow().clone();
     let workloads: Vec<_> = state
@@ -134,6 +142,7 @@ pub fn config_dump(ctx: &AdminContext) -> String {
                 "protocol": format!("{:?}", w.protocol).to_uppercase(),
                 "node": w.node,
                 "services": w.services,
+                "waypoint": w.waypoint.as_ref().map(waypoint_json),
             })
         })
         .collect();
@@ -147,6 +156,7 @@ pub fn config_dump(ctx: &AdminContext) -> String {
                 "hostname": s.hostname,
                 "ports": s.ports,
                 "subjectAltNames": s.subject_alt_names.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+                "waypoint": s.waypoint.as_ref().map(waypoint_json),
             })
         })
         .collect();

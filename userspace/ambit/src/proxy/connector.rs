@@ -1,10 +1,10 @@
 //! How the tunnel reaches an upstream: a `protocol: TCP` workload gets plain TCP from inside the
 //! source pod's netns; a `protocol: HBONE` workload gets an HBONE tunnel (mTLS + HTTP/2 CONNECT)
-//! to its port 15008, also from inside the source pod's netns.
+//! to its port 15008, and a destination behind a waypoint an HBONE tunnel to the waypoint, both
+//! also from inside the source pod's netns.
 
 use std::net::SocketAddr;
 
-use ambit_abi::HBONE_PORT;
 use anyhow::Result;
 use tokio::net::TcpStream;
 
@@ -35,19 +35,18 @@ pub async fn connect(
     source: &Source<'_>,
     upstream: &Upstream,
 ) -> Result<UpstreamConnection> {
-    match upstream.workload.protocol {
+    match upstream.protocol {
         Protocol::Tcp => Ok(UpstreamConnection::Tcp(
             connect_tcp(source.netns, upstream.addr, ctx.connect_timeout).await?,
         )),
         Protocol::Hbone => {
-            let expected = ctx.state.borrow().expected_identities(upstream);
             let tunnel = ctx
                 .hbone
                 .open(TunnelRequest {
                     netns: source.netns,
                     source: source.workload.identity(),
-                    expected,
-                    hbone_addr: SocketAddr::new(upstream.addr.ip(), HBONE_PORT),
+                    expected: upstream.expected_identities.clone(),
+                    hbone_addr: upstream.tunnel_addr,
                     target: upstream.addr,
                     client_addr: source.addr,
                     service_host: upstream.service.as_ref().map(|s| s.hostname.clone()),

@@ -48,22 +48,33 @@ impl Outbound {
         };
         let (upstream, source_workload) = {
             let state = self.ctx.state.borrow();
+            let source_workload = state
+                .workloads
+                .get(&self.pod)
+                .cloned()
+                .ok_or_else(|| anyhow!("pod {} is no longer a workload", self.pod))?;
             (
-                state.resolve(original),
-                state.workloads.get(&self.pod).cloned(),
+                state.resolve(original, Some(&source_workload)),
+                source_workload,
             )
         };
-        let upstream =
-            upstream.ok_or_else(|| anyhow!("{original} is no longer a mesh destination"))?;
-        let source_workload =
-            source_workload.ok_or_else(|| anyhow!("pod {} is no longer a workload", self.pod))?;
+        let upstream = match upstream {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                // Nothing to connect to (or a waypoint that cannot be found: never go around
+                // it): the app learns by a reset, as from a refused connect.
+                relay::reset_on_close(&stream);
+                return Err(anyhow!(e));
+            }
+        };
         // At debug, as ztunnel's "connection opened": at info each connection gets one line, the
         // access log at its end ("connection complete", with the same peers), not two.
         debug!(
             original_dst = %original,
             upstream = %upstream.addr,
             dst_workload = %upstream.workload.key,
-            protocol = ?upstream.workload.protocol,
+            protocol = ?upstream.protocol,
+            via_waypoint = upstream.via_waypoint,
             service = upstream.service.as_ref().map_or("-", |s| s.hostname.as_str()),
             "captured outbound connection"
         );
@@ -81,15 +92,14 @@ impl Outbound {
             netns: &self.netns,
             addr: SocketAddr::new(pod_ip, peer.port()),
         };
-        let hbone = upstream.workload.protocol == Protocol::Hbone;
+        let hbone = upstream.protocol == Protocol::Hbone;
         let record = ConnectionRecord::open(
             self.ctx.metrics.clone(),
             Opened {
                 reporter: Reporter::Source,
                 src: Peer::workload(&source_workload, source.addr),
                 dst: Peer::workload(&upstream.workload, upstream.addr),
-                hbone_addr: hbone
-                    .then(|| SocketAddr::new(upstream.addr.ip(), ambit_abi::HBONE_PORT)),
+                hbone_addr: hbone.then_some(upstream.tunnel_addr),
                 service: upstream.service.clone(),
             },
         );

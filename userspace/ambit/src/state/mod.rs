@@ -12,7 +12,10 @@ use std::{
 use anyhow::Result;
 
 use crate::{
-    config::{DataplaneMode, LocalConfig, MtlsMode, Protocol, WorkloadTelemetry},
+    config::{
+        DataplaneMode, GatewayAddress, GatewayDestination, LocalConfig, MtlsMode, Protocol,
+        WorkloadTelemetry,
+    },
     policy::{ConnectionInfo, Decision, DestinationWorkload, PolicySet},
     tls::Identity,
 };
@@ -34,6 +37,8 @@ pub struct WorkloadInfo {
     pub authorization_policies: Vec<String>,
     /// Service key (`ns/hostname`) → service port → target port.
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    /// The waypoint for traffic addressed to this workload's IP.
+    pub waypoint: Option<GatewayAddress>,
     pub telemetry: WorkloadTelemetry,
 }
 
@@ -53,6 +58,8 @@ pub struct ServiceInfo {
     pub hostname: String,
     pub ports: BTreeMap<u16, u16>,
     pub subject_alt_names: Vec<Identity>,
+    /// The waypoint for traffic addressed to this service's VIPs.
+    pub waypoint: Option<GatewayAddress>,
 }
 
 impl WorkloadInfo {
@@ -111,15 +118,59 @@ pub struct State {
     next_endpoint: AtomicUsize,
 }
 
-/// Where the tunnel sends a captured connection.
+/// Where the tunnel sends a captured connection: the next hop (the destination itself, or the
+/// waypoint in front of it) and how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
+    /// The workload the tunnel connects to: the destination, or its waypoint.
     pub workload: WorkloadInfo,
+    /// The destination as the tunnel names it: the address a plain TCP connection goes to, or
+    /// the target of the HBONE CONNECT (for a waypoint: the address the app dialled).
     pub addr: SocketAddr,
+    pub protocol: Protocol,
+    /// Where an HBONE tunnel goes: the workload's IP and port 15008, or a waypoint's IP and
+    /// HBONE port. Unused for plain TCP.
+    pub tunnel_addr: SocketAddr,
+    /// Identities the next hop may present: its workload's, plus its service's SANs.
+    pub expected_identities: Vec<Identity>,
     /// The service, when the application connected to a service VIP.
     pub service: Option<ServiceName>,
-    pub service_key: Option<String>,
+    /// Set when `workload` is the destination's waypoint, not the destination.
+    pub via_waypoint: bool,
 }
+
+/// Why a captured destination has no upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unresolved {
+    NotInMesh(SocketAddr),
+    NoEndpoint {
+        service: String,
+    },
+    /// Fail closed: the destination must be reached through its waypoint, never around it.
+    UnknownWaypoint {
+        destination: String,
+        waypoint: String,
+    },
+}
+
+impl std::fmt::Display for Unresolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotInMesh(dst) => write!(f, "{dst} is not a mesh destination"),
+            Self::NoEndpoint { service } => write!(f, "service {service} has no endpoint"),
+            Self::UnknownWaypoint {
+                destination,
+                waypoint,
+            } => write!(
+                f,
+                "{destination} names waypoint {waypoint:?}, which is no known workload or \
+                 service with an endpoint"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Unresolved {}
 
 impl State {
     pub fn from_config(config: &LocalConfig, node: &str, trust_domain: &str) -> Result<Self> {
@@ -149,6 +200,7 @@ impl State {
                     node: w.node.clone(),
                     authorization_policies: w.authorization_policies.clone(),
                     services: w.services.clone(),
+                    waypoint: w.waypoint.clone(),
                     telemetry: w.telemetry.clone(),
                 },
             );
@@ -175,6 +227,7 @@ impl State {
                         .iter()
                         .map(|san| Identity::parse(san))
                         .collect::<Result<_>>()?,
+                    waypoint: s.waypoint.clone(),
                 },
             );
         }
@@ -228,72 +281,174 @@ impl State {
         workloads.chain(services).collect()
     }
 
-    /// Identities a server for `upstream` may present: the workload's, plus the service's SANs.
-    pub fn expected_identities(&self, upstream: &Upstream) -> Vec<Identity> {
-        let mut ids = vec![upstream.workload.identity()];
-        if let Some(service) = upstream
-            .service_key
-            .as_ref()
-            .and_then(|k| self.services.get(k))
-        {
-            ids.extend(service.subject_alt_names.iter().cloned());
-        }
-        ids.sort();
-        ids.dedup();
-        ids
-    }
-
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&WorkloadInfo> {
         self.workloads.get(self.workload_by_ip.get(&ip)?)
     }
 
-    /// Resolves a captured original destination: a service VIP:port to one of its endpoints
-    /// (round robin) with the port mapped, or a workload IP to that workload.
-    pub fn resolve(&self, dst: SocketAddr) -> Option<Upstream> {
+    /// Resolves a captured original destination, as `source` dialled it, to the next hop:
+    ///
+    /// - a service VIP:port whose service names a waypoint → that waypoint;
+    /// - a service VIP:port → one of its endpoints (round robin), its target port mapped;
+    /// - a workload IP whose workload names a waypoint → that waypoint;
+    /// - a workload IP → that workload.
+    ///
+    /// As ztunnel: a waypoint is never used for its own traffic, and the HBONE CONNECT to a
+    /// waypoint names the destination as dialled (the VIP, untranslated). A waypoint that
+    /// cannot be resolved is an error, never a reason to go around it.
+    pub fn resolve(
+        &self,
+        dst: SocketAddr,
+        source: Option<&WorkloadInfo>,
+    ) -> Result<Upstream, Unresolved> {
         if let Some(service_key) = self.service_by_vip.get(&dst) {
-            let service = self.services.get(service_key)?;
-            let endpoints: Vec<(&WorkloadInfo, u16)> = self
-                .workloads
-                .values()
-                .filter_map(|w| {
-                    let ports = w.services.get(service_key)?;
-                    let target = ports
-                        .get(&dst.port())
-                        .or_else(|| service.ports.get(&dst.port()))
-                        .copied()
-                        .unwrap_or(dst.port());
-                    Some((w, target))
-                })
-                .filter(|(w, _)| !w.ips.is_empty())
-                .collect();
-            if endpoints.is_empty() {
-                return None;
+            let service = self
+                .services
+                .get(service_key)
+                .ok_or(Unresolved::NotInMesh(dst))?;
+            let name = Some(ServiceName {
+                hostname: service.hostname.clone(),
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+            });
+            if let Some(waypoint) = &service.waypoint {
+                let described = || format!("service {}", service.key);
+                if let Some(upstream) =
+                    self.via_waypoint(waypoint, dst, source, name.clone(), described)?
+                {
+                    return Ok(upstream);
+                }
             }
             let (w, port) =
-                endpoints[self.next_endpoint.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
-            let ip = w
-                .ips
-                .iter()
-                .find(|ip| ip.is_ipv4() == dst.is_ipv4())
-                .unwrap_or(&w.ips[0]);
-            return Some(Upstream {
-                workload: w.clone(),
-                addr: SocketAddr::new(*ip, port),
-                service: Some(ServiceName {
-                    hostname: service.hostname.clone(),
-                    namespace: service.namespace.clone(),
-                    name: service.name.clone(),
-                }),
-                service_key: Some(service.key.clone()),
-            });
+                self.pick_endpoint(service, dst.port())
+                    .ok_or_else(|| Unresolved::NoEndpoint {
+                        service: service.key.clone(),
+                    })?;
+            let ip = Self::same_family(w, dst.ip());
+            let mut expected = vec![w.identity()];
+            expected.extend(service.subject_alt_names.iter().cloned());
+            return Ok(Self::direct(w, SocketAddr::new(ip, port), expected, name));
         }
-        let w = self.workload_by_ip(dst.ip())?;
-        Some(Upstream {
+        let w = self
+            .workload_by_ip(dst.ip())
+            .ok_or(Unresolved::NotInMesh(dst))?;
+        if let Some(waypoint) = &w.waypoint {
+            let described = || format!("workload {}", w.key);
+            if let Some(upstream) = self.via_waypoint(waypoint, dst, source, None, described)? {
+                return Ok(upstream);
+            }
+        }
+        Ok(Self::direct(w, dst, vec![w.identity()], None))
+    }
+
+    /// The upstream through `waypoint`, or None when `source` is that waypoint.
+    fn via_waypoint(
+        &self,
+        waypoint: &GatewayAddress,
+        dst: SocketAddr,
+        source: Option<&WorkloadInfo>,
+        service: Option<ServiceName>,
+        destination: impl Fn() -> String,
+    ) -> Result<Option<Upstream>, Unresolved> {
+        let unknown = || Unresolved::UnknownWaypoint {
+            destination: destination(),
+            waypoint: waypoint.destination.to_string(),
+        };
+        // The waypoint's workload, and the SANs of the service it was found through.
+        let (w, sans) = match &waypoint.destination {
+            GatewayDestination::Address(ip) => match self.workload_by_ip(*ip) {
+                Some(w) => (w, Vec::new()),
+                None => {
+                    // An address may also be a service VIP (any of its ports).
+                    let key = self
+                        .service_by_vip
+                        .iter()
+                        .find(|(vip, _)| vip.ip() == *ip)
+                        .map(|(_, key)| key)
+                        .ok_or_else(unknown)?;
+                    let svc = self.services.get(key).ok_or_else(unknown)?;
+                    let (w, _) = self.pick_endpoint(svc, 0).ok_or_else(unknown)?;
+                    (w, svc.subject_alt_names.clone())
+                }
+            },
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => {
+                let svc = self
+                    .services
+                    .get(&format!("{namespace}/{hostname}"))
+                    .ok_or_else(unknown)?;
+                let (w, _) = self.pick_endpoint(svc, 0).ok_or_else(unknown)?;
+                (w, svc.subject_alt_names.clone())
+            }
+        };
+        if source.is_some_and(|s| s.key == w.key) {
+            return Ok(None);
+        }
+        let ip = Self::same_family(w, dst.ip());
+        let mut expected = vec![w.identity()];
+        expected.extend(sans);
+        expected.sort();
+        expected.dedup();
+        Ok(Some(Upstream {
             workload: w.clone(),
             addr: dst,
-            service: None,
-            service_key: None,
-        })
+            // Always HBONE, whatever the waypoint workload's own protocol says.
+            protocol: Protocol::Hbone,
+            tunnel_addr: SocketAddr::new(ip, waypoint.hbone_mtls_port),
+            expected_identities: expected,
+            service,
+            via_waypoint: true,
+        }))
+    }
+
+    fn direct(
+        w: &WorkloadInfo,
+        addr: SocketAddr,
+        mut expected: Vec<Identity>,
+        service: Option<ServiceName>,
+    ) -> Upstream {
+        expected.sort();
+        expected.dedup();
+        Upstream {
+            workload: w.clone(),
+            addr,
+            protocol: w.protocol,
+            tunnel_addr: SocketAddr::new(addr.ip(), ambit_abi::HBONE_PORT),
+            expected_identities: expected,
+            service,
+            via_waypoint: false,
+        }
+    }
+
+    /// One of `service`'s endpoints (round robin) and the target port for `port`.
+    fn pick_endpoint(&self, service: &ServiceInfo, port: u16) -> Option<(&WorkloadInfo, u16)> {
+        let endpoints: Vec<(&WorkloadInfo, u16)> = self
+            .workloads
+            .values()
+            .filter_map(|w| {
+                let ports = w.services.get(&service.key)?;
+                let target = ports
+                    .get(&port)
+                    .or_else(|| service.ports.get(&port))
+                    .copied()
+                    .unwrap_or(port);
+                Some((w, target))
+            })
+            .filter(|(w, _)| !w.ips.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return None;
+        }
+        Some(endpoints[self.next_endpoint.fetch_add(1, Ordering::Relaxed) % endpoints.len()])
+    }
+
+    /// The workload's address of `like`'s family, else its first.
+    fn same_family(w: &WorkloadInfo, like: IpAddr) -> IpAddr {
+        *w.ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == like.is_ipv4())
+            .unwrap_or(&w.ips[0])
     }
 }
 
@@ -352,7 +507,8 @@ ambit:
     fn a_vip_resolves_round_robin_with_each_endpoints_target_port() {
         let s = state("n1");
         let vip = "10.96.0.10:80".parse().unwrap();
-        let mut seen: Vec<SocketAddr> = (0..4).map(|_| s.resolve(vip).unwrap().addr).collect();
+        let mut seen: Vec<SocketAddr> =
+            (0..4).map(|_| s.resolve(vip, None).unwrap().addr).collect();
         seen.sort();
         seen.dedup();
         assert_eq!(
@@ -363,7 +519,7 @@ ambit:
             ]
         );
         assert_eq!(
-            s.resolve(vip)
+            s.resolve(vip, None)
                 .unwrap()
                 .service
                 .map(|s| s.hostname)
@@ -375,9 +531,95 @@ ambit:
     #[test]
     fn a_workload_ip_resolves_to_itself_and_unknown_to_none() {
         let s = state("n1");
-        let up = s.resolve("10.2.0.2:9000".parse().unwrap()).unwrap();
+        let up = s.resolve("10.2.0.2:9000".parse().unwrap(), None).unwrap();
         assert_eq!(up.workload.key, "default/c");
         assert_eq!(up.addr, "10.2.0.2:9000".parse().unwrap());
-        assert!(s.resolve("10.9.9.9:80".parse().unwrap()).is_none());
+        assert_eq!(up.tunnel_addr, "10.2.0.2:15008".parse().unwrap());
+        assert!(!up.via_waypoint);
+        let unknown = "10.9.9.9:80".parse().unwrap();
+        assert_eq!(
+            s.resolve(unknown, None),
+            Err(Unresolved::NotInMesh(unknown))
+        );
+    }
+
+    /// The lab plus a waypoint `wp` (HBONE port 15009) in front of service web (by hostname,
+    /// through the waypoint's own service) and of workload c (by address).
+    const WITH_WAYPOINTS: &str = r#"
+workloads:
+- {name: a, namespace: default, workloadIps: [10.1.0.2], node: n1, protocol: HBONE}
+- {name: c, namespace: default, workloadIps: [10.2.0.2], node: n2, protocol: HBONE,
+   services: {"default/web.default.svc": {80: 8080}},
+   waypoint: {destination: "/10.2.0.9", hboneMtlsPort: 15009}}
+- {name: wp, namespace: default, serviceAccount: waypoint, workloadIps: [10.2.0.9], node: n2,
+   services: {"default/wp.default.svc": {15008: 15008}}}
+services:
+- {name: web, namespace: default, hostname: web.default.svc, vips: ["/10.96.0.10"],
+   ports: {80: 8080}, waypoint: {destination: "default/wp.default.svc", hboneMtlsPort: 15009}}
+- {name: wp, namespace: default, hostname: wp.default.svc, vips: ["/10.96.0.99"],
+   ports: {15008: 15008}, subjectAltNames: ["spiffe://cluster.local/ns/default/sa/wp-alt"]}
+- {name: ghost, namespace: default, hostname: ghost.default.svc, vips: ["/10.96.0.11"],
+   ports: {80: 80}, waypoint: {destination: "default/nobody.default.svc"}}
+"#;
+
+    fn waypoint_state() -> State {
+        let config = LocalConfig::parse(WITH_WAYPOINTS, "lab.yaml").unwrap();
+        State::from_config(&config, "n1", "cluster.local").unwrap()
+    }
+
+    #[test]
+    fn a_service_with_a_waypoint_is_reached_through_it_by_the_vip_as_dialled() {
+        let s = waypoint_state();
+        let a = s.workloads["default/a"].clone();
+        let vip = "10.96.0.10:80".parse().unwrap();
+        let up = s.resolve(vip, Some(&a)).unwrap();
+        assert!(up.via_waypoint);
+        assert_eq!(up.workload.key, "default/wp");
+        // The CONNECT names the VIP, untranslated; the tunnel goes to the waypoint's port.
+        assert_eq!(up.addr, vip);
+        assert_eq!(up.tunnel_addr, "10.2.0.9:15009".parse().unwrap());
+        assert_eq!(up.protocol, Protocol::Hbone);
+        assert_eq!(up.service.unwrap().hostname, "web.default.svc");
+        let ids: Vec<String> = up
+            .expected_identities
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "spiffe://cluster.local/ns/default/sa/waypoint",
+                "spiffe://cluster.local/ns/default/sa/wp-alt"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_workload_with_a_waypoint_is_reached_through_it_unless_the_waypoint_sends() {
+        let s = waypoint_state();
+        let dst = "10.2.0.2:8080".parse().unwrap();
+        let a = s.workloads["default/a"].clone();
+        let up = s.resolve(dst, Some(&a)).unwrap();
+        assert!(up.via_waypoint);
+        assert_eq!((up.addr, up.tunnel_addr.port()), (dst, 15009));
+        // The waypoint's own traffic to c goes straight to c.
+        let wp = s.workloads["default/wp"].clone();
+        let up = s.resolve(dst, Some(&wp)).unwrap();
+        assert!(!up.via_waypoint);
+        assert_eq!(up.workload.key, "default/c");
+        assert_eq!(up.tunnel_addr, "10.2.0.2:15008".parse().unwrap());
+    }
+
+    #[test]
+    fn an_unknown_waypoint_fails_closed() {
+        let s = waypoint_state();
+        let err = s
+            .resolve("10.96.0.11:80".parse().unwrap(), None)
+            .unwrap_err();
+        assert!(matches!(err, Unresolved::UnknownWaypoint { .. }), "{err}");
+        assert!(
+            err.to_string().contains("default/nobody.default.svc"),
+            "{err}"
+        );
     }
 }

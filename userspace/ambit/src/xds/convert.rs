@@ -13,10 +13,13 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 use super::proto::{
     security,
-    workload::{self, address},
+    workload::{self, address, gateway_address},
 };
 use crate::{
-    config::{LocalConfig, Protocol, Service, Workload, WorkloadTelemetry},
+    config::{
+        GatewayAddress, GatewayDestination, LocalConfig, Protocol, Service, Workload,
+        WorkloadTelemetry,
+    },
     policy::{Action, Authorization, Cidr, RbacMatch, Scope, ServiceAccountMatch, StringMatch},
 };
 
@@ -88,6 +91,11 @@ fn workload_from(w: &workload::Workload) -> Result<Workload> {
         node: w.node.clone(),
         authorization_policies: w.authorization_policies.clone(),
         services,
+        waypoint: w
+            .waypoint
+            .as_ref()
+            .map(|g| gateway_from(g).context("workload.waypoint"))
+            .transpose()?,
         telemetry: WorkloadTelemetry {
             workload_name: non_empty(&w.workload_name),
             workload_type: Some(workload_type.to_owned()),
@@ -124,7 +132,60 @@ fn service_from(s: &workload::Service) -> Result<Service> {
         vips,
         ports,
         subject_alt_names: s.subject_alt_names.clone(),
+        waypoint: s
+            .waypoint
+            .as_ref()
+            .map(|g| gateway_from(g).context("service.waypoint"))
+            .transpose()?,
     })
+}
+
+fn gateway_from(g: &workload::GatewayAddress) -> Result<GatewayAddress> {
+    let destination = match &g.destination {
+        Some(gateway_address::Destination::Address(a)) => {
+            GatewayDestination::Address(ip_from(&a.address).context("address")?)
+        }
+        Some(gateway_address::Destination::Hostname(h)) => {
+            if h.namespace.is_empty() || h.hostname.is_empty() {
+                bail!("hostname: namespace and hostname must not be empty");
+            }
+            GatewayDestination::Hostname {
+                namespace: h.namespace.clone(),
+                hostname: h.hostname.clone(),
+            }
+        }
+        None => bail!("destination: neither an address nor a hostname"),
+    };
+    let hbone_mtls_port = match g.hbone_mtls_port {
+        0 => ambit_abi::HBONE_PORT,
+        p => u16::try_from(p).map_err(|_| anyhow!("hboneMtlsPort: {p} is not a port"))?,
+    };
+    Ok(GatewayAddress {
+        destination,
+        hbone_mtls_port,
+    })
+}
+
+fn gateway_to(g: &GatewayAddress) -> workload::GatewayAddress {
+    let destination = match &g.destination {
+        GatewayDestination::Address(ip) => {
+            gateway_address::Destination::Address(workload::NetworkAddress {
+                network: DEFAULT_NETWORK.into(),
+                address: ip_bytes(ip),
+            })
+        }
+        GatewayDestination::Hostname {
+            namespace,
+            hostname,
+        } => gateway_address::Destination::Hostname(workload::NamespacedHostname {
+            namespace: namespace.clone(),
+            hostname: hostname.clone(),
+        }),
+    };
+    workload::GatewayAddress {
+        destination: Some(destination),
+        hbone_mtls_port: g.hbone_mtls_port.into(),
+    }
 }
 
 /// Converts one `Authorization` resource named `name`.
@@ -337,6 +398,7 @@ fn workload_to(w: &Workload) -> workload::Workload {
             })
             .collect(),
         authorization_policies: w.authorization_policies.clone(),
+        waypoint: w.waypoint.as_ref().map(gateway_to),
         cluster_id: t.cluster_id.clone().unwrap_or_else(|| "Kubernetes".into()),
         ..Default::default()
     }
@@ -371,6 +433,7 @@ fn service_to(s: &Service) -> Result<workload::Service> {
             })
             .collect(),
         subject_alt_names: s.subject_alt_names.clone(),
+        waypoint: s.waypoint.as_ref().map(gateway_to),
         ..Default::default()
     })
 }
@@ -508,6 +571,27 @@ mod tests {
         };
         assert_eq!(services(&round.services), services(&config.services));
         assert_eq!(round.policies, config.policies);
+    }
+
+    #[test]
+    fn waypoints_survive_the_trip_both_ways() {
+        let text = r#"
+workloads:
+- {name: a, namespace: d, workloadIps: [10.0.0.1],
+   waypoint: {destination: "/10.0.0.9", hboneMtlsPort: 15008}}
+services:
+- {name: web, namespace: d, hostname: web.d.svc, vips: ["/10.96.0.1"], ports: {80: 8080},
+   waypoint: {destination: "d/waypoint.d.svc.cluster.local", hboneMtlsPort: 15009}}
+"#;
+        let config = LocalConfig::parse(text, "lab.yaml").unwrap();
+        let back: Vec<MeshAddress> = addresses(&config)
+            .unwrap()
+            .iter()
+            .map(|(name, a)| mesh_address(name, a).unwrap())
+            .collect();
+        let round = local_config(&back, &[]);
+        assert_eq!(round.workloads[0].waypoint, config.workloads[0].waypoint);
+        assert_eq!(round.services[0].waypoint, config.services[0].waypoint);
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod waypoint;
+
 use std::{
     fs,
     path::{Path, PathBuf},

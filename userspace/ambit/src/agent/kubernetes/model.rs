@@ -172,6 +172,7 @@ pub fn build_config(
             node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
             authorization_policies: Vec::new(),
             services: BTreeMap::new(),
+            waypoint: None,
             telemetry: pod_telemetry(pod, &name),
         };
         workloads.insert((ns, name), (workload, pod.metadata.uid.clone()));
@@ -256,6 +257,7 @@ pub fn build_config(
                 })
                 .collect(),
             subject_alt_names: Vec::new(),
+            waypoint: None,
         });
     }
 
@@ -378,13 +380,13 @@ mod tests {
         let s = state(&pods, &ns, &svc, &slices, "worker");
         let vip = "10.96.100.10:80".parse().unwrap();
         let mut endpoints: Vec<_> = (0..4)
-            .map(|_| s.resolve(vip).unwrap().addr.to_string())
+            .map(|_| s.resolve(vip, None).unwrap().addr.to_string())
             .collect();
         endpoints.sort();
         endpoints.dedup();
         assert_eq!(endpoints, ["10.244.1.7:8080", "10.244.2.9:8080"]);
         // A service whose endpoints are all outside the mesh is not captured.
-        assert!(s.resolve("10.96.100.20:80".parse().unwrap()).is_none());
+        assert!(s.resolve("10.96.100.20:80".parse().unwrap(), None).is_err());
     }
 
     #[test]

@@ -195,12 +195,21 @@ async fn next_state(
 /// A stand-in istiod in this process (`ambit control-plane`'s server) serving `mesh`, with a
 /// fresh CA; returns its address and the CA's root file.
 async fn stand_in_istiod(dir: &std::path::Path, mesh: &str) -> (String, std::path::PathBuf) {
+    std::fs::write(dir.join("mesh.yaml"), mesh).unwrap();
+    let file = ambit::control_plane::Mesh::File(dir.join("mesh.yaml"));
+    stand_in_istiod_serving(dir, file).await
+}
+
+/// The same serving the mesh from `mesh`.
+async fn stand_in_istiod_serving(
+    dir: &std::path::Path,
+    mesh: ambit::control_plane::Mesh,
+) -> (String, std::path::PathBuf) {
     let ca = dir.join("ca");
     ambit::tls::BuiltinCa::generate("cluster.local")
         .unwrap()
         .write_plugin_layout(&ca)
         .unwrap();
-    std::fs::write(dir.join("mesh.yaml"), mesh).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -208,14 +217,15 @@ async fn stand_in_istiod(dir: &std::path::Path, mesh: &str) -> (String, std::pat
         .port();
     let listen: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let args = ambit::control_plane::ControlPlaneArgs {
-        config: dir.join("mesh.yaml"),
+        config: None,
+        kubernetes: false,
         ca_dir: ca.clone(),
         trust_domain: "cluster.local".into(),
         listen,
         serving_names: Vec::new(),
         max_cert_lifetime: Duration::from_secs(3600),
     };
-    tokio::spawn(async move { ambit::control_plane::run(args).await.unwrap() });
+    tokio::spawn(async move { ambit::control_plane::serve(args, mesh).await.unwrap() });
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(listen).await.is_ok() {
             break;
@@ -310,5 +320,89 @@ async fn with_xds_the_mesh_comes_from_istiod_and_the_pods_from_the_api() {
         state.enrolled.keys().collect::<Vec<_>>(),
         ["demo/sleep", "demo/web"]
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The stand-in istiod with `--kubernetes` (what `cargo xtask kind up` runs as istiod): it
+/// serves the mesh the API describes, and a node fed by it over xDS sees the same workloads
+/// and services as a node reading the API itself, and follows the API's changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stand_in_istiod_serves_the_clusters_mesh_from_the_api() {
+    let dir = std::env::temp_dir().join(format!("ambit-cp-k8s-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (events, _) = broadcast::channel(16);
+    let url = fake_api(events.clone()).await;
+    ambit::tls::install_default_provider();
+    let connected = |node: &str| {
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let mut k8s = KubernetesSource::new(
+            node,
+            "cluster.local",
+            Some("ambit-system/ambit-x1".into()),
+            Arc::new(EveryPod),
+        );
+        async move {
+            k8s.connect_with(client, Duration::from_secs(10))
+                .await
+                .unwrap();
+            k8s
+        }
+    };
+    // What a node reading the API itself sees.
+    let mut direct = connected("worker").await;
+    let expected = direct.initial().unwrap();
+    let control_plane = connected("").await;
+    let (address, root) = stand_in_istiod_serving(
+        &dir,
+        ambit::control_plane::Mesh::Kubernetes(Box::new(control_plane)),
+    )
+    .await;
+    let settings = XdsSettings {
+        address,
+        root_cert: root,
+        token: None,
+        node_name: "worker".into(),
+        pod_name: "ambit-x1".into(),
+        pod_namespace: "ambit-system".into(),
+        instance_ip: "10.244.1.2".into(),
+        cluster_id: "Kubernetes".into(),
+    };
+    let mut source = XdsSource::connect(
+        settings,
+        LocalPods::Kubernetes(Box::new(connected("worker").await)),
+        "worker",
+        "cluster.local",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let initial = source.initial().unwrap();
+    assert_eq!(
+        initial.workloads.keys().collect::<Vec<_>>(),
+        expected.workloads.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        initial.services.keys().collect::<Vec<_>>(),
+        expected.services.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        initial.enrolled.keys().collect::<Vec<_>>(),
+        ["demo/sleep", "demo/web"]
+    );
+    assert_eq!(initial.mesh_destinations(), expected.mesh_destinations());
+
+    // The pod demo/sleep leaves the mesh: the stand-in pushes its removal.
+    let (tx, mut rx) = mpsc::channel(4);
+    let _task = Box::new(source).watch(tx);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut sleep = fixture("pods.json")["items"][0].clone();
+    sleep["metadata"]["labels"] = serde_json::json!({"istio.io/dataplane-mode": "none"});
+    sleep["metadata"]["resourceVersion"] = "2".into();
+    events
+        .send(("/api/v1/pods".into(), modified("MODIFIED", sleep)))
+        .unwrap();
+    let state = next_state(&mut rx, |s| !s.workloads.contains_key("demo/sleep")).await;
+    assert_eq!(state.enrolled.keys().collect::<Vec<_>>(), ["demo/web"]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -26,7 +26,15 @@ use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, SanType
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use crate::{config::LocalConfig, tls::PluginCa, xds::convert};
+use crate::{
+    agent::kubernetes::{
+        discovery::{PodLocation, PodLocator},
+        KubernetesSource,
+    },
+    config::LocalConfig,
+    tls::PluginCa,
+    xds::convert,
+};
 
 /// The name a node proxy reaches istiod by; the stand-in's serving certificate carries it.
 pub const ISTIOD_HOSTNAME: &str = "istiod.istio-system.svc";
@@ -35,8 +43,13 @@ pub const ISTIOD_HOSTNAME: &str = "istiod.istio-system.svc";
 pub struct ControlPlaneArgs {
     /// ztunnel-format local config file (workloads, services, policies), watched; its `ambit`
     /// section, if any, is ignored.
-    #[arg(long)]
-    pub config: PathBuf,
+    #[arg(long, required_unless_present = "kubernetes")]
+    pub config: Option<PathBuf>,
+    /// Serve the mesh the Kubernetes API describes instead (in-cluster config or KUBECONFIG):
+    /// the pods of ambient namespaces and their Services, read as `ambit node --source
+    /// kubernetes` reads them. No policies: the stand-in does not read AuthorizationPolicies.
+    #[arg(long, conflicts_with = "config")]
+    pub kubernetes: bool,
     /// The mesh CA, in Istio's plug-in CA layout (`ambit ca init` makes one).
     #[arg(long)]
     pub ca_dir: PathBuf,
@@ -54,17 +67,49 @@ pub struct ControlPlaneArgs {
     pub max_cert_lifetime: Duration,
 }
 
+/// Where the mesh it serves comes from.
+pub enum Mesh {
+    File(PathBuf),
+    /// A connected source (its node name unused: the control plane enrolls nothing).
+    Kubernetes(Box<KubernetesSource>),
+}
+
 /// Serves until the process is stopped.
 pub async fn run(args: ControlPlaneArgs) -> Result<()> {
+    let mesh = match &args.config {
+        Some(path) => Mesh::File(path.clone()),
+        None => {
+            let mut k8s = KubernetesSource::new("", &args.trust_domain, None, Arc::new(NoPods));
+            k8s.connect(Duration::from_secs(60)).await?;
+            Mesh::Kubernetes(Box::new(k8s))
+        }
+    };
+    serve(args, mesh).await
+}
+
+/// Serves `mesh` until the process is stopped.
+pub async fn serve(args: ControlPlaneArgs, mesh: Mesh) -> Result<()> {
     let ca = Arc::new(PluginCa::load(&args.ca_dir, &args.trust_domain)?);
-    let first = read_resources(&args.config)?;
-    let (resources_tx, resources) = watch::channel(Arc::new(first));
-    tokio::spawn(watch_config(args.config.clone(), resources_tx));
+    let (source, resources) = match mesh {
+        Mesh::File(path) => {
+            let first = read_resources(&path)?;
+            let (tx, rx) = watch::channel(Arc::new(first));
+            let source = path.display().to_string();
+            tokio::spawn(watch_config(path, tx));
+            (source, rx)
+        }
+        Mesh::Kubernetes(k8s) => {
+            let first = kubernetes_resources(&k8s)?;
+            let (tx, rx) = watch::channel(Arc::new(first));
+            tokio::spawn(watch_kubernetes(k8s, tx));
+            ("the Kubernetes API".to_owned(), rx)
+        }
+    };
 
     let (cert_pem, key_pem) = serving_certificate(&args, &ca)?;
     let identity = tonic::transport::Identity::from_pem(cert_pem, key_pem);
     let tls = tonic::transport::ServerTlsConfig::new().identity(identity);
-    info!(listen = %args.listen, config = %args.config.display(), "control plane serving xDS and the CA");
+    info!(listen = %args.listen, mesh = %source, "control plane serving xDS and the CA");
     tonic::transport::Server::builder()
         .tls_config(tls)
         .context("the serving certificate")?
@@ -101,10 +146,51 @@ impl Versioned {
 }
 
 fn read_resources(path: &Path) -> Result<Resources> {
-    use crate::xds::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let config = LocalConfig::parse_unchecked(&text, &path.display().to_string())?;
+    resources_of(&config, format!("{:016x}", fnv1a(text.as_bytes())))
+}
+
+/// The mesh the Kubernetes API describes, as resources; its version a hash of the mesh.
+fn kubernetes_resources(k8s: &KubernetesSource) -> Result<Resources> {
+    let config = k8s.mesh()?;
+    let version = format!(
+        "{:016x}",
+        fnv1a(format!("{:?}", (&config.workloads, &config.services)).as_bytes())
+    );
+    resources_of(&config, version)
+}
+
+/// Rebuilds the resources when an API object changed; pushes them when the mesh did.
+async fn watch_kubernetes(k8s: Box<KubernetesSource>, resources: watch::Sender<Arc<Resources>>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if !k8s.take_changed() {
+            continue;
+        }
+        match kubernetes_resources(&k8s) {
+            Ok(new) if new.version != resources.borrow().version => {
+                info!(version = %new.version, "the cluster's mesh changed; pushing");
+                resources.send_replace(Arc::new(new));
+            }
+            Ok(_) => {}
+            Err(e) => error!("the cluster's mesh: {e:#}"),
+        }
+    }
+}
+
+/// Locates no pod: the control plane enrolls nothing.
+struct NoPods;
+impl PodLocator for NoPods {
+    fn locate(&self, _uid: &str) -> Option<PodLocation> {
+        None
+    }
+}
+
+fn resources_of(config: &LocalConfig, version: String) -> Result<Resources> {
+    use crate::xds::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
     let mut by_type = std::collections::BTreeMap::new();
     let addresses = convert::addresses(&config)?
         .into_iter()
@@ -116,7 +202,6 @@ fn read_resources(path: &Path) -> Result<Resources> {
         .collect::<Result<_>>()?;
     by_type.insert(ADDRESS_TYPE_URL, addresses);
     by_type.insert(AUTHORIZATION_TYPE_URL, policies);
-    let version = format!("{:016x}", fnv1a(text.as_bytes()));
     Ok(Resources { by_type, version })
 }
 

@@ -182,6 +182,15 @@ impl KubernetesSource {
         Ok(self.config()?.ambit)
     }
 
+    /// The mesh the API's objects make (workloads and services, no local pods): what the
+    /// stand-in istiod serves with `--kubernetes`.
+    pub fn mesh(&self) -> Result<LocalConfig> {
+        Ok(LocalConfig {
+            ambit: AmbitSection::default(),
+            ..self.config()?
+        })
+    }
+
     /// Whether an object changed since the last call (and so `local_pods` may have).
     pub fn take_changed(&self) -> bool {
         self.stores

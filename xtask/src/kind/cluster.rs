@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _, Result};
 
 use super::{
     KindCommand, AGENT, AGENT_NAMESPACE, AGENT_SELECTOR, CA_SECRET, CLUSTER, CLUSTER_CONFIG,
-    CONTAINERFILE, CONTEXT, IMAGE,
+    CONTAINERFILE, CONTEXT, IMAGE, ISTIOD_NAMESPACE, LAB_ISTIOD, ROOT_CERT_CONFIGMAP,
 };
 
 /// The mesh CA: Istio's plug-in CA Secret's files.
@@ -47,7 +47,7 @@ pub(super) fn up(sh: &Shell) -> Result<()> {
         "kind load docker-image {IMAGE} --name {CLUSTER}"
     )))?;
 
-    sh.say("== the mesh CA (Istio's plug-in CA layout) as the Secret cacerts");
+    sh.say("== the mesh CA (Istio's plug-in CA layout), made once");
     let ca_dir = sh.root.join(CA_DIR);
     if sh.dry_run || !ca_dir.join("root-cert.pem").exists() {
         if !sh.dry_run {
@@ -63,18 +63,40 @@ pub(super) fn up(sh: &Shell) -> Result<()> {
     } else {
         sh.say(&format!("reusing the CA in {CA_DIR}"));
     }
-    sh.run(&kubectl("apply -f deploy/namespace.yaml"))?;
-    let secret = format!("-n {AGENT_NAMESPACE} delete secret {CA_SECRET} --ignore-not-found");
+    // The CA key goes to the stand-in istiod only (as with Istio, where istiod holds it):
+    // no node holds it, the nodes send CSRs.
+    sh.say("== the stand-in istiod (kind-config/istiod.yaml), holding the CA in istio-system");
+    sh.run(&kubectl(&format!("apply -f {LAB_ISTIOD}")))?;
+    let secret = format!("-n {ISTIOD_NAMESPACE} delete secret {CA_SECRET} --ignore-not-found");
     sh.run(&kubectl(&secret))?;
     // Whole words: the workspace's path may contain spaces.
     let mut create = kubectl(&format!(
-        "-n {AGENT_NAMESPACE} create secret generic {CA_SECRET}"
+        "-n {ISTIOD_NAMESPACE} create secret generic {CA_SECRET}"
     ));
     create.extend(
         CA_FILES
             .iter()
             .map(|f| format!("--from-file={f}={}", ca_dir.join(f).display())),
     );
+    sh.run(&create)?;
+    sh.run(&kubectl(&format!(
+        "-n {ISTIOD_NAMESPACE} rollout restart deployment/istiod"
+    )))?;
+    sh.run(&kubectl(&format!(
+        "-n {ISTIOD_NAMESPACE} rollout status deployment/istiod --timeout=300s"
+    )))?;
+    // istiod publishes its root in every namespace as this ConfigMap; the stand-in does not.
+    sh.run(&kubectl("apply -f deploy/namespace.yaml"))?;
+    let root =
+        format!("-n {AGENT_NAMESPACE} delete configmap {ROOT_CERT_CONFIGMAP} --ignore-not-found");
+    sh.run(&kubectl(&root))?;
+    let mut create = kubectl(&format!(
+        "-n {AGENT_NAMESPACE} create configmap {ROOT_CERT_CONFIGMAP}"
+    ));
+    create.push(format!(
+        "--from-file=root-cert.pem={}",
+        ca_dir.join("root-cert.pem").display()
+    ));
     sh.run(&create)?;
 
     sh.say("== Ambit's DaemonSet");

@@ -31,7 +31,7 @@ use serde::{de::IgnoredAny, Deserialize};
 
 use super::{
     AGENT, AGENT_NAMESPACE, CLUSTER, CLUSTER_CONFIG, CONTAINERFILE, DEMO_CLIENT, DEMO_NAMESPACE,
-    DEMO_SERVER, DEMO_SERVER_POD_PORT, DEMO_SERVER_SERVICE_PORT,
+    DEMO_SERVER, DEMO_SERVER_POD_PORT, DEMO_SERVER_SERVICE_PORT, LAB_ISTIOD,
 };
 use crate::util::workspace_root;
 
@@ -72,7 +72,11 @@ pub fn validate_manifests() -> Result<()> {
         .partition(|f| is_kustomization(f));
 
     let mut problems = check_schemas(&root, &object_files)?;
+    // The kind lab's stand-in istiod: not part of deploy/, but a manifest all the same.
+    problems.extend(check_schemas(&root, &[root.join(LAB_ISTIOD)])?);
     let (mut objects, mut unreadable) = (Vec::new(), Vec::new());
+    let lab_istiod = parse_objects(LAB_ISTIOD, &read(&root.join(LAB_ISTIOD))?, &mut unreadable);
+    check_pod_templates(&Manifests(lab_istiod.iter().collect()), &mut problems);
     for file in &object_files {
         let text = read(file)?;
         objects.extend(parse_objects(
@@ -899,6 +903,9 @@ spec:
         let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         let args = list(&pod.containers[0].args);
         let flags = args.iter().enumerate().filter(|(_, a)| a.starts_with("--"));
+        // And --ca-dir, which `ambit node` has but the DaemonSet must not pass.
+        let ca_dir = "--ca-dir".to_owned();
+        let flags = flags.chain([(usize::MAX, &ca_dir)]);
         let node = node_flags::NodeFlags {
             flags: flags
                 .map(|(i, a)| {
@@ -932,6 +939,9 @@ spec:
             ("daemonset", "/healthz/ready\n            port: 15021", "/healthz/ready\n            port: 15022", "containers[ambit].readinessProbe must be httpGet /healthz/ready on port 15021"),
             ("daemonset", "maxSurge: 0", "maxSurge: 1", "spec.updateStrategy.rollingUpdate.maxSurge must be 0"),
             ("daemonset", "/host/proc\n          readOnly: true\n        #", "/host/proc\n        #", "containers[ambit].volumeMounts: --proc-root /host/proc: mount must be readOnly"),
+            ("daemonset", "        - --token-file\n", "        - --ca-dir\n        - /var/run/secrets/istio\n        - --token-file\n", "containers[ambit].args: --ca-dir puts the mesh CA's key on every node"),
+            ("daemonset", "audience: istio-ca", "audience: kubernetes", "--token-file /var/run/secrets/tokens/istio-token: volume istio-token must be token:istio-ca"),
+            ("daemonset", "        configMap:\n          name: istio-ca-root-cert", "        secret:\n          secretName: cacerts", "volumes: istiod-ca-cert is a Secret: the agent needs none"),
             ("rbac", "verbs: [\"patch\"]", "verbs: [\"patch\", \"delete\"]", "ClusterRole ambit-annotate (deploy/rbac.yaml): rules must grant only patch on pods"),
             ("samples/web", "targetPort: 8080", "targetPort: 9090", "Service web (deploy/samples/web.yaml): spec.ports: targetPort 9090 is no port of web"),
         ] {

@@ -2,8 +2,9 @@
 //! static checks of its manifests.
 //!
 //! - `up`: creates the cluster (kind-config/cluster.yaml), builds the image (deploy/Containerfile)
-//!   and loads it into the nodes, creates the mesh CA Secret from `ambit ca init`, deploys
-//!   deploy/ and waits for the DaemonSet.
+//!   and loads it into the nodes, runs the stand-in istiod (kind-config/istiod.yaml) with the
+//!   mesh CA from `ambit ca init`, deploys deploy/ (which holds no CA key: the nodes send CSRs
+//!   to the stand-in) and waits for the DaemonSet.
 //! - `demo`: deploys deploy/samples/ (sleep and web in the ambient namespace `demo`), waits until
 //!   Ambit has enrolled them, sends requests from sleep to web, and shows the agent's "captured"
 //!   log lines, the packets between the two pods (port 15008 only, no plaintext: needs root and
@@ -39,8 +40,13 @@ const AGENT_NAMESPACE: &str = "ambit-system";
 /// The DaemonSet, its container, its ServiceAccount and its read-only ClusterRole.
 const AGENT: &str = "ambit";
 const AGENT_SELECTOR: &str = "app.kubernetes.io/name=ambit";
-/// The mesh CA: Istio's plug-in CA Secret, which `up` creates and the DaemonSet mounts.
+/// The mesh CA: Istio's plug-in CA Secret, which `up` creates for the stand-in istiod.
 const CA_SECRET: &str = "cacerts";
+/// The kind lab's istiod (Ambit's stand-in), its namespace, and the ConfigMap of its root that
+/// the DaemonSet mounts (istiod publishes it in every namespace; `up` creates it).
+const LAB_ISTIOD: &str = "kind-config/istiod.yaml";
+const ISTIOD_NAMESPACE: &str = "istio-system";
+const ROOT_CERT_CONFIGMAP: &str = "istio-ca-root-cert";
 
 /// The sample apps of deploy/samples/ the demo calls, and how.
 const DEMO_NAMESPACE: &str = "demo";
@@ -51,7 +57,8 @@ const DEMO_SERVER_POD_PORT: &str = "8080";
 
 #[derive(clap::Subcommand, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KindCommand {
-    /// Create the kind cluster, build and load the image, create the CA Secret, deploy Ambit.
+    /// Create the kind cluster, build and load the image, run the stand-in istiod with the
+    /// lab's CA, deploy Ambit.
     Up,
     /// Deploy two sample apps in an ambient namespace and show their traffic captured and
     /// encrypted (the wire check needs root and tcpdump), and a look inside a node.

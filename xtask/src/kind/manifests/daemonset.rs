@@ -18,7 +18,10 @@ use k8s_openapi::{
 };
 
 use super::{int_or_string, list, node_flags::NodeFlags, Manifests, Report, BINARY_IN_IMAGE};
-use crate::kind::{AGENT, AGENT_NAMESPACE, CA_SECRET, CONTAINERFILE, IMAGE};
+use crate::kind::{AGENT, AGENT_NAMESPACE, CONTAINERFILE, IMAGE, ROOT_CERT_CONFIGMAP};
+
+/// The audience istiod's CA accepts tokens for.
+const ISTIO_CA_AUDIENCE: &str = "istio-ca";
 
 /// The init container that mounts bpffs and cgroup2 on the node.
 const INIT_CONTAINER: &str = "mount-kernel-fs";
@@ -57,7 +60,9 @@ struct PathFlag {
 enum Volume {
     /// A hostPath volume of this host path (None: the same path as the flag's value).
     HostPath(Option<&'static str>),
-    Secret(&'static str),
+    ConfigMap(&'static str),
+    /// A projected service-account token for this audience.
+    Token(&'static str),
 }
 
 const PATH_FLAGS: &[PathFlag] = &[
@@ -83,12 +88,18 @@ const PATH_FLAGS: &[PathFlag] = &[
         why: "the node's processes, for pods' netns and cgroups",
     },
     PathFlag {
-        flag: "--ca-dir",
-        volume: Volume::Secret(CA_SECRET),
+        flag: "--xds-root-cert",
+        volume: Volume::ConfigMap(ROOT_CERT_CONFIGMAP),
         read_only: true,
         propagation: &["None", ""],
-        why: "the mesh CA shared by all nodes: without it each node makes a CA of its own and \
-              nodes cannot authenticate each other",
+        why: "istiod's root, which istiod publishes in every namespace",
+    },
+    PathFlag {
+        flag: "--token-file",
+        volume: Volume::Token(ISTIO_CA_AUDIENCE),
+        read_only: true,
+        propagation: &["None", ""],
+        why: "the agent's token for istiod, projected and rotated by the kubelet",
     },
 ];
 
@@ -233,8 +244,21 @@ fn check_command_line(c: &Container, node: &NodeFlags, r: &mut Report) -> Passed
             ));
         }
     }
-    if passed.value("--source") != Some("kubernetes") {
-        r.add(format!("{C}.args must pass --source kubernetes"));
+    if passed.value("--source") != Some("xds") {
+        r.add(format!(
+            "{C}.args must pass --source xds (the mesh from istiod, the pods from the API)"
+        ));
+    }
+    for flag in ["--xds-address", "--ca-address"] {
+        if passed.value(flag).is_none() {
+            r.add(format!("{C}.args must pass {flag} (istiod)"));
+        }
+    }
+    if passed.0.contains_key("--ca-dir") {
+        r.add(format!(
+            "{C}.args: --ca-dir puts the mesh CA's key on every node, where one compromised node \
+             could mint any identity: pass --ca-address (istiod's CA) instead"
+        ));
     }
     if passed.value("--node") != Some("$(NODE_NAME)") {
         r.add(format!("{C}.args must pass --node $(NODE_NAME)"));
@@ -359,11 +383,17 @@ fn check_mounts(pod: &PodSpec, c: &Container, passed: &Passed, r: &mut Report) {
     let volumes: BTreeMap<&str, String> = list(&pod.volumes)
         .iter()
         .map(|v| {
-            let secret = v.secret.as_ref().and_then(|s| s.secret_name.as_ref());
-            let source = match (&v.host_path, secret) {
-                (Some(host), _) => format!("hostPath:{}", host.path),
-                (None, Some(secret)) => format!("secret:{secret}"),
-                (None, None) => "other".to_owned(),
+            let config_map = v.config_map.as_ref().map(|c| c.name.as_str());
+            let token_audience = v.projected.as_ref().and_then(|p| {
+                list(&p.sources)
+                    .iter()
+                    .find_map(|s| s.service_account_token.as_ref()?.audience.clone())
+            });
+            let source = match (&v.host_path, config_map, token_audience) {
+                (Some(host), _, _) => format!("hostPath:{}", host.path),
+                (None, Some(name), _) => format!("configMap:{name}"),
+                (None, None, Some(audience)) => format!("token:{audience}"),
+                _ => "other".to_owned(),
             };
             (v.name.as_str(), source)
         })
@@ -388,12 +418,18 @@ fn check_mounts(pod: &PodSpec, c: &Container, passed: &Passed, r: &mut Report) {
             r.add(format!("{C}.args must pass {} ({})", pf.flag, pf.why));
             continue;
         };
-        let Some(mount) = mounts.iter().find(|m| m.mount_path == value) else {
+        // A file flag (a certificate, a token) is on the volume mounted at its directory.
+        let Some(mount) = mounts
+            .iter()
+            .filter(|m| under(value, &m.mount_path))
+            .max_by_key(|m| m.mount_path.len())
+        else {
             continue; // reported above
         };
         let want = match pf.volume {
             Volume::HostPath(path) => format!("hostPath:{}", path.unwrap_or(value)),
-            Volume::Secret(secret) => format!("secret:{secret}"),
+            Volume::ConfigMap(name) => format!("configMap:{name}"),
+            Volume::Token(audience) => format!("token:{audience}"),
         };
         if volumes.get(mount.name.as_str()) != Some(&want) {
             r.add(format!(
@@ -582,14 +618,11 @@ fn check_policy(ds: &DaemonSet, pod: &PodSpec, r: &mut Report) {
             "spec.template.spec.serviceAccountName must be {AGENT} (rbac.yaml binds it)"
         ));
     }
-    let has_ca = list(&pod.volumes).iter().any(|v| {
-        v.secret
-            .as_ref()
-            .is_some_and(|s| s.secret_name.as_deref() == Some(CA_SECRET))
-    });
-    if !has_ca {
+    // No CA key on the nodes: the agent mounts no Secret at all.
+    for v in list(&pod.volumes).iter().filter(|v| v.secret.is_some()) {
         r.add(format!(
-            "spec.template.spec.volumes: none of the Secret {CA_SECRET} (what cargo xtask kind up creates)"
+            "spec.template.spec.volumes: {} is a Secret: the agent needs none (certificates come from istiod's CA)",
+            v.name
         ));
     }
 }

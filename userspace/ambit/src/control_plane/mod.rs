@@ -192,11 +192,11 @@ impl PodLocator for NoPods {
 fn resources_of(config: &LocalConfig, version: String) -> Result<Resources> {
     use crate::xds::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
     let mut by_type = std::collections::BTreeMap::new();
-    let addresses = convert::addresses(&config)?
+    let addresses = convert::addresses(config)?
         .into_iter()
         .map(|(name, a)| Ok((name, Versioned::new(prost_types::Any::from_msg(&a)?))))
         .collect::<Result<_>>()?;
-    let policies = convert::authorizations(&config)
+    let policies = convert::authorizations(config)
         .into_iter()
         .map(|(name, a)| Ok((name, Versioned::new(prost_types::Any::from_msg(&a)?))))
         .collect::<Result<_>>()?;

@@ -632,6 +632,8 @@ fn each_side_enforces_a_deny_policy_on_the_others_principal() {
         i.logs()
     );
     i.wait_ztunnel_log("policy rejection", 1);
+    // Ambit's access line comes when the refused connection closes, a moment after ztunnel's.
+    i.t.wait_log("n1", "answered 401 Unauthorized", 1);
     let line = i
         .ambit_log()
         .lines()

@@ -317,16 +317,26 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
     t.wait_log("n1", "out of file descriptors", 1);
 
     // Backing off: little CPU and few log lines while the queue cannot be served.
-    let (cpu, lines) = (cpu_ticks(pid), t.log("n1").lines().count());
+    let (cpu, before) = (cpu_ticks(pid), t.log("n1").lines().count());
     std::thread::sleep(Duration::from_secs(2));
-    let (cpu, lines) = (cpu_ticks(pid) - cpu, t.log("n1").lines().count() - lines);
+    let log = t.log("n1");
+    // The connections accepted before the limit was hit log their start ("captured outbound
+    // connection", at debug) whenever their tasks run, possibly inside the window: they are
+    // not the error loop this measures.
+    let written: Vec<&str> = log
+        .lines()
+        .skip(before)
+        .filter(|l| !l.contains("captured outbound connection"))
+        .collect();
+    let (cpu, lines) = (cpu_ticks(pid) - cpu, written.len());
     assert!(
         cpu < 40,
         "node 1 spent {cpu} ticks of CPU in 2 s out of descriptors"
     );
     assert!(
         lines < 40,
-        "node 1 wrote {lines} log lines in 2 s out of descriptors"
+        "node 1 wrote {lines} log lines in 2 s out of descriptors:\n{}",
+        written.join("\n")
     );
 
     // The held connections go; the waiting ones are taken, and new connections work again.

@@ -65,6 +65,15 @@ enum CaCommand {
 }
 
 fn main() -> Result<()> {
+    // One binary in the image: copied onto a node's CNI bin directory as `ambit-cni`, it is
+    // the chained CNI plugin (the runtime runs it by that name).
+    let invoked_as = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&invoked_as).file_name() == Some(std::ffi::OsStr::new("ambit-cni")) {
+        std::process::exit(match ambit_cni::plugin::main() {
+            code if code == std::process::ExitCode::SUCCESS => 0,
+            _ => 1,
+        });
+    }
     let cli = Cli::parse();
     ambit::tls::install_default_provider();
     match cli.command {

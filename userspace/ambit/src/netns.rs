@@ -105,6 +105,35 @@ impl Netns {
         })
     }
 
+    /// Brings the netns's loopback up if it is down. A pod's sandbox gets `lo` up from the
+    /// runtime, but the CNI plugin may enroll it before that (the order of a runtime's network
+    /// steps is its own), and the tunnel's listeners need 127.0.0.1.
+    pub fn ensure_loopback_up(&self) -> Result<()> {
+        let socket =
+            self.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))??;
+        // SAFETY: ifreq is plain data; its name is "lo" and NUL-terminated; the ioctls read
+        // and write only it.
+        unsafe {
+            let mut req: libc::ifreq = std::mem::zeroed();
+            for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+                *dst = *src as libc::c_char;
+            }
+            if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("reading lo's flags in {}", self.path.display()));
+            }
+            let flags = req.ifr_ifru.ifru_flags;
+            if flags & libc::IFF_UP as libc::c_short == 0 {
+                req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+                if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &req) != 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .with_context(|| format!("bringing lo up in {}", self.path.display()));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A new non-blocking TCP socket inside this netns.
     pub fn socket(&self, domain: socket2::Domain) -> Result<socket2::Socket> {
         let socket = self.run(|| {

@@ -6,7 +6,7 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use tokio::{
     signal::unix::{signal, Signal, SignalKind},
     sync::{mpsc, watch},
@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     agent::{
+        cni::{CniServer, SandboxLocator, SandboxRegistry},
         kubernetes::{discovery::ProcLocator, KubernetesSource},
         source::{FileSource, StateSource},
         Agent,
@@ -50,6 +51,8 @@ pub struct Node {
     proxy: Arc<ProxyContext>,
     /// The metrics, readiness and admin servers, stopped with the node.
     _admin: Vec<JoinHandle<()>>,
+    /// The CNI plugin's socket server (`--cni-socket`).
+    _cni: Option<JoinHandle<()>>,
 }
 
 impl Node {
@@ -64,6 +67,9 @@ impl Node {
         };
         raise_fd_limit();
         let mut annotator = None;
+        // Sandboxes the CNI plugin reports; the Kubernetes source locates pods through them.
+        let sandboxes = Arc::new(SandboxRegistry::default());
+        let mut directory = None;
         let mut source: Box<dyn StateSource> = match args.source {
             SourceKind::File => {
                 let config = args
@@ -73,16 +79,18 @@ impl Node {
                 Box::new(FileSource::new(config, &args.node, &args.trust_domain))
             }
             SourceKind::Kubernetes => {
-                let k8s = kubernetes_source(&args, &cgroup_root).await?;
+                let k8s = kubernetes_source(&args, &cgroup_root, &sandboxes).await?;
                 annotator = k8s.annotator();
+                directory = k8s.pod_directory();
                 Box::new(k8s)
             }
             SourceKind::Xds => {
                 let pods = match &args.config {
                     Some(file) => LocalPods::File(file.clone()),
                     None => {
-                        let k8s = kubernetes_source(&args, &cgroup_root).await?;
+                        let k8s = kubernetes_source(&args, &cgroup_root, &sandboxes).await?;
                         annotator = k8s.annotator();
+                        directory = k8s.pod_directory();
                         LocalPods::Kubernetes(Box::new(k8s))
                     }
                 };
@@ -135,6 +143,21 @@ impl Node {
         )
         .await?;
         agent.apply(&initial).await?;
+        let cni = match (&args.cni_socket, directory) {
+            (None, _) => None,
+            (Some(socket), Some(directory)) => Some(
+                CniServer {
+                    registry: sandboxes,
+                    directory,
+                    report: agent.enrollment_report(),
+                }
+                .listen(socket)?,
+            ),
+            (Some(_), None) => bail!(
+                "--cni-socket needs the pods from the Kubernetes API (--source kubernetes, or \
+                 --source xds without --config)"
+            ),
+        };
         info!(
             node = %args.node,
             source = %match args.source {
@@ -154,6 +177,7 @@ impl Node {
             agent,
             proxy,
             _admin: admin,
+            _cni: cni,
         })
     }
 
@@ -166,6 +190,7 @@ impl Node {
             mut agent,
             proxy,
             _admin,
+            _cni,
         } = self;
         let (updates_tx, mut updates) = mpsc::channel(4);
         let _watch = source.watch(updates_tx);
@@ -320,10 +345,18 @@ fn certificate_authority(args: &NodeArgs) -> Result<Arc<dyn CertificateAuthority
 
 /// The Kubernetes API's view of this node, connected: the mesh under `--source kubernetes`,
 /// this node's pods under `--source xds`.
-async fn kubernetes_source(args: &NodeArgs, cgroup_root: &Path) -> Result<KubernetesSource> {
-    let locator = Arc::new(ProcLocator {
-        proc_root: args.proc_root.clone(),
+async fn kubernetes_source(
+    args: &NodeArgs,
+    cgroup_root: &Path,
+    sandboxes: &Arc<SandboxRegistry>,
+) -> Result<KubernetesSource> {
+    let locator = Arc::new(SandboxLocator {
+        registry: sandboxes.clone(),
         cgroup_root: cgroup_root.to_owned(),
+        fallback: ProcLocator {
+            proc_root: args.proc_root.clone(),
+            cgroup_root: cgroup_root.to_owned(),
+        },
     });
     let mut k8s = KubernetesSource::new(
         &args.node,

@@ -79,6 +79,10 @@ pub struct NodeArgs {
     /// `namespace/name` of the agent's own pod, never enrolled.
     #[arg(long, env = "AMBIT_POD")]
     pub own_pod: Option<String>,
+    /// The unix socket the chained CNI plugin (`ambit-cni`) reaches this agent on, to have each
+    /// mesh pod captured before its sandbox starts. With pods from the Kubernetes API only.
+    #[arg(long)]
+    pub cni_socket: Option<PathBuf>,
     /// Where bpffs is mounted.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,

@@ -4,6 +4,7 @@
 //! netns handle → netns cookie → listeners opened in the netns → programs attached to the pod's
 //! cgroup and netns → maps written (capture is on from that last write).
 
+pub mod cni;
 pub mod kubernetes;
 pub mod source;
 mod time_wait;
@@ -21,6 +22,7 @@ use std::{
 
 use ambit_abi::{EnrolledPod, OUTBOUND_PORT};
 use anyhow::{Context as _, Result};
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
@@ -33,6 +35,15 @@ use crate::{
 
 /// Called with (pod, enrolled) after each enrollment change.
 type EnrollmentHook = Box<dyn Fn(&str, bool) + Send>;
+
+/// Which pods are enrolled, and which could not be and why: published after every change, for
+/// whoever waits on a pod (the CNI plugin's ADD).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnrollmentReport {
+    /// Each enrolled pod and the netns it was enrolled in.
+    pub enrolled: BTreeMap<PodKey, PathBuf>,
+    pub failed: BTreeMap<PodKey, String>,
+}
 
 /// A pod this node has enrolled, and what it holds for it.
 struct Enrolled {
@@ -64,6 +75,7 @@ pub struct Agent {
     /// draining began.
     ready: Arc<AtomicBool>,
     draining: bool,
+    report: watch::Sender<EnrollmentReport>,
 }
 
 impl Agent {
@@ -77,7 +89,29 @@ impl Agent {
             on_change: None,
             ready: Arc::new(AtomicBool::new(false)),
             draining: false,
+            report: watch::Sender::new(EnrollmentReport::default()),
         }
+    }
+
+    /// The enrollment report, updated after every change.
+    pub fn enrollment_report(&self) -> watch::Receiver<EnrollmentReport> {
+        self.report.subscribe()
+    }
+
+    fn publish_report(&self) {
+        let report = EnrollmentReport {
+            enrolled: self
+                .pods
+                .iter()
+                .map(|(k, p)| (k.clone(), p.spec.netns.clone()))
+                .collect(),
+            failed: self.failed.clone(),
+        };
+        self.report.send_if_modified(|current| {
+            let changed = *current != report;
+            *current = report;
+            changed
+        });
     }
 
     /// The node's readiness, for the readiness endpoint to read.
@@ -88,6 +122,7 @@ impl Agent {
     fn update_readiness(&self) {
         let ready = !self.draining && self.failed.is_empty();
         self.ready.store(ready, Ordering::Release);
+        self.publish_report();
     }
 
     /// Calls `hook(pod, enrolled)` after each enrollment and un-enrollment.
@@ -169,6 +204,7 @@ impl Agent {
         let cgroup_path = cgroup::resolve(&self.cgroup_root, &spec.cgroup);
         let cgroup = cgroup::PodCgroup::open(&cgroup_path)?;
 
+        netns.ensure_loopback_up()?;
         let listeners = PodListeners::open(&netns)?;
         let inbound: Vec<(IpAddr, i32)> = spec
             .ips

@@ -13,6 +13,7 @@
 
 use std::{
     fs,
+    net::IpAddr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
@@ -29,6 +30,12 @@ pub struct PodLocation {
 /// Finds pods on this node.
 pub trait PodLocator: Send + Sync {
     fn locate(&self, pod_uid: &str) -> Option<PodLocation>;
+
+    /// The addresses of a pod whose sandbox the CNI plugin reported, before the API server
+    /// knows them (the pod is still `Pending` then): such a pod is captured from its start.
+    fn sandbox_ips(&self, _pod_uid: &str) -> Option<Vec<IpAddr>> {
+        None
+    }
 }
 
 /// The real locator: scans `<proc_root>/*/cgroup`.
@@ -39,9 +46,13 @@ pub struct ProcLocator {
 
 impl PodLocator for ProcLocator {
     fn locate(&self, pod_uid: &str) -> Option<PodLocation> {
-        let own_netns = fs::metadata(self.proc_root.join("self/ns/net"))
-            .ok()
-            .map(|m| m.ino());
+        // Neither the agent's own netns nor the node's (pid 1's): a process of the pod's cgroup
+        // in one of those (CRI-O's conmon, a host-network helper) is not in the pod's netns.
+        let excluded: Vec<u64> = ["self/ns/net", "1/ns/net"]
+            .iter()
+            .filter_map(|p| fs::metadata(self.proc_root.join(p)).ok())
+            .map(|m| m.ino())
+            .collect();
         let mut best: Option<(u64, u32, String)> = None; // (start time, pid, cgroup path)
         for entry in fs::read_dir(&self.proc_root).ok()?.flatten() {
             let Some(pid) = entry
@@ -63,8 +74,10 @@ impl PodLocator for ProcLocator {
             }
             // A process in the node's own netns is not the pod's (host-network pods are never
             // enrolled anyway).
-            let netns = fs::metadata(dir.join("ns/net")).ok().map(|m| m.ino());
-            if netns.is_none() || netns == own_netns {
+            let Some(netns) = fs::metadata(dir.join("ns/net")).ok().map(|m| m.ino()) else {
+                continue;
+            };
+            if excluded.contains(&netns) {
                 continue;
             }
             let Some(start) = start_time(&dir) else {
@@ -124,6 +137,30 @@ fn start_time(proc_dir: &Path) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The pod-level cgroup directory of the pod `pod_uid` under the cgroup2 mount `root` (made by
+/// kubelet before it asks the runtime for the pod's sandbox), in any of the layouts above.
+pub fn find_pod_cgroup(root: &Path, pod_uid: &str) -> Option<PathBuf> {
+    let mut level = vec![root.to_owned()];
+    for _ in 0..8 {
+        let mut next = Vec::new();
+        for dir in level {
+            for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if pod_cgroup_prefix(&name, pod_uid) == Some(&*name) {
+                    return Some(entry.path());
+                }
+                next.push(entry.path());
+            }
+        }
+        level = next;
+    }
+    None
+}
+
 fn find_dir(root: &Path, name: &str, depth: usize) -> Option<PathBuf> {
     let mut level = vec![root.to_owned()];
     for _ in 0..depth {
@@ -149,6 +186,19 @@ mod tests {
     use super::*;
 
     const UID: &str = "0f4a1c2e-7b7d-4a8e-9c1f-2b3c4d5e6f70";
+
+    #[test]
+    fn finds_a_pod_cgroup_directory_by_uid() {
+        let root = std::env::temp_dir().join(format!("ambit-podcg-{}", std::process::id()));
+        let pod = root.join(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0f4a1c2e_7b7d_4a8e_9c1f_2b3c4d5e6f70.slice",
+        );
+        fs::create_dir_all(pod.join("cri-containerd-1.scope")).unwrap();
+        fs::create_dir_all(root.join("kubepods.slice/kubepods-podffff.slice")).unwrap();
+        assert_eq!(find_pod_cgroup(&root, UID), Some(pod));
+        assert_eq!(find_pod_cgroup(&root, "1234"), None);
+        fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn finds_the_pod_level_cgroup_in_every_layout() {

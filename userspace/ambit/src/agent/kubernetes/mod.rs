@@ -191,6 +191,18 @@ impl KubernetesSource {
         })
     }
 
+    /// What the CNI plugin's requests need of the API's view: whether a pod is one to capture,
+    /// and a way to have the desired state rebuilt at once. None until connected.
+    pub fn pod_directory(&self) -> Option<PodDirectory> {
+        let stores = self.stores.as_ref()?;
+        Some(PodDirectory {
+            pods: stores.pods.clone(),
+            namespaces: stores.namespaces.clone(),
+            own_pod: self.own_pod.clone(),
+            changed: stores.changed.clone(),
+        })
+    }
+
     /// Whether an object changed since the last call (and so `local_pods` may have).
     pub fn take_changed(&self) -> bool {
         self.stores
@@ -218,6 +230,39 @@ impl KubernetesSource {
             self.own_pod.as_deref(),
             self.locator.as_ref(),
         ))
+    }
+}
+
+/// The API's pods and namespaces as the agent sees them, for the CNI plugin's requests.
+#[derive(Clone)]
+pub struct PodDirectory {
+    pods: reflector::Store<Pod>,
+    namespaces: reflector::Store<Namespace>,
+    own_pod: Option<String>,
+    changed: Arc<AtomicBool>,
+}
+
+impl PodDirectory {
+    /// Whether the pod `namespace/name` is one to capture; None while the API's view does not
+    /// have it yet (the watch event may come a moment after the runtime's CNI call).
+    pub fn wants_capture(&self, namespace: &str, name: &str) -> Option<bool> {
+        let pod = self.pods.state().into_iter().find(|p| {
+            p.metadata.namespace.as_deref() == Some(namespace)
+                && p.metadata.name.as_deref() == Some(name)
+        })?;
+        let namespaces = self.namespaces.state();
+        let namespaces: Vec<&Namespace> = namespaces.iter().map(|n| n.as_ref()).collect();
+        let ambient = model::ambient_namespaces(&namespaces);
+        Some(model::wants_capture(
+            &pod,
+            &ambient,
+            self.own_pod.as_deref(),
+        ))
+    }
+
+    /// Asks for the desired state to be rebuilt (a sandbox came or went).
+    pub fn touch(&self) {
+        self.changed.store(true, Ordering::Release);
     }
 }
 

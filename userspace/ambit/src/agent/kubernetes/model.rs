@@ -40,6 +40,17 @@ pub struct ClusterView<'a> {
 
 /// Is this pod in the ambient mesh?
 pub fn in_mesh(pod: &Pod, ambient_namespaces: &BTreeSet<String>, own_pod: Option<&str>) -> bool {
+    let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    wants_capture(pod, ambient_namespaces, own_pod) && running && !pod_ips(pod).is_empty()
+}
+
+/// Whether a pod is one Ambit captures once it runs: ambient by its namespace or its own label
+/// (and not opted out), not on the host network, not the agent itself.
+pub fn wants_capture(
+    pod: &Pod,
+    ambient_namespaces: &BTreeSet<String>,
+    own_pod: Option<&str>,
+) -> bool {
     let meta = &pod.metadata;
     let label = meta
         .labels
@@ -55,7 +66,6 @@ pub fn in_mesh(pod: &Pod, ambient_namespaces: &BTreeSet<String>, own_pod: Option
         .as_ref()
         .and_then(|s| s.host_network)
         .unwrap_or(false);
-    let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
     let is_self = own_pod.is_some_and(|own| {
         meta.name.as_deref() == own.split_once('/').map(|(_, n)| n)
             && meta.namespace.as_deref() == own.split_once('/').map(|(ns, _)| ns)
@@ -63,9 +73,23 @@ pub fn in_mesh(pod: &Pod, ambient_namespaces: &BTreeSet<String>, own_pod: Option
     (namespace_ambient || label == Some("ambient"))
         && label != Some("none")
         && !host_network
-        && running
-        && !pod_ips(pod).is_empty()
         && !is_self
+}
+
+/// The namespaces labelled ambient.
+pub fn ambient_namespaces(namespaces: &[&Namespace]) -> BTreeSet<String> {
+    namespaces
+        .iter()
+        .filter(|ns| {
+            ns.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
+                .map(String::as_str)
+                == Some("ambient")
+        })
+        .filter_map(|ns| ns.metadata.name.clone())
+        .collect()
 }
 
 /// A pod's names for telemetry, as istiod derives them for ztunnel: the workload is the pod's
@@ -134,27 +158,20 @@ pub fn build_config(
     own_pod: Option<&str>,
     locator: &dyn PodLocator,
 ) -> LocalConfig {
-    let ambient_namespaces: BTreeSet<String> = view
-        .namespaces
-        .iter()
-        .filter(|ns| {
-            ns.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
-                .map(String::as_str)
-                == Some("ambient")
-        })
-        .filter_map(|ns| ns.metadata.name.clone())
-        .collect();
+    let ambient_namespaces = ambient_namespaces(&view.namespaces);
+    // A pod whose sandbox the CNI plugin reported is captured from its start, with the
+    // addresses the plugin saw, before the API server says it runs.
+    let sandbox_ips = |pod: &Pod| {
+        let uid = pod.metadata.uid.as_deref()?;
+        locator.sandbox_ips(uid).filter(|ips| !ips.is_empty())
+    };
 
     // Mesh pods → workloads, keyed by namespace/name.
     let mut workloads: BTreeMap<(String, String), (Workload, Option<String>)> = BTreeMap::new();
-    for pod in view
-        .pods
-        .iter()
-        .filter(|p| in_mesh(p, &ambient_namespaces, own_pod))
-    {
+    for pod in view.pods.iter().filter(|p| {
+        in_mesh(p, &ambient_namespaces, own_pod)
+            || (wants_capture(p, &ambient_namespaces, own_pod) && sandbox_ips(p).is_some())
+    }) {
         let (Some(ns), Some(name)) = (pod.metadata.namespace.clone(), pod.metadata.name.clone())
         else {
             continue;
@@ -166,7 +183,10 @@ pub fn build_config(
             service_account: spec
                 .and_then(|s| s.service_account_name.clone())
                 .unwrap_or_else(|| "default".into()),
-            workload_ips: pod_ips(pod),
+            workload_ips: Some(pod_ips(pod))
+                .filter(|ips| !ips.is_empty())
+                .or_else(|| sandbox_ips(pod))
+                .unwrap_or_default(),
             protocol: Protocol::Hbone,
             trust_domain: None,
             node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod cri;
 pub mod waypoint;
 
 use std::{

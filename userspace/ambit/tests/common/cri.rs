@@ -17,6 +17,12 @@
 //! - netns under containerd's state dir (`netns_mounts_under_state_dir`), not /run/netns: the
 //!   test's dir holds all its state; the path is in [`Pod::netns`].
 //! - runc's state (`Root`) under the dir too; AppArmor off (no profile to load in a test).
+//! - `restrict_oom_score_adj`: CRI gives the sandbox oom_score_adj -998, which needs
+//!   CAP_SYS_RESOURCE; a test host may lack it (runc then fails with "can't get final child's
+//!   PID from pipe"), so scores are clamped to containerd's own. Nothing here depends on them.
+//! - outside the dir, only what containerd 1.6 and libcni hard-code: the shims' sockets in
+//!   /run/containerd/s and libcni's cache in /var/lib/cni/results (see [`SHARED_DIRS`]), and
+//!   the bridge plugin's `net.ipv4.ip_forward=1` (isGateway), left on.
 //! - CNI: one conflist chaining `bridge` (+ `host-local` IPAM with its data dir in the test's
 //!   dir) on 10.230.<k>.0/24, gateway .1 on the bridge, no masquerade; containerd adds the
 //!   loopback itself. [`Cri::add_cni_plugin`] appends a plugin to the chain.
@@ -24,8 +30,10 @@
 //! Dropping a [`Cri`] stops and removes its sandboxes, stops containerd, kills what is left in
 //! its cgroups and its shims, unmounts everything under its dir, deletes the bridge and the
 //! cgroups, and removes the dir: also when the test panics. containerd gets
-//! `PR_SET_PDEATHSIG`, so a killed test run leaves no daemon: create and drop a `Cri` on one
-//! thread. [`Footprint::leftovers`] lists what would remain.
+//! `PR_SET_PDEATHSIG`, so a killed test run leaves no daemon (create and drop a `Cri` on one
+//! thread); its shims, pods, mounts and bridge stay until the next [`Cri::start`] of the same
+//! test prefix, a minute later or more, removes them. [`Footprint::leftovers`] lists what
+//! remains.
 //!
 //! What a real kubelet does that this harness does not: pull images (and their credentials),
 //! create the pod's cgroup with QoS limits (`kubepods/<qos>/pod<uid>`), set DNS config, port
@@ -137,13 +145,6 @@ impl Cri {
     /// Starts containerd with the local image imported and the CNI chain loaded.
     pub fn start() -> Result<Cri> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        SHARED_DIRS_BEFORE.get_or_init(|| {
-            SHARED_DIRS
-                .iter()
-                .copied()
-                .filter(|d| Path::new(d).exists())
-                .collect()
-        });
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let name = format!("{}{}c{n}", super::test_prefix(), pid % 100_000);
@@ -165,6 +166,14 @@ impl Cri {
             sandboxes: Mutex::new(Vec::new()),
             chain: Mutex::new(Vec::new()),
         };
+        sweep_stale(); // before this: what stale harnesses left is not the host's
+        SHARED_DIRS_BEFORE.get_or_init(|| {
+            SHARED_DIRS
+                .iter()
+                .copied()
+                .filter(|d| Path::new(d).exists())
+                .collect()
+        });
         cri.cleanup(); // an earlier run's leftovers with the same name
         cri.set_up().with_context(|| {
             format!(
@@ -751,50 +760,108 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             let _ = containerd.kill();
             let _ = containerd.wait();
         }
-        // Containers the removal missed, then their shims (which name containerd's socket).
-        for pid in cgroup_pids(&self.name) {
-            signal(pid, libc::SIGKILL);
-        }
-        let socket = self.socket.display().to_string();
-        for pid in pids_where(|cmdline, _| cmdline.contains(&socket)) {
-            signal(pid, libc::SIGKILL);
-        }
-        unmount_under(&self.dir);
-        if Path::new("/sys/class/net").join(&self.name).exists() {
-            let _ = Command::new("ip")
-                .args(["link", "del", &self.name])
-                .status();
-        }
-        for root in cgroup_mounts() {
-            remove_cgroup_tree(&root.join(&self.name));
-        }
-        // libcni's result cache (containerd sets no cache dir of its own): removed by CNI DEL,
-        // unless a pod's DEL never ran.
-        if let Ok(entries) = fs::read_dir("/var/lib/cni/results") {
-            for e in entries.flatten() {
-                if e.file_name()
-                    .to_string_lossy()
-                    .starts_with(&format!("{}-", self.name))
-                {
-                    let _ = fs::remove_file(e.path());
-                }
-            }
-        }
-        let before = SHARED_DIRS_BEFORE.get().map_or(&[][..], |v| v.as_slice());
-        for dir in SHARED_DIRS.iter().filter(|d| !before.contains(d)) {
-            let _ = fs::remove_dir(dir); // only when empty: another harness may use it
-        }
-        if self.dir.exists() {
-            if let Err(e) = fs::remove_dir_all(&self.dir) {
-                eprintln!("cri cleanup: removing {}: {e}", self.dir.display());
-            }
-        }
+        remove_from_host(&self.name, &self.dir);
     }
 }
 
 impl Drop for Cri {
     fn drop(&mut self) {
         self.cleanup();
+    }
+}
+
+/// The host side of a harness's cleanup: what is left in its cgroups and its shims killed,
+/// its mounts, bridge, cgroups, libcni cache entries and dir removed.
+fn remove_from_host(name: &str, dir: &Path) {
+    // Containers the removal missed, then their shims (which name containerd's socket).
+    for pid in cgroup_pids(name) {
+        signal(pid, libc::SIGKILL);
+    }
+    let socket = dir.join("containerd.sock").display().to_string();
+    for pid in pids_where(|cmdline, _| cmdline.contains(&socket)) {
+        let cmdline = fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        signal(pid, libc::SIGKILL);
+        // A killed shim leaves its socket: /run/containerd/s/<sha256 of address/namespace/id>.
+        let args: Vec<&str> = cmdline.split('\0').collect();
+        let arg = |flag: &str| {
+            args.iter()
+                .position(|a| *a == flag)
+                .and_then(|i| args.get(i + 1))
+        };
+        if let (Some(ns), Some(id)) = (arg("-namespace"), arg("-id")) {
+            let hash = sha256_hex(format!("{socket}/{ns}/{id}").as_bytes());
+            let shim_socket = Path::new(SHARED_DIRS[0]).join(hash);
+            let _ = fs::remove_file(shim_socket);
+        }
+    }
+    unmount_under(dir);
+    if Path::new("/sys/class/net").join(name).exists() {
+        let _ = Command::new("ip").args(["link", "del", name]).status();
+    }
+    for root in cgroup_mounts() {
+        remove_cgroup_tree(&root.join(name));
+    }
+    // libcni's result cache (containerd sets no cache dir of its own): each entry is removed by
+    // CNI DEL, unless a pod's DEL never ran. Ours: `<name>-<sandbox>-eth0` and, for containerd's
+    // own loopback network, `cni-loopback-<sandbox>-lo`.
+    let sandboxes: Vec<String> = ["root", "state"]
+        .iter()
+        .flat_map(|d| fs::read_dir(dir.join(d).join("io.containerd.grpc.v1.cri/sandboxes")))
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if let Ok(entries) = fs::read_dir("/var/lib/cni/results") {
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            if file.starts_with(&format!("{name}-"))
+                || sandboxes
+                    .iter()
+                    .any(|id| file == format!("cni-loopback-{id}-lo"))
+            {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    let before = SHARED_DIRS_BEFORE.get().map_or(&[][..], |v| v.as_slice());
+    for shared in SHARED_DIRS.iter().filter(|d| !before.contains(d)) {
+        let _ = fs::remove_dir(shared); // only when empty: another harness may use it
+    }
+    if dir.exists() {
+        if let Err(e) = fs::remove_dir_all(dir) {
+            eprintln!("cri cleanup: removing {}: {e}", dir.display());
+        }
+    }
+}
+
+/// Removes the leftovers of harnesses whose test process died without dropping them (killed):
+/// a dir of this test prefix whose containerd no longer runs, written over a minute ago (a
+/// harness starting in another process is younger).
+fn sweep_stale() {
+    let prefix = super::test_prefix();
+    for entry in fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let harness = rest.split_once('c').is_some_and(|(p, n)| {
+            [p, n]
+                .iter()
+                .all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        });
+        let config = entry.path().join("config.toml");
+        let old = fs::metadata(&config)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60));
+        let config = config.display().to_string();
+        if harness && old && pids_where(|cmdline, _| cmdline.contains(&config)).is_empty() {
+            eprintln!("cri: removing the leftovers of {name}");
+            remove_from_host(&name, &entry.path());
+        }
     }
 }
 

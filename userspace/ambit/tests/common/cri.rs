@@ -175,12 +175,23 @@ impl Cri {
                 .collect()
         });
         cri.cleanup(); // an earlier run's leftovers with the same name
-        cri.set_up().with_context(|| {
-            format!(
-                "starting containerd (log: {})",
-                cri.dir.join("containerd.log").display()
-            )
-        })?;
+        if let Err(e) = cri.set_up() {
+            // The dir goes with the drop: keep the log's errors (else its end) in the error.
+            let log = cri.containerd_log();
+            let mut lines: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    ["level=error", "level=fatal", "failed to load plugin"]
+                        .iter()
+                        .any(|m| l.contains(m))
+                })
+                .collect();
+            if lines.is_empty() {
+                lines = log.lines().collect();
+            }
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            bail!("starting containerd: {e:#}\n--- containerd's log ---\n{tail}");
+        }
         Ok(cri)
     }
 
@@ -245,20 +256,23 @@ impl Cri {
             let _guard = self.rt.enter();
             endpoint.connect_lazy()
         });
-        let mut last = String::new();
+        let mut no_cri = false;
         self.wait("containerd's CRI to answer Version", 20, || {
-            match self.call::<_, VersionResponse>(
-                VERSION,
-                VersionRequest {
-                    version: "v1".into(),
-                },
-            ) {
-                Ok(v) => return Ok(!v.runtime_version.is_empty()),
-                Err(e) => last = format!("{e:#}"),
+            let request = VersionRequest {
+                version: "v1".into(),
+            };
+            match self.call::<_, VersionResponse>(VERSION, request) {
+                // Up without the CRI plugin (it failed to load): no use waiting.
+                Err(e) if format!("{e:#}").contains("Unimplemented") => {
+                    no_cri = true;
+                    Ok(true)
+                }
+                r => r.map(|v| !v.runtime_version.is_empty()),
             }
-            Ok(false)
-        })
-        .with_context(|| format!("last error: {last}"))?;
+        })?;
+        if no_cri {
+            bail!("containerd runs without its CRI plugin");
+        }
 
         self.import_image(snapshotter)?;
         self.wait("CRI conditions RuntimeReady and NetworkReady", 20, || {
@@ -343,6 +357,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             )?;
             Ok(status.image.is_some())
         })
+    }
+
+    /// containerd's log so far (for a failing test's message).
+    pub fn containerd_log(&self) -> String {
+        fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
     }
 
     /// The name of the bridge, the CNI network and the pods' parent cgroup.

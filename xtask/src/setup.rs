@@ -11,7 +11,8 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::util::{has_command, is_root};
 
-/// Debian packages the lab and tests use: (package, a command it provides).
+/// Debian packages the lab and tests use: (package, a command it provides, or an executable's
+/// absolute path for packages that put nothing on PATH: `command -v` accepts a path).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("iproute2", "ip"),
@@ -26,7 +27,14 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     // vm-tests (vm-tests/README.md): the guests and their initramfs.
     ("qemu-system-x86", "qemu-system-x86_64"),
+    // Also the tests' container image (tests/common/cri.rs builds it from /bin/busybox).
     ("busybox-static", "busybox"),
+    // tests/containerd.rs: a private containerd (its CRI plugin) playing a node's runtime; ctr
+    // (in the containerd package) imports the tests' local images.
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    // The CNI plugins containerd runs for a pod (bridge, host-local, loopback).
+    ("containernetworking-plugins", "/usr/lib/cni/bridge"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.3";

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod cri;
 pub mod fake_api;
 pub mod waypoint;
 

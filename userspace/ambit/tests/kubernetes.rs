@@ -161,19 +161,42 @@ async fn the_kubernetes_source_follows_the_api() {
     let state = next_state(&mut rx, |s| !s.enrolled.contains_key("demo/sleep")).await;
     assert_eq!(state.enrolled.keys().collect::<Vec<_>>(), ["demo/web"]);
 
+    // A rollout: demo/web terminates (its slice says so). The VIP goes to web-2 alone.
+    let mut slice = fixture("endpointslices.json")["items"][0].clone();
+    assert_eq!(slice["endpoints"][0]["targetRef"]["name"], "web");
+    slice["endpoints"][0]["conditions"] =
+        serde_json::json!({"ready": false, "serving": true, "terminating": true});
+    slice["metadata"]["resourceVersion"] = "3".into();
+    events
+        .send((
+            "/apis/discovery.k8s.io/v1/endpointslices".into(),
+            modified("MODIFIED", slice),
+        ))
+        .unwrap();
+    let web_vip = "10.96.100.10:80".parse().unwrap();
+    let endpoints = |s: &ambit::state::State| -> Vec<String> {
+        let mut seen: Vec<String> = (0..4)
+            .filter_map(|_| s.resolve(web_vip, None).ok())
+            .map(|u| format!("{} {:?}", u.addr, u.protocol))
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen
+    };
+    let state = next_state(&mut rx, |s| endpoints(s).len() == 1).await;
+    assert_eq!(endpoints(&state), ["10.244.2.9:8080 Hbone"]);
+
     // The namespace `demo` leaves ambient mode: every pod in it is un-enrolled, and the web
-    // service, now without mesh endpoints, is no longer captured.
+    // service, now without mesh endpoints, is reached in plain TCP (as ztunnel does).
     let mut demo = fixture("namespaces.json")["items"][0].clone();
     assert_eq!(demo["metadata"]["name"], "demo");
     demo["metadata"]["labels"] = serde_json::json!({});
-    demo["metadata"]["resourceVersion"] = "3".into();
+    demo["metadata"]["resourceVersion"] = "4".into();
     events
         .send(("/api/v1/namespaces".into(), modified("MODIFIED", demo)))
         .unwrap();
     let state = next_state(&mut rx, |s| s.enrolled.is_empty()).await;
-    assert!(state
-        .resolve("10.96.100.10:80".parse().unwrap(), None)
-        .is_err());
+    assert_eq!(endpoints(&state), ["10.244.2.9:8080 Tcp"]);
 }
 
 async fn next_state(

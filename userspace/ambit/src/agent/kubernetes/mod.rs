@@ -185,10 +185,20 @@ impl KubernetesSource {
     /// The mesh the API's objects make (workloads and services, no local pods): what the
     /// stand-in istiod serves with `--kubernetes`.
     pub fn mesh(&self) -> Result<LocalConfig> {
-        Ok(LocalConfig {
-            ambit: AmbitSection::default(),
-            ..self.config()?
-        })
+        let stores = self.stores.as_ref().context("not connected")?;
+        let (pods, namespaces, services, slices) = (
+            stores.pods.state(),
+            stores.namespaces.state(),
+            stores.services.state(),
+            stores.slices.state(),
+        );
+        let view = ClusterView {
+            pods: pods.iter().map(|p| p.as_ref()).collect(),
+            namespaces: namespaces.iter().map(|n| n.as_ref()).collect(),
+            services: services.iter().map(|s| s.as_ref()).collect(),
+            slices: slices.iter().map(|s| s.as_ref()).collect(),
+        };
+        Ok(model::build_mesh(&view, self.own_pod.as_deref()))
     }
 
     /// Whether an object changed since the last call (and so `local_pods` may have).

@@ -73,7 +73,7 @@ impl Node {
                 Box::new(FileSource::new(config, &args.node, &args.trust_domain))
             }
             SourceKind::Kubernetes => {
-                let k8s = kubernetes_source(&args, &cgroup_root).await?;
+                let k8s = kubernetes_source(&args, &cgroup_root, false).await?;
                 annotator = k8s.annotator();
                 Box::new(k8s)
             }
@@ -81,7 +81,7 @@ impl Node {
                 let pods = match &args.config {
                     Some(file) => LocalPods::File(file.clone()),
                     None => {
-                        let k8s = kubernetes_source(&args, &cgroup_root).await?;
+                        let k8s = kubernetes_source(&args, &cgroup_root, true).await?;
                         annotator = k8s.annotator();
                         LocalPods::Kubernetes(Box::new(k8s))
                     }
@@ -319,13 +319,22 @@ fn certificate_authority(args: &NodeArgs) -> Result<Arc<dyn CertificateAuthority
 }
 
 /// The Kubernetes API's view of this node, connected: the mesh under `--source kubernetes`,
-/// this node's pods under `--source xds`.
-async fn kubernetes_source(args: &NodeArgs, cgroup_root: &Path) -> Result<KubernetesSource> {
+/// this node's pods alone (`local_only`) under `--source xds`.
+async fn kubernetes_source(
+    args: &NodeArgs,
+    cgroup_root: &Path,
+    local_only: bool,
+) -> Result<KubernetesSource> {
     let locator = Arc::new(ProcLocator {
         proc_root: args.proc_root.clone(),
         cgroup_root: cgroup_root.to_owned(),
     });
-    let mut k8s = KubernetesSource::new(
+    let new = if local_only {
+        KubernetesSource::local_pods_only
+    } else {
+        KubernetesSource::new
+    };
+    let mut k8s = new(
         &args.node,
         &args.trust_domain,
         args.own_pod.clone(),

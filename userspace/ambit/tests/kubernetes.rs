@@ -3,7 +3,11 @@
 //! watches and reflectors, no cluster. Checks that workloads, services and this node's pods
 //! follow label, namespace and pod changes.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use ambit::{
     agent::{
@@ -40,11 +44,63 @@ fn fixture(file: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The requests a fake API server received (path and decoded query), in order.
+type Requests = Arc<Mutex<Vec<String>>>;
+
+/// A query string's `%XX` and `+` decoded.
+fn decode(query: &str) -> String {
+    let bytes = query.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Whether `object` matches the field selector `selector` (`path.to.field=value`, the one
+/// form the agent sends), as the API server decides.
+fn selected(object: &serde_json::Value, selector: Option<&str>) -> bool {
+    let Some(selector) = selector else {
+        return true;
+    };
+    let (path, value) = selector
+        .split_once('=')
+        .unwrap_or_else(|| panic!("field selector {selector:?} is not field=value"));
+    let field = path
+        .split('.')
+        .fold(object, |v, key| &v[key])
+        .as_str()
+        .unwrap_or_default();
+    field == value.trim_start_matches('=')
+}
+
 /// A minimal API server: lists from fixtures, and watch streams fed by `events`
-/// (path prefix, JSON watch event).
+/// (path prefix, JSON watch event); both honour `fieldSelector`.
 async fn fake_api(events: broadcast::Sender<(String, String)>) -> String {
+    fake_api_recording(events).await.0
+}
+
+/// The same, with the requests it receives.
+async fn fake_api_recording(events: broadcast::Sender<(String, String)>) -> (String, Requests) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let requests = Requests::default();
+    let recorded = requests.clone();
     let lists: Arc<HashMap<&str, serde_json::Value>> = Arc::new(HashMap::from([
         ("/api/v1/pods", fixture("pods.json")),
         ("/api/v1/namespaces", fixture("namespaces.json")),
@@ -58,6 +114,7 @@ async fn fake_api(events: broadcast::Sender<(String, String)>) -> String {
         loop {
             let (mut stream, _) = listener.accept().await.unwrap();
             let lists = lists.clone();
+            let recorded = recorded.clone();
             let mut events = events.subscribe();
             tokio::spawn(async move {
                 let mut head = Vec::new();
@@ -72,6 +129,13 @@ async fn fake_api(events: broadcast::Sender<(String, String)>) -> String {
                 let text = String::from_utf8_lossy(&head).into_owned();
                 let target = text.split_whitespace().nth(1).unwrap_or("/").to_owned();
                 let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+                let query = decode(query);
+                recorded.lock().unwrap().push(format!("{path}?{query}"));
+                let fields = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("fieldSelector="))
+                    .map(str::to_owned);
+                let fields = fields.as_deref();
                 let Some(list) = lists.get(path) else {
                     let _ = stream
                         .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
@@ -86,7 +150,8 @@ async fn fake_api(events: broadcast::Sender<(String, String)>) -> String {
                         .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
                         .await;
                     while let Ok((prefix, event)) = events.recv().await {
-                        if prefix == path {
+                        let object = serde_json::from_str::<serde_json::Value>(&event).unwrap();
+                        if prefix == path && selected(&object["object"], fields) {
                             let line = format!("{event}\n");
                             let chunk = format!("{:x}\r\n{line}\r\n", line.len());
                             if stream.write_all(chunk.as_bytes()).await.is_err() {
@@ -98,6 +163,9 @@ async fn fake_api(events: broadcast::Sender<(String, String)>) -> String {
                 }
                 let mut list = list.clone();
                 list["metadata"] = serde_json::json!({"resourceVersion": "1"});
+                if let Some(items) = list["items"].as_array_mut() {
+                    items.retain(|item| selected(item, fields));
+                }
                 let body = list.to_string();
                 let response = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -107,7 +175,7 @@ async fn fake_api(events: broadcast::Sender<(String, String)>) -> String {
             });
         }
     });
-    format!("http://{addr}")
+    (format!("http://{addr}"), requests)
 }
 
 fn modified(kind: &str, object: serde_json::Value) -> String {
@@ -197,6 +265,103 @@ async fn the_kubernetes_source_follows_the_api() {
         .unwrap();
     let state = next_state(&mut rx, |s| s.enrolled.is_empty()).await;
     assert_eq!(endpoints(&state), ["10.244.2.9:8080 Tcp"]);
+}
+
+/// `--source xds` asks the API only for this node's pods (field selector `spec.nodeName`) and
+/// the namespaces: another node's pods never reach the agent, and Services and EndpointSlices
+/// are not watched at all.
+#[tokio::test]
+async fn a_local_pods_source_sees_only_this_nodes_pods() {
+    let (events, _) = broadcast::channel(16);
+    let (url, requests) = fake_api_recording(events.clone()).await;
+    ambit::tls::install_default_provider();
+    let connected = |local_only: bool| {
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let new = if local_only {
+            KubernetesSource::local_pods_only
+        } else {
+            KubernetesSource::new
+        };
+        let mut k8s = new(
+            "worker",
+            "cluster.local",
+            Some("ambit-system/ambit-x1".into()),
+            Arc::new(EveryPod),
+        );
+        async move {
+            k8s.connect_with(client, Duration::from_secs(10))
+                .await
+                .unwrap();
+            k8s
+        }
+    };
+    let local = connected(true).await;
+    let local_requests = requests.lock().unwrap().clone();
+    let cluster = connected(false).await;
+    let enrolled = |k8s: &KubernetesSource| -> Vec<String> {
+        let pods = k8s.local_pods().unwrap().pods;
+        pods.into_iter().map(|p| p.workload).collect()
+    };
+    assert_eq!(enrolled(&local), ["demo/sleep", "demo/web"]);
+    let err = local.mesh().unwrap_err().to_string();
+    assert!(err.contains("only node worker's pods"), "{err}");
+
+    // What it asked: pods with the selector, namespaces, nothing else.
+    let pods: Vec<&String> = local_requests
+        .iter()
+        .filter(|r| r.starts_with("/api/v1/pods?"))
+        .collect();
+    assert!(!pods.is_empty(), "{local_requests:?}");
+    for request in &pods {
+        assert!(
+            request.contains("fieldSelector=spec.nodeName=worker"),
+            "{request}"
+        );
+    }
+    for request in &local_requests {
+        assert!(
+            request.starts_with("/api/v1/pods?") || request.starts_with("/api/v1/namespaces?"),
+            "a local-pods source asked for {request}"
+        );
+    }
+
+    // demo/web-2 (on worker2) changes: the cluster-wide source sees it, the local one does not.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    local.take_changed();
+    cluster.take_changed();
+    let mut web2 = fixture("pods.json")["items"][2].clone();
+    assert_eq!(
+        (&web2["metadata"]["name"], &web2["spec"]["nodeName"]),
+        (&"web-2".into(), &"worker2".into())
+    );
+    web2["metadata"]["labels"]["version"] = "v2".into();
+    web2["metadata"]["resourceVersion"] = "2".into();
+    events
+        .send(("/api/v1/pods".into(), modified("MODIFIED", web2)))
+        .unwrap();
+    wait_for(|| cluster.take_changed()).await;
+    assert!(!local.take_changed(), "the local source saw worker2's pod");
+
+    // A pod of this node changes: the local source follows it.
+    let mut sleep = fixture("pods.json")["items"][0].clone();
+    sleep["metadata"]["labels"] = serde_json::json!({"istio.io/dataplane-mode": "none"});
+    sleep["metadata"]["resourceVersion"] = "3".into();
+    events
+        .send(("/api/v1/pods".into(), modified("MODIFIED", sleep)))
+        .unwrap();
+    wait_for(|| local.take_changed()).await;
+    assert_eq!(enrolled(&local), ["demo/web"]);
+}
+
+async fn wait_for(done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the change did not arrive in 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn next_state(
@@ -291,7 +456,7 @@ async fn with_xds_the_mesh_comes_from_istiod_and_the_pods_from_the_api() {
     let url = fake_api(events.clone()).await;
     ambit::tls::install_default_provider();
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-    let mut k8s = KubernetesSource::new(
+    let mut k8s = KubernetesSource::local_pods_only(
         "worker",
         "cluster.local",
         Some("ambit-system/ambit-x1".into()),
@@ -357,9 +522,14 @@ async fn the_stand_in_istiod_serves_the_clusters_mesh_from_the_api() {
     let (events, _) = broadcast::channel(16);
     let url = fake_api(events.clone()).await;
     ambit::tls::install_default_provider();
-    let connected = |node: &str| {
+    let connected = |node: &str, local_only: bool| {
         let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-        let mut k8s = KubernetesSource::new(
+        let new = if local_only {
+            KubernetesSource::local_pods_only
+        } else {
+            KubernetesSource::new
+        };
+        let mut k8s = new(
             node,
             "cluster.local",
             Some("ambit-system/ambit-x1".into()),
@@ -373,9 +543,9 @@ async fn the_stand_in_istiod_serves_the_clusters_mesh_from_the_api() {
         }
     };
     // What a node reading the API itself sees.
-    let mut direct = connected("worker").await;
+    let mut direct = connected("worker", false).await;
     let expected = direct.initial().unwrap();
-    let control_plane = connected("").await;
+    let control_plane = connected("", false).await;
     let (address, root) = stand_in_istiod_serving(
         &dir,
         ambit::control_plane::Mesh::Kubernetes(Box::new(control_plane)),
@@ -393,7 +563,7 @@ async fn the_stand_in_istiod_serves_the_clusters_mesh_from_the_api() {
     };
     let mut source = XdsSource::connect(
         settings,
-        LocalPods::Kubernetes(Box::new(connected("worker").await)),
+        LocalPods::Kubernetes(Box::new(connected("worker", true).await)),
         "worker",
         "cluster.local",
         Duration::from_secs(10),

@@ -44,7 +44,7 @@ fn fixture(file: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// The requests a fake API server received (path and decoded query), in order.
+/// The requests a fake API server received (method, path and decoded query), in order.
 type Requests = Arc<Mutex<Vec<String>>>;
 
 /// A query string's `%XX` and `+` decoded.
@@ -130,7 +130,11 @@ async fn fake_api_recording(events: broadcast::Sender<(String, String)>) -> (Str
                 let target = text.split_whitespace().nth(1).unwrap_or("/").to_owned();
                 let (path, query) = target.split_once('?').unwrap_or((&target, ""));
                 let query = decode(query);
-                recorded.lock().unwrap().push(format!("{path}?{query}"));
+                let method = text.split_whitespace().next().unwrap_or_default();
+                recorded
+                    .lock()
+                    .unwrap()
+                    .push(format!("{method} {path}?{query}"));
                 let fields = query
                     .split('&')
                     .find_map(|kv| kv.strip_prefix("fieldSelector="))
@@ -309,7 +313,7 @@ async fn a_local_pods_source_sees_only_this_nodes_pods() {
     // What it asked: pods with the selector, namespaces, nothing else.
     let pods: Vec<&String> = local_requests
         .iter()
-        .filter(|r| r.starts_with("/api/v1/pods?"))
+        .filter(|r| r.starts_with("GET /api/v1/pods?"))
         .collect();
     assert!(!pods.is_empty(), "{local_requests:?}");
     for request in &pods {
@@ -320,7 +324,8 @@ async fn a_local_pods_source_sees_only_this_nodes_pods() {
     }
     for request in &local_requests {
         assert!(
-            request.starts_with("/api/v1/pods?") || request.starts_with("/api/v1/namespaces?"),
+            request.starts_with("GET /api/v1/pods?")
+                || request.starts_with("GET /api/v1/namespaces?"),
             "a local-pods source asked for {request}"
         );
     }
@@ -351,6 +356,39 @@ async fn a_local_pods_source_sees_only_this_nodes_pods() {
         .unwrap();
     wait_for(|| local.take_changed()).await;
     assert_eq!(enrolled(&local), ["demo/web"]);
+}
+
+/// The redirection annotation is written through the pod's `status` subresource (what the
+/// ClusterRole ambit-annotate grants: `patch` on `pods/status`), never by patching the pod.
+#[tokio::test]
+async fn the_annotation_is_patched_through_pods_status() {
+    let (events, _) = broadcast::channel(16);
+    let (url, requests) = fake_api_recording(events).await;
+    ambit::tls::install_default_provider();
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let mut k8s = KubernetesSource::local_pods_only(
+        "worker",
+        "cluster.local",
+        Some("ambit-system/ambit-x1".into()),
+        Arc::new(EveryPod),
+    );
+    k8s.connect_with(client, Duration::from_secs(10))
+        .await
+        .unwrap();
+    k8s.annotator().unwrap().mark("demo/sleep", true);
+    let patches = || -> Vec<String> {
+        let requests = requests.lock().unwrap();
+        requests
+            .iter()
+            .filter(|r| r.starts_with("PATCH"))
+            .cloned()
+            .collect()
+    };
+    wait_for(|| !patches().is_empty()).await;
+    assert_eq!(
+        patches(),
+        ["PATCH /api/v1/namespaces/demo/pods/sleep/status?"]
+    );
 }
 
 async fn wait_for(done: impl Fn() -> bool) {

@@ -42,8 +42,10 @@ use model::{build_config, ClusterView};
 
 /// Writes back `ambient.istio.io/redirection: enabled` on pods the agent captures (and removes
 /// it when it stops capturing them), as Istio's CNI agent does: istiod only treats a pod as
-/// reachable over HBONE when it is there. Needs `patch` on pods (the optional ClusterRole
-/// `ambit-annotate`); without it the agent logs that once and captures exactly as before.
+/// reachable over HBONE when it is there. As istio-cni, it patches through the `status`
+/// subresource, so it needs `patch` on `pods/status` only (the optional ClusterRole
+/// `ambit-annotate`), not on pods' specs; without it the agent logs that once and captures
+/// exactly as before.
 #[derive(Clone)]
 pub struct Annotator {
     client: Client,
@@ -74,13 +76,13 @@ impl Annotator {
                 serde_json::json!({"metadata": {"annotations": {REDIRECTION_ANNOTATION: value}}});
             let params = kube::api::PatchParams::default();
             match api
-                .patch(&name, &params, &kube::api::Patch::Merge(&patch))
+                .patch_status(&name, &params, &kube::api::Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => {}
                 Err(kube::Error::Api(e)) if e.code == 403 => {
                     if !this.forbidden.swap(true, Ordering::AcqRel) {
-                        warn!("no permission to annotate pods (ClusterRole ambit-annotate absent): capture works, the write-back is skipped");
+                        warn!("no permission to patch pods/status (ClusterRole ambit-annotate absent): capture works, the redirection annotation is not written back");
                     }
                 }
                 Err(e) => warn!(pod = %format!("{ns}/{name}"), "annotating the pod failed: {e}"),

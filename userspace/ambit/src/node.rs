@@ -79,7 +79,7 @@ impl Node {
                 Box::new(FileSource::new(config, &args.node, &args.trust_domain))
             }
             SourceKind::Kubernetes => {
-                let k8s = kubernetes_source(&args, &cgroup_root, &sandboxes).await?;
+                let k8s = kubernetes_source(&args, &cgroup_root, &sandboxes, false).await?;
                 annotator = k8s.annotator();
                 directory = k8s.pod_directory();
                 Box::new(k8s)
@@ -88,7 +88,7 @@ impl Node {
                 let pods = match &args.config {
                     Some(file) => LocalPods::File(file.clone()),
                     None => {
-                        let k8s = kubernetes_source(&args, &cgroup_root, &sandboxes).await?;
+                        let k8s = kubernetes_source(&args, &cgroup_root, &sandboxes, true).await?;
                         annotator = k8s.annotator();
                         directory = k8s.pod_directory();
                         LocalPods::Kubernetes(Box::new(k8s))
@@ -344,11 +344,13 @@ fn certificate_authority(args: &NodeArgs) -> Result<Arc<dyn CertificateAuthority
 }
 
 /// The Kubernetes API's view of this node, connected: the mesh under `--source kubernetes`,
-/// this node's pods under `--source xds`.
+/// this node's pods alone (`local_only`) under `--source xds`; pods located through the
+/// sandboxes the CNI plugin reports, else by the /proc scan.
 async fn kubernetes_source(
     args: &NodeArgs,
     cgroup_root: &Path,
     sandboxes: &Arc<SandboxRegistry>,
+    local_only: bool,
 ) -> Result<KubernetesSource> {
     let locator = Arc::new(SandboxLocator {
         registry: sandboxes.clone(),
@@ -358,7 +360,12 @@ async fn kubernetes_source(
             cgroup_root: cgroup_root.to_owned(),
         },
     });
-    let mut k8s = KubernetesSource::new(
+    let new = if local_only {
+        KubernetesSource::local_pods_only
+    } else {
+        KubernetesSource::new
+    };
+    let mut k8s = new(
         &args.node,
         &args.trust_domain,
         args.own_pod.clone(),

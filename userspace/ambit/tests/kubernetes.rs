@@ -20,7 +20,7 @@ use ambit::{
         source::{LocalPods, XdsSource},
     },
 };
-use common::fake_api::{fake_api, fixture};
+use common::fake_api::{fake_api, fake_api_recording, fixture};
 use tokio::sync::{broadcast, mpsc};
 
 /// Finds every pod (at made-up paths): this test is about which pods are enrolled.
@@ -85,19 +85,173 @@ async fn the_kubernetes_source_follows_the_api() {
     let state = next_state(&mut rx, |s| !s.enrolled.contains_key("demo/sleep")).await;
     assert_eq!(state.enrolled.keys().collect::<Vec<_>>(), ["demo/web"]);
 
+    // A rollout: demo/web terminates (its slice says so). The VIP goes to web-2 alone.
+    let mut slice = fixture("endpointslices.json")["items"][0].clone();
+    assert_eq!(slice["endpoints"][0]["targetRef"]["name"], "web");
+    slice["endpoints"][0]["conditions"] =
+        serde_json::json!({"ready": false, "serving": true, "terminating": true});
+    slice["metadata"]["resourceVersion"] = "3".into();
+    events
+        .send((
+            "/apis/discovery.k8s.io/v1/endpointslices".into(),
+            modified("MODIFIED", slice),
+        ))
+        .unwrap();
+    let web_vip = "10.96.100.10:80".parse().unwrap();
+    let endpoints = |s: &ambit::state::State| -> Vec<String> {
+        let mut seen: Vec<String> = (0..4)
+            .filter_map(|_| s.resolve(web_vip, None).ok())
+            .map(|u| format!("{} {:?}", u.addr, u.protocol))
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen
+    };
+    let state = next_state(&mut rx, |s| endpoints(s).len() == 1).await;
+    assert_eq!(endpoints(&state), ["10.244.2.9:8080 Hbone"]);
+
     // The namespace `demo` leaves ambient mode: every pod in it is un-enrolled, and the web
-    // service, now without mesh endpoints, is no longer captured.
+    // service, now without mesh endpoints, is reached in plain TCP (as ztunnel does).
     let mut demo = fixture("namespaces.json")["items"][0].clone();
     assert_eq!(demo["metadata"]["name"], "demo");
     demo["metadata"]["labels"] = serde_json::json!({});
-    demo["metadata"]["resourceVersion"] = "3".into();
+    demo["metadata"]["resourceVersion"] = "4".into();
     events
         .send(("/api/v1/namespaces".into(), modified("MODIFIED", demo)))
         .unwrap();
     let state = next_state(&mut rx, |s| s.enrolled.is_empty()).await;
-    assert!(state
-        .resolve("10.96.100.10:80".parse().unwrap(), None)
-        .is_err());
+    assert_eq!(endpoints(&state), ["10.244.2.9:8080 Tcp"]);
+}
+
+/// `--source xds` asks the API only for this node's pods (field selector `spec.nodeName`) and
+/// the namespaces: another node's pods never reach the agent, and Services and EndpointSlices
+/// are not watched at all.
+#[tokio::test]
+async fn a_local_pods_source_sees_only_this_nodes_pods() {
+    let (events, _) = broadcast::channel(16);
+    let (url, requests) = fake_api_recording(events.clone()).await;
+    ambit::tls::install_default_provider();
+    let connected = |local_only: bool| {
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let new = if local_only {
+            KubernetesSource::local_pods_only
+        } else {
+            KubernetesSource::new
+        };
+        let mut k8s = new(
+            "worker",
+            "cluster.local",
+            Some("ambit-system/ambit-x1".into()),
+            Arc::new(EveryPod),
+        );
+        async move {
+            k8s.connect_with(client, Duration::from_secs(10))
+                .await
+                .unwrap();
+            k8s
+        }
+    };
+    let local = connected(true).await;
+    let local_requests = requests.lock().unwrap().clone();
+    let cluster = connected(false).await;
+    let enrolled = |k8s: &KubernetesSource| -> Vec<String> {
+        let pods = k8s.local_pods().unwrap().pods;
+        pods.into_iter().map(|p| p.workload).collect()
+    };
+    assert_eq!(enrolled(&local), ["demo/sleep", "demo/web"]);
+    let err = local.mesh().unwrap_err().to_string();
+    assert!(err.contains("only node worker's pods"), "{err}");
+
+    // What it asked: pods with the selector, namespaces, nothing else.
+    let pods: Vec<&String> = local_requests
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/pods?"))
+        .collect();
+    assert!(!pods.is_empty(), "{local_requests:?}");
+    for request in &pods {
+        assert!(
+            request.contains("fieldSelector=spec.nodeName=worker"),
+            "{request}"
+        );
+    }
+    for request in &local_requests {
+        assert!(
+            request.starts_with("GET /api/v1/pods?")
+                || request.starts_with("GET /api/v1/namespaces?"),
+            "a local-pods source asked for {request}"
+        );
+    }
+
+    // demo/web-2 (on worker2) changes: the cluster-wide source sees it, the local one does not.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    local.take_changed();
+    cluster.take_changed();
+    let mut web2 = fixture("pods.json")["items"][2].clone();
+    assert_eq!(
+        (&web2["metadata"]["name"], &web2["spec"]["nodeName"]),
+        (&"web-2".into(), &"worker2".into())
+    );
+    web2["metadata"]["labels"]["version"] = "v2".into();
+    web2["metadata"]["resourceVersion"] = "2".into();
+    events
+        .send(("/api/v1/pods".into(), modified("MODIFIED", web2)))
+        .unwrap();
+    wait_for(|| cluster.take_changed()).await;
+    assert!(!local.take_changed(), "the local source saw worker2's pod");
+
+    // A pod of this node changes: the local source follows it.
+    let mut sleep = fixture("pods.json")["items"][0].clone();
+    sleep["metadata"]["labels"] = serde_json::json!({"istio.io/dataplane-mode": "none"});
+    sleep["metadata"]["resourceVersion"] = "3".into();
+    events
+        .send(("/api/v1/pods".into(), modified("MODIFIED", sleep)))
+        .unwrap();
+    wait_for(|| local.take_changed()).await;
+    assert_eq!(enrolled(&local), ["demo/web"]);
+}
+
+/// The redirection annotation is written through the pod's `status` subresource (what the
+/// ClusterRole ambit-annotate grants: `patch` on `pods/status`), never by patching the pod.
+#[tokio::test]
+async fn the_annotation_is_patched_through_pods_status() {
+    let (events, _) = broadcast::channel(16);
+    let (url, requests) = fake_api_recording(events).await;
+    ambit::tls::install_default_provider();
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let mut k8s = KubernetesSource::local_pods_only(
+        "worker",
+        "cluster.local",
+        Some("ambit-system/ambit-x1".into()),
+        Arc::new(EveryPod),
+    );
+    k8s.connect_with(client, Duration::from_secs(10))
+        .await
+        .unwrap();
+    k8s.annotator().unwrap().mark("demo/sleep", true);
+    let patches = || -> Vec<String> {
+        let requests = requests.lock().unwrap();
+        requests
+            .iter()
+            .filter(|r| r.starts_with("PATCH"))
+            .cloned()
+            .collect()
+    };
+    wait_for(|| !patches().is_empty()).await;
+    assert_eq!(
+        patches(),
+        ["PATCH /api/v1/namespaces/demo/pods/sleep/status?"]
+    );
+}
+
+async fn wait_for(done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the change did not arrive in 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn next_state(
@@ -192,7 +346,7 @@ async fn with_xds_the_mesh_comes_from_istiod_and_the_pods_from_the_api() {
     let url = fake_api(events.clone()).await;
     ambit::tls::install_default_provider();
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-    let mut k8s = KubernetesSource::new(
+    let mut k8s = KubernetesSource::local_pods_only(
         "worker",
         "cluster.local",
         Some("ambit-system/ambit-x1".into()),
@@ -258,9 +412,14 @@ async fn the_stand_in_istiod_serves_the_clusters_mesh_from_the_api() {
     let (events, _) = broadcast::channel(16);
     let url = fake_api(events.clone()).await;
     ambit::tls::install_default_provider();
-    let connected = |node: &str| {
+    let connected = |node: &str, local_only: bool| {
         let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-        let mut k8s = KubernetesSource::new(
+        let new = if local_only {
+            KubernetesSource::local_pods_only
+        } else {
+            KubernetesSource::new
+        };
+        let mut k8s = new(
             node,
             "cluster.local",
             Some("ambit-system/ambit-x1".into()),
@@ -274,9 +433,9 @@ async fn the_stand_in_istiod_serves_the_clusters_mesh_from_the_api() {
         }
     };
     // What a node reading the API itself sees.
-    let mut direct = connected("worker").await;
+    let mut direct = connected("worker", false).await;
     let expected = direct.initial().unwrap();
-    let control_plane = connected("").await;
+    let control_plane = connected("", false).await;
     let (address, root) = stand_in_istiod_serving(
         &dir,
         ambit::control_plane::Mesh::Kubernetes(Box::new(control_plane)),
@@ -294,7 +453,7 @@ async fn the_stand_in_istiod_serves_the_clusters_mesh_from_the_api() {
     };
     let mut source = XdsSource::connect(
         settings,
-        LocalPods::Kubernetes(Box::new(connected("worker").await)),
+        LocalPods::Kubernetes(Box::new(connected("worker", true).await)),
         "worker",
         "cluster.local",
         Duration::from_secs(10),

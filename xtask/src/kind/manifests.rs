@@ -52,7 +52,6 @@ const READ_RESOURCES: &[(&str, &str)] = &[
     ("", "pods"),
     ("", "namespaces"),
     ("", "services"),
-    ("", "nodes"),
     ("discovery.k8s.io", "endpointslices"),
 ];
 
@@ -550,7 +549,7 @@ fn check_kind_config(text: &str, problems: &mut Vec<String>) {
 }
 
 /// RBAC: the read-only role grants exactly what the Kubernetes source watches, the optional
-/// role nothing but `patch` on pods, both are bound to the DaemonSet's ServiceAccount, and
+/// role nothing but `patch` on `pods/status`, both are bound to the DaemonSet's ServiceAccount, and
 /// everything of the agent is in its namespace.
 fn check_rbac(m: &Manifests, problems: &mut Vec<String>) {
     let set = |items: &[String]| items.iter().cloned().collect::<BTreeSet<String>>();
@@ -601,8 +600,8 @@ fn check_rbac(m: &Manifests, problems: &mut Vec<String>) {
     }
     if let Some((object, role)) = m.named::<ClusterRole>(ANNOTATE_ROLE) {
         let only = |s: &str| BTreeSet::from([s.to_owned()]);
-        if rules(role) != [(only(""), only("pods"), only("patch"))] {
-            let problem = "rules must grant only patch on pods (the redirection annotation)";
+        if rules(role) != [(only(""), only("pods/status"), only("patch"))] {
+            let problem = "rules must grant only patch on pods/status (the redirection annotation)";
             Report::new(object, problems).add(problem);
         }
     }
@@ -942,7 +941,10 @@ spec:
             ("daemonset", "        - --token-file\n", "        - --ca-dir\n        - /var/run/secrets/istio\n        - --token-file\n", "containers[ambit].args: --ca-dir puts the mesh CA's key on every node"),
             ("daemonset", "audience: istio-ca", "audience: kubernetes", "--token-file /var/run/secrets/tokens/istio-token: volume istio-token must be token:istio-ca"),
             ("daemonset", "        configMap:\n          name: istio-ca-root-cert", "        secret:\n          secretName: cacerts", "volumes: istiod-ca-cert is a Secret: the agent needs none"),
-            ("rbac", "verbs: [\"patch\"]", "verbs: [\"patch\", \"delete\"]", "ClusterRole ambit-annotate (deploy/rbac.yaml): rules must grant only patch on pods"),
+            ("rbac", "verbs: [\"patch\"]", "verbs: [\"patch\", \"delete\"]", "ClusterRole ambit-annotate (deploy/rbac.yaml): rules must grant only patch on pods/status"),
+            ("rbac", "resources: [\"pods/status\"]", "resources: [\"pods\"]", "ClusterRole ambit-annotate (deploy/rbac.yaml): rules must grant only patch on pods/status"),
+            ("rbac", "\"services\"]", "\"services\", \"nodes\"]", "ClusterRole ambit (deploy/rbac.yaml): rules: grant nodes (API group \"\"), which the agent does not read"),
+            ("rbac", "[\"pods\", \"namespaces\"", "[\"namespaces\"", "ClusterRole ambit (deploy/rbac.yaml): rules: do not grant pods (API group \"\"), which the agent watches"),
             ("samples/web", "targetPort: 8080", "targetPort: 9090", "Service web (deploy/samples/web.yaml): spec.ports: targetPort 9090 is no port of web"),
         ] {
             let file = format!("deploy/{file}.yaml");

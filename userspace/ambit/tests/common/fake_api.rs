@@ -1,8 +1,12 @@
 //! A minimal Kubernetes API server on loopback for the tests: lists from the recorded objects
 //! of userspace/ambit/testdata/kubernetes, and watch streams fed by the test, for the real
-//! kube-rs client (no cluster).
+//! kube-rs client (no cluster). Field selectors on `spec.nodeName` are honoured, as the API
+//! server does, and every request can be recorded.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -15,11 +19,63 @@ pub fn fixture(file: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The requests a fake API server received (method, path and decoded query), in order.
+pub type Requests = Arc<Mutex<Vec<String>>>;
+
+/// A query string's `%XX` and `+` decoded.
+fn decode(query: &str) -> String {
+    let bytes = query.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Whether `object` matches the field selector `selector` (`path.to.field=value`, the one
+/// form the agent sends), as the API server decides.
+fn selected(object: &serde_json::Value, selector: Option<&str>) -> bool {
+    let Some(selector) = selector else {
+        return true;
+    };
+    let (path, value) = selector
+        .split_once('=')
+        .unwrap_or_else(|| panic!("field selector {selector:?} is not field=value"));
+    let field = path
+        .split('.')
+        .fold(object, |v, key| &v[key])
+        .as_str()
+        .unwrap_or_default();
+    field == value.trim_start_matches('=')
+}
+
 /// A minimal API server: lists from fixtures, and watch streams fed by `events`
-/// (path prefix, JSON watch event).
+/// (path prefix, JSON watch event); both honour `fieldSelector`.
 pub async fn fake_api(events: broadcast::Sender<(String, String)>) -> String {
+    fake_api_recording(events).await.0
+}
+
+/// The same, with the requests it receives.
+pub async fn fake_api_recording(events: broadcast::Sender<(String, String)>) -> (String, Requests) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let requests = Requests::default();
+    let recorded = requests.clone();
     let lists: Arc<HashMap<&str, serde_json::Value>> = Arc::new(HashMap::from([
         ("/api/v1/pods", fixture("pods.json")),
         ("/api/v1/namespaces", fixture("namespaces.json")),
@@ -33,6 +89,7 @@ pub async fn fake_api(events: broadcast::Sender<(String, String)>) -> String {
         loop {
             let (mut stream, _) = listener.accept().await.unwrap();
             let lists = lists.clone();
+            let recorded = recorded.clone();
             let mut events = events.subscribe();
             tokio::spawn(async move {
                 let mut head = Vec::new();
@@ -47,6 +104,17 @@ pub async fn fake_api(events: broadcast::Sender<(String, String)>) -> String {
                 let text = String::from_utf8_lossy(&head).into_owned();
                 let target = text.split_whitespace().nth(1).unwrap_or("/").to_owned();
                 let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+                let query = decode(query);
+                let method = text.split_whitespace().next().unwrap_or_default();
+                recorded
+                    .lock()
+                    .unwrap()
+                    .push(format!("{method} {path}?{query}"));
+                let fields = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("fieldSelector="))
+                    .map(str::to_owned);
+                let fields = fields.as_deref();
                 let Some(list) = lists.get(path) else {
                     let _ = stream
                         .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
@@ -61,7 +129,8 @@ pub async fn fake_api(events: broadcast::Sender<(String, String)>) -> String {
                         .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
                         .await;
                     while let Ok((prefix, event)) = events.recv().await {
-                        if prefix == path {
+                        let object = serde_json::from_str::<serde_json::Value>(&event).unwrap();
+                        if prefix == path && selected(&object["object"], fields) {
                             let line = format!("{event}\n");
                             let chunk = format!("{:x}\r\n{line}\r\n", line.len());
                             if stream.write_all(chunk.as_bytes()).await.is_err() {
@@ -73,6 +142,9 @@ pub async fn fake_api(events: broadcast::Sender<(String, String)>) -> String {
                 }
                 let mut list = list.clone();
                 list["metadata"] = serde_json::json!({"resourceVersion": "1"});
+                if let Some(items) = list["items"].as_array_mut() {
+                    items.retain(|item| selected(item, fields));
+                }
                 let body = list.to_string();
                 let response = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -82,5 +154,5 @@ pub async fn fake_api(events: broadcast::Sender<(String, String)>) -> String {
             });
         }
     });
-    format!("http://{addr}")
+    (format!("http://{addr}"), requests)
 }

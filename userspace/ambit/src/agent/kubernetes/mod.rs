@@ -1,6 +1,9 @@
 //! The Kubernetes source of desired state (`ambit node --source kubernetes`): watches of Pods,
 //! Namespaces, Services and EndpointSlices (read-only RBAC), turned into a `State` by `model`,
-//! with each local pod's netns and cgroup found by `discovery`.
+//! with each local pod's netns and cgroup found by `discovery`. Without istiod the whole
+//! cluster's pods are watched: remote workloads' identities come from them. With istiod
+//! (`--source xds`, [`KubernetesSource::local_pods_only`]) only this node's pods and the
+//! namespaces are watched: the mesh comes from istiod.
 //!
 //! Watches reconnect with backoff on their own; while the API server is away the last state stays
 //! in force, so pods already enrolled keep their data path.
@@ -16,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use futures::StreamExt as _;
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
@@ -39,8 +42,10 @@ use model::{build_config, ClusterView};
 
 /// Writes back `ambient.istio.io/redirection: enabled` on pods the agent captures (and removes
 /// it when it stops capturing them), as Istio's CNI agent does: istiod only treats a pod as
-/// reachable over HBONE when it is there. Needs `patch` on pods (the optional ClusterRole
-/// `ambit-annotate`); without it the agent logs that once and captures exactly as before.
+/// reachable over HBONE when it is there. As istio-cni, it patches through the `status`
+/// subresource, so it needs `patch` on `pods/status` only (the optional ClusterRole
+/// `ambit-annotate`), not on pods' specs; without it the agent logs that once and captures
+/// exactly as before.
 #[derive(Clone)]
 pub struct Annotator {
     client: Client,
@@ -71,13 +76,13 @@ impl Annotator {
                 serde_json::json!({"metadata": {"annotations": {REDIRECTION_ANNOTATION: value}}});
             let params = kube::api::PatchParams::default();
             match api
-                .patch(&name, &params, &kube::api::Patch::Merge(&patch))
+                .patch_status(&name, &params, &kube::api::Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => {}
                 Err(kube::Error::Api(e)) if e.code == 403 => {
                     if !this.forbidden.swap(true, Ordering::AcqRel) {
-                        warn!("no permission to annotate pods (ClusterRole ambit-annotate absent): capture works, the write-back is skipped");
+                        warn!("no permission to patch pods/status (ClusterRole ambit-annotate absent): capture works, the redirection annotation is not written back");
                     }
                 }
                 Err(e) => warn!(pod = %format!("{ns}/{name}"), "annotating the pod failed: {e}"),
@@ -88,6 +93,7 @@ impl Annotator {
 
 pub struct KubernetesSource {
     node: String,
+    scope: Scope,
     trust_domain: String,
     /// `namespace/name` of the agent's own pod (never enrolled).
     own_pod: Option<String>,
@@ -96,16 +102,84 @@ pub struct KubernetesSource {
     client: Option<Client>,
 }
 
+/// What the source watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Every pod, namespace, service and EndpointSlice: the whole mesh.
+    Cluster,
+    /// This node's pods (field selector `spec.nodeName`) and the namespaces' labels.
+    LocalPods,
+}
+
 struct Stores {
     pods: reflector::Store<Pod>,
     namespaces: reflector::Store<Namespace>,
-    services: reflector::Store<Service>,
-    slices: reflector::Store<EndpointSlice>,
+    /// None when only local pods are watched.
+    services: Option<reflector::Store<Service>>,
+    slices: Option<reflector::Store<EndpointSlice>>,
     changed: Arc<AtomicBool>,
 }
 
+/// The stores' contents at one moment.
+struct Snapshot {
+    pods: Vec<Arc<Pod>>,
+    namespaces: Vec<Arc<Namespace>>,
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+}
+
+impl Stores {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            pods: self.pods.state(),
+            namespaces: self.namespaces.state(),
+            services: self
+                .services
+                .as_ref()
+                .map(|s| s.state())
+                .unwrap_or_default(),
+            slices: self.slices.as_ref().map(|s| s.state()).unwrap_or_default(),
+        }
+    }
+}
+
+impl Snapshot {
+    fn view(&self) -> ClusterView<'_> {
+        ClusterView {
+            pods: self.pods.iter().map(|p| p.as_ref()).collect(),
+            namespaces: self.namespaces.iter().map(|n| n.as_ref()).collect(),
+            services: self.services.iter().map(|s| s.as_ref()).collect(),
+            slices: self.slices.iter().map(|s| s.as_ref()).collect(),
+        }
+    }
+}
+
 impl KubernetesSource {
+    /// The whole cluster's mesh, and node `node`'s pods (`--source kubernetes`, the stand-in
+    /// istiod).
     pub fn new(
+        node: &str,
+        trust_domain: &str,
+        own_pod: Option<String>,
+        locator: Arc<dyn PodLocator>,
+    ) -> Self {
+        Self::with_scope(Scope::Cluster, node, trust_domain, own_pod, locator)
+    }
+
+    /// Node `node`'s pods only, for [`Self::local_pods`] (`--source xds`, where istiod sends
+    /// the mesh): pods are watched with the field selector `spec.nodeName=<node>`, Services and
+    /// EndpointSlices not at all. It has no mesh: [`Self::mesh`] and `initial` fail.
+    pub fn local_pods_only(
+        node: &str,
+        trust_domain: &str,
+        own_pod: Option<String>,
+        locator: Arc<dyn PodLocator>,
+    ) -> Self {
+        Self::with_scope(Scope::LocalPods, node, trust_domain, own_pod, locator)
+    }
+
+    fn with_scope(
+        scope: Scope,
         node: &str,
         trust_domain: &str,
         own_pod: Option<String>,
@@ -113,6 +187,7 @@ impl KubernetesSource {
     ) -> Self {
         Self {
             node: node.to_owned(),
+            scope,
             trust_domain: trust_domain.to_owned(),
             own_pod,
             locator,
@@ -141,23 +216,57 @@ impl KubernetesSource {
 
     /// The same with a given client.
     pub async fn connect_with(&mut self, client: Client, timeout: Duration) -> Result<()> {
+        let local = self.scope == Scope::LocalPods;
+        if local && self.node.is_empty() {
+            bail!("watching a node's pods needs the node's name (--node)");
+        }
         self.client = Some(client.clone());
         let changed = Arc::new(AtomicBool::new(true));
-        let pods = watch(Api::<Pod>::all(client.clone()), changed.clone());
-        let namespaces = watch(Api::<Namespace>::all(client.clone()), changed.clone());
-        let services = watch(Api::<Service>::all(client.clone()), changed.clone());
-        let slices = watch(Api::<EndpointSlice>::all(client), changed.clone());
+        let pod_selector = local.then(|| format!("spec.nodeName={}", self.node));
+        let pods = watch(
+            Api::<Pod>::all(client.clone()),
+            pod_selector.as_deref(),
+            changed.clone(),
+        );
+        let namespaces = watch(Api::<Namespace>::all(client.clone()), None, changed.clone());
+        let (services, slices) = if local {
+            (None, None)
+        } else {
+            (
+                Some(watch(
+                    Api::<Service>::all(client.clone()),
+                    None,
+                    changed.clone(),
+                )),
+                Some(watch(
+                    Api::<EndpointSlice>::all(client),
+                    None,
+                    changed.clone(),
+                )),
+            )
+        };
         let ready = async {
             pods.wait_until_ready().await?;
             namespaces.wait_until_ready().await?;
-            services.wait_until_ready().await?;
-            slices.wait_until_ready().await
+            if let (Some(services), Some(slices)) = (&services, &slices) {
+                services.wait_until_ready().await?;
+                slices.wait_until_ready().await?;
+            }
+            Ok::<_, reflector::store::WriterDropped>(())
+        };
+        let watched = if local {
+            format!(
+                "this node's Pods (spec.nodeName={}) and Namespaces",
+                self.node
+            )
+        } else {
+            "Pods, Namespaces, Services and EndpointSlices".to_owned()
         };
         tokio::time::timeout(timeout, ready)
             .await
-            .context("the Kubernetes API did not list pods, namespaces, services and endpointslices in time")?
+            .with_context(|| format!("the Kubernetes API did not list {watched} in time"))?
             .context("waiting for the first lists")?;
-        info!(node = %self.node, "watching Pods, Namespaces, Services and EndpointSlices");
+        info!(node = %self.node, "watching {watched}");
         self.stores = Some(Stores {
             pods,
             namespaces,
@@ -169,6 +278,7 @@ impl KubernetesSource {
     }
 
     fn build(&self) -> Result<Arc<State>> {
+        self.require_cluster()?;
         Ok(Arc::new(State::from_config(
             &self.config()?,
             &self.node,
@@ -185,10 +295,22 @@ impl KubernetesSource {
     /// The mesh the API's objects make (workloads and services, no local pods): what the
     /// stand-in istiod serves with `--kubernetes`.
     pub fn mesh(&self) -> Result<LocalConfig> {
-        Ok(LocalConfig {
-            ambit: AmbitSection::default(),
-            ..self.config()?
-        })
+        self.require_cluster()?;
+        let stores = self.stores.as_ref().context("not connected")?;
+        Ok(model::build_mesh(
+            &stores.snapshot().view(),
+            self.own_pod.as_deref(),
+        ))
+    }
+
+    fn require_cluster(&self) -> Result<()> {
+        if self.scope == Scope::LocalPods {
+            bail!(
+                "this Kubernetes source watches only node {}'s pods: it has no mesh",
+                self.node
+            );
+        }
+        Ok(())
     }
 
     /// What the CNI plugin's requests need of the API's view: whether a pod is one to capture,
@@ -212,20 +334,9 @@ impl KubernetesSource {
 
     fn config(&self) -> Result<LocalConfig> {
         let stores = self.stores.as_ref().context("not connected")?;
-        let (pods, namespaces, services, slices) = (
-            stores.pods.state(),
-            stores.namespaces.state(),
-            stores.services.state(),
-            stores.slices.state(),
-        );
-        let view = ClusterView {
-            pods: pods.iter().map(|p| p.as_ref()).collect(),
-            namespaces: namespaces.iter().map(|n| n.as_ref()).collect(),
-            services: services.iter().map(|s| s.as_ref()).collect(),
-            slices: slices.iter().map(|s| s.as_ref()).collect(),
-        };
+        let snapshot = stores.snapshot();
         Ok(build_config(
-            &view,
+            &snapshot.view(),
             &self.node,
             self.own_pod.as_deref(),
             self.locator.as_ref(),
@@ -266,15 +377,19 @@ impl PodDirectory {
     }
 }
 
-/// A reflector store fed by a watch that retries with backoff forever; `changed` is set on
-/// every event.
-fn watch<K>(api: Api<K>, changed: Arc<AtomicBool>) -> reflector::Store<K>
+/// A reflector store fed by a watch (of the objects `fields` selects, if given) that retries
+/// with backoff forever; `changed` is set on every event.
+fn watch<K>(api: Api<K>, fields: Option<&str>, changed: Arc<AtomicBool>) -> reflector::Store<K>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (store, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
+    let config = match fields {
+        Some(fields) => watcher::Config::default().fields(fields),
+        None => watcher::Config::default(),
+    };
+    let stream = watcher(api, config)
         .default_backoff()
         .reflect(writer)
         .touched_objects();

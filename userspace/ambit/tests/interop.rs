@@ -779,15 +779,7 @@ fn ztunnel_takes_config_and_certificates_from_the_stand_in_istiod() {
     fs::write(&mesh, without_ambit_section(&mesh_yaml(&t.lab, DENY_9999))).unwrap();
     let stand_in = t.start_stand_in(&mesh);
     let ztunnel_log = t.dir.join("ztunnel.log");
-    let spec = ZtunnelPod {
-        pod: "c",
-        namespace: "default",
-        service_account: "web",
-        source: stand_in.ztunnel_source(),
-        log: &ztunnel_log,
-        worker_threads: 1,
-        compliance_policy: "",
-    };
+    let spec = fed_by(&stand_in, &ztunnel_log);
     let logs = || {
         format!(
             "--- control plane ---\n{}\n--- ztunnel ---\n{}",
@@ -861,6 +853,19 @@ fn ztunnel_takes_config_and_certificates_from_the_stand_in_istiod() {
     assert!(!control_plane.contains("NACK"), "{}", logs());
 }
 
+/// ztunnel in pod c (`web`), fed by the stand-in istiod, logging to `log`.
+fn fed_by<'a>(stand_in: &'a common::StandIn, log: &'a std::path::Path) -> ZtunnelPod<'a> {
+    ZtunnelPod {
+        pod: "c",
+        namespace: "default",
+        service_account: "web",
+        source: stand_in.ztunnel_source(),
+        log,
+        worker_threads: 1,
+        compliance_policy: "",
+    }
+}
+
 /// Ambit on n1 (pod a) and ztunnel in pod c, both fed only by one stand-in istiod serving
 /// `mesh` (a mesh of `mesh_yaml`'s shape) and both holding certificates from its CA.
 struct FedByIstiod {
@@ -898,15 +903,7 @@ impl FedByIstiod {
             )
             .unwrap();
         let ztunnel_log = t.dir.join("ztunnel.log");
-        let spec = ZtunnelPod {
-            pod: "c",
-            namespace: "default",
-            service_account: "web",
-            source: stand_in.ztunnel_source(),
-            log: &ztunnel_log,
-            worker_threads: 1,
-            compliance_policy: "",
-        };
+        let spec = fed_by(&stand_in, &ztunnel_log);
         t.lab.start_ztunnel(zt, &spec).unwrap();
         FedByIstiod {
             t,

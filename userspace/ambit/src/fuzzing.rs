@@ -274,7 +274,7 @@ async fn until_silent<F: Future>(future: F) -> Option<F::Output> {
 struct EveryPod;
 
 impl PodLocator for EveryPod {
-    fn locate(&self, pod_uid: &str) -> Option<PodLocation> {
+    fn locate(&self, pod_uid: &str, _ips: &[std::net::IpAddr]) -> Option<PodLocation> {
         Some(PodLocation {
             netns: PathBuf::from("/proc/1/ns/net"),
             cgroup: PathBuf::from(format!("/kubepods/pod{pod_uid}")),

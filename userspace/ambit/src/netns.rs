@@ -57,7 +57,24 @@ impl Netns {
     /// netns), or None while it does. Our open handle keeps a removed netns alive: this is how
     /// the agent notices it should let go.
     pub fn vanished(&self) -> Option<String> {
-        crate::handle::replaced_or_gone(&self.file, &self.path, "netns")
+        self.vanished_at(&self.path)
+    }
+
+    /// [`Netns::vanished`] for another path to the same netns (it was opened through one
+    /// process's `/proc/<pid>/ns/net`, and is now reached through another's).
+    pub fn vanished_at(&self, path: &Path) -> Option<String> {
+        crate::handle::replaced_or_gone(&self.file, path, "netns")
+    }
+
+    /// Whether `path` names this very netns.
+    pub fn is_at(&self, path: &Path) -> bool {
+        self.vanished_at(path).is_none()
+    }
+
+    /// The netns's inode (its identity on this node, as `ls -iL /proc/<pid>/ns/net` shows it).
+    pub fn inode(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        Ok(self.file.metadata()?.ino())
     }
 
     /// Runs `f` with the current thread inside this netns. `f` must not block or yield.

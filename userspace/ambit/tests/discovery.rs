@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::{os::unix::fs::MetadataExt as _, process::Stdio, time::Duration};
+use std::{net::IpAddr, os::unix::fs::MetadataExt as _, process::Stdio, time::Duration};
 
 use ambit::agent::kubernetes::discovery::{PodLocator, ProcLocator};
 use ambit_lab::{wait_until, Lab};
@@ -30,9 +30,10 @@ fn the_locator_finds_a_pods_netns_and_pod_level_cgroup_from_procfs() {
         proc_root: "/proc".into(),
         cgroup_root: lab.cgroup_root().to_owned(),
     };
+    let pod_ip: IpAddr = ambit_lab::pod("a").ip.parse().unwrap();
     let mut found = None;
     wait_until(Duration::from_secs(5), "the pod's processes", || {
-        found = locator.locate(uid);
+        found = locator.locate(uid, &[pod_ip]);
         found.is_some()
     })
     .unwrap();
@@ -44,8 +45,14 @@ fn the_locator_finds_a_pods_netns_and_pod_level_cgroup_from_procfs() {
         want,
         "not the pod's netns"
     );
+    // Found without the IP too (a pod the API has no address for yet).
+    assert_eq!(locator.locate(uid, &[]), Some(found.clone()));
+    // The pod's processes are in no netns holding another pod's address: not found, rather
+    // than enrolled in a netns that is not the pod's.
+    let other_ip: IpAddr = ambit_lab::pod("c").ip.parse().unwrap();
+    assert_eq!(locator.locate(uid, &[other_ip]), None);
     // Another UID finds nothing; the node's own processes are never taken for a pod.
     assert!(locator
-        .locate("00000000-0000-0000-0000-000000000000")
+        .locate("00000000-0000-0000-0000-000000000000", &[])
         .is_none());
 }

@@ -26,7 +26,7 @@ use tokio::sync::{broadcast, mpsc};
 /// Finds every pod (at made-up paths): this test is about which pods are enrolled.
 struct EveryPod;
 impl PodLocator for EveryPod {
-    fn locate(&self, uid: &str) -> Option<PodLocation> {
+    fn locate(&self, uid: &str, _ips: &[std::net::IpAddr]) -> Option<PodLocation> {
         Some(PodLocation {
             netns: format!("/proc/{uid}/ns/net").into(),
             cgroup: format!("/kubepods/pod{uid}").into(),

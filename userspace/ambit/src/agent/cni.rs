@@ -77,13 +77,13 @@ pub struct SandboxLocator<L> {
 }
 
 impl<L: PodLocator> PodLocator for SandboxLocator<L> {
-    fn locate(&self, pod_uid: &str) -> Option<PodLocation> {
+    fn locate(&self, pod_uid: &str, pod_ips: &[IpAddr]) -> Option<PodLocation> {
         match self.registry.get(pod_uid) {
             Some(sandbox) => Some(PodLocation {
                 netns: sandbox.netns,
                 cgroup: find_pod_cgroup(&self.cgroup_root, pod_uid)?,
             }),
-            None => self.fallback.locate(pod_uid),
+            None => self.fallback.locate(pod_uid, pod_ips),
         }
     }
 

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
+    agent::kubernetes::discovery::ProcLocator,
     cgroup,
     datapath::{self, Datapath},
     netns::Netns,
@@ -56,8 +57,65 @@ struct Enrolled {
 
 impl Enrolled {
     /// Why the pod is no longer where it was enrolled (netns or cgroup removed or replaced).
-    fn vanished(&self) -> Option<String> {
-        self.netns.vanished().or_else(|| self.cgroup.vanished())
+    /// A netns found through a process (`<proc>/<pid>/ns/net`, the /proc scan) outlives that
+    /// process when it is not the pod's pause process (an app container on a runtime without
+    /// one, restarting): it is then followed to another process of the pod in the same netns,
+    /// so a container restart does not re-enroll the pod.
+    fn vanished(&mut self) -> Option<String> {
+        if let Some(why) = self.netns.vanished_at(&self.spec.netns) {
+            let Some(path) = self.netns_through_another_process() else {
+                return Some(why);
+            };
+            info!(pod = %self.spec.key, from = %self.spec.netns.display(), to = %path.display(),
+                "pod's netns followed to another of its processes");
+            self.spec.netns = path;
+        }
+        self.cgroup.vanished()
+    }
+
+    fn netns_through_another_process(&self) -> Option<PathBuf> {
+        // <proc>/<pid>/ns/net
+        let path = &self.spec.netns;
+        if !path.ends_with("ns/net") {
+            return None;
+        }
+        let pid_dir = path.parent()?.parent()?;
+        pid_dir.file_name()?.to_str()?.parse::<u32>().ok()?;
+        let locator = ProcLocator {
+            proc_root: pid_dir.parent()?.to_owned(),
+            cgroup_root: PathBuf::new(),
+        };
+        let pod_cgroup = self.spec.cgroup.file_name()?.to_str()?;
+        locator.netns_path_of(pod_cgroup, self.netns.inode().ok()?)
+    }
+
+    /// Whether `new` puts the pod somewhere else, or makes it someone else. The same netns
+    /// under another path (another of the pod's processes) is not a move; nor is a path that
+    /// no longer exists while the pod's netns lives on (the source has not seen the process
+    /// exit yet; [`Enrolled::vanished`] decides whether the pod is gone).
+    fn needs_reenrollment(&self, new: &EnrolledPodSpec) -> bool {
+        let old = &self.spec;
+        let netns_moved = old.netns != new.netns
+            && !self.netns.is_at(&new.netns)
+            && std::fs::metadata(&new.netns).is_ok();
+        netns_moved
+            || old.cgroup != new.cgroup
+            || old.ips != new.ips
+            || old.identity != new.identity
+    }
+
+    /// Takes `new` as the pod's spec, keeping the path the pod's netns is reached by when the
+    /// new one does not reach it.
+    fn update_spec(&mut self, new: &EnrolledPodSpec) {
+        let netns = if self.netns.is_at(&new.netns) {
+            new.netns.clone()
+        } else {
+            self.spec.netns.clone()
+        };
+        self.spec = EnrolledPodSpec {
+            netns,
+            ..new.clone()
+        };
     }
 }
 
@@ -155,7 +213,7 @@ impl Agent {
             .pods
             .iter()
             .filter(|(key, pod)| match state.enrolled.get(*key) {
-                Some(spec) => needs_reenrollment(&pod.spec, spec),
+                Some(spec) => pod.needs_reenrollment(spec),
                 None => true,
             })
             .map(|(key, _)| key.clone())
@@ -165,7 +223,7 @@ impl Agent {
         }
         for (key, pod) in self.pods.iter_mut() {
             if let Some(spec) = state.enrolled.get(key) {
-                pod.spec = spec.clone();
+                pod.update_spec(spec);
             }
         }
 
@@ -324,7 +382,7 @@ impl Agent {
     pub async fn release_vanished_pods(&mut self) -> usize {
         let vanished: Vec<(PodKey, String)> = self
             .pods
-            .iter()
+            .iter_mut()
             .filter_map(|(key, pod)| {
                 pod.vanished()
                     .map(|why| (key.clone(), format!("{why}: pod released")))
@@ -357,13 +415,6 @@ impl Agent {
             self.unenroll(&key).await;
         }
     }
-}
-
-fn needs_reenrollment(old: &EnrolledPodSpec, new: &EnrolledPodSpec) -> bool {
-    old.netns != new.netns
-        || old.cgroup != new.cgroup
-        || old.ips != new.ips
-        || old.identity != new.identity
 }
 
 /// A borrowed raw fd, for handing a listener to the sockhash.

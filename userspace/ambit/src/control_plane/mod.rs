@@ -184,7 +184,7 @@ async fn watch_kubernetes(k8s: Box<KubernetesSource>, resources: watch::Sender<A
 /// Locates no pod: the control plane enrolls nothing.
 struct NoPods;
 impl PodLocator for NoPods {
-    fn locate(&self, _uid: &str) -> Option<PodLocation> {
+    fn locate(&self, _uid: &str, _ips: &[std::net::IpAddr]) -> Option<PodLocation> {
         None
     }
 }

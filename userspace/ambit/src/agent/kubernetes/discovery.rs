@@ -12,8 +12,9 @@
 //! path does not exist under our cgroup2 mount the mount is searched for it.
 
 use std::{
+    collections::HashMap,
     fs,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
@@ -29,7 +30,9 @@ pub struct PodLocation {
 
 /// Finds pods on this node.
 pub trait PodLocator: Send + Sync {
-    fn locate(&self, pod_uid: &str) -> Option<PodLocation>;
+    /// Where the pod `pod_uid` lives. `pod_ips` are its addresses as the API reports them:
+    /// when given, only a netns holding one of them is taken for the pod's.
+    fn locate(&self, pod_uid: &str, pod_ips: &[IpAddr]) -> Option<PodLocation>;
 
     /// The addresses of a pod whose sandbox the CNI plugin reported, before the API server
     /// knows them (the pod is still `Pending` then): such a pod is captured from its start.
@@ -45,7 +48,7 @@ pub struct ProcLocator {
 }
 
 impl PodLocator for ProcLocator {
-    fn locate(&self, pod_uid: &str) -> Option<PodLocation> {
+    fn locate(&self, pod_uid: &str, pod_ips: &[IpAddr]) -> Option<PodLocation> {
         // Neither the agent's own netns nor the node's (pid 1's): a process of the pod's cgroup
         // in one of those (CRI-O's conmon, a host-network helper) is not in the pod's netns.
         let excluded: Vec<u64> = ["self/ns/net", "1/ns/net"]
@@ -53,38 +56,32 @@ impl PodLocator for ProcLocator {
             .filter_map(|p| fs::metadata(self.proc_root.join(p)).ok())
             .map(|m| m.ino())
             .collect();
+        // Whether a netns (by inode) holds one of the pod's addresses, read once per netns.
+        let mut holds_pod_ip: HashMap<u64, bool> = HashMap::new();
         let mut best: Option<(u64, u32, String)> = None; // (start time, pid, cgroup path)
-        for entry in fs::read_dir(&self.proc_root).ok()?.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let dir = entry.path();
-            let Ok(cgroups) = fs::read_to_string(dir.join("cgroup")) else {
-                continue;
-            };
-            let Some(path) = unified_path(&cgroups) else {
-                continue;
-            };
-            if pod_cgroup_prefix(path, pod_uid).is_none() {
-                continue;
-            }
-            // A process in the node's own netns is not the pod's (host-network pods are never
-            // enrolled anyway).
+        for (pid, dir, path) in self.processes_of(|path| pod_cgroup_prefix(path, pod_uid).is_some())
+        {
             let Some(netns) = fs::metadata(dir.join("ns/net")).ok().map(|m| m.ino()) else {
                 continue;
             };
             if excluded.contains(&netns) {
                 continue;
             }
+            // The pod's IP is the proof that this netns is the pod's: the oldest process of the
+            // pod's cgroup is the pause process on containerd, but on CRI-O without an infra
+            // container it is an app container, and a helper may sit in another netns.
+            if !pod_ips.is_empty()
+                && !*holds_pod_ip
+                    .entry(netns)
+                    .or_insert_with(|| local_addresses(&dir).iter().any(|ip| pod_ips.contains(ip)))
+            {
+                continue;
+            }
             let Some(start) = start_time(&dir) else {
                 continue;
             };
             if best.as_ref().is_none_or(|(s, _, _)| start < *s) {
-                best = Some((start, pid, path.to_owned()));
+                best = Some((start, pid, path));
             }
         }
         let (_, pid, path) = best?;
@@ -102,6 +99,83 @@ impl PodLocator for ProcLocator {
             cgroup,
         })
     }
+}
+
+impl ProcLocator {
+    /// Every process whose cgroup v2 path `wanted` accepts: (pid, its /proc dir, the path).
+    fn processes_of<'a>(
+        &'a self,
+        wanted: impl Fn(&str) -> bool + 'a,
+    ) -> impl Iterator<Item = (u32, PathBuf, String)> + 'a {
+        fs::read_dir(&self.proc_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(move |entry| {
+                let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+                let dir = entry.path();
+                let cgroups = fs::read_to_string(dir.join("cgroup")).ok()?;
+                let path = unified_path(&cgroups)?;
+                wanted(path).then(|| (pid, dir, path.to_owned()))
+            })
+    }
+
+    /// Another `<proc>/<pid>/ns/net` path to the netns `netns_ino`, from a process of the pod
+    /// cgroup named `pod_cgroup_name`: where an enrolled pod's netns can still be reached once
+    /// the process it was found through has exited (a container restarting, on a runtime
+    /// without a pause process), so the pod is not re-enrolled for it.
+    pub fn netns_path_of(&self, pod_cgroup_name: &str, netns_ino: u64) -> Option<PathBuf> {
+        self.processes_of(|path| path.split('/').any(|c| c == pod_cgroup_name))
+            .map(|(_, dir, _)| dir.join("ns/net"))
+            .find(|ns| fs::metadata(ns).is_ok_and(|m| m.ino() == netns_ino))
+    }
+}
+
+/// The addresses configured in the netns of the process `proc_dir` (`/proc/<pid>`), read from
+/// its `net/fib_trie` (IPv4 local routes) and `net/if_inet6` without entering the netns.
+pub fn local_addresses(proc_dir: &Path) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = fs::read_to_string(proc_dir.join("net/fib_trie"))
+        .map(|t| {
+            parse_fib_trie_locals(&t)
+                .into_iter()
+                .map(IpAddr::V4)
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Ok(text) = fs::read_to_string(proc_dir.join("net/if_inet6")) {
+        ips.extend(parse_if_inet6(&text).into_iter().map(IpAddr::V6));
+    }
+    ips
+}
+
+/// The local addresses in a `/proc/net/fib_trie` dump: leaves (`|-- <ip>`) with a
+/// `/32 host LOCAL` entry.
+fn parse_fib_trie_locals(text: &str) -> Vec<Ipv4Addr> {
+    let mut locals = Vec::new();
+    let mut leaf: Option<Ipv4Addr> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(ip) = line.strip_prefix("|-- ") {
+            leaf = ip.parse().ok();
+        } else if line.starts_with("/32 host LOCAL") {
+            if let Some(ip) = leaf.filter(|ip| !locals.contains(ip)) {
+                locals.push(ip);
+            }
+        } else if !line.starts_with('/') {
+            leaf = None;
+        }
+    }
+    locals
+}
+
+/// The addresses in a `/proc/net/if_inet6` table (first column: 32 hex digits).
+fn parse_if_inet6(text: &str) -> Vec<Ipv6Addr> {
+    text.lines()
+        .filter_map(|line| {
+            let hex = line.split_whitespace().next()?;
+            u128::from_str_radix(hex, 16).ok().map(Ipv6Addr::from)
+        })
+        .collect()
 }
 
 /// The cgroup v2 line (`0::<path>`) of a `/proc/<pid>/cgroup` file.
@@ -240,6 +314,46 @@ mod tests {
         let path = "/kubepods/besteffort/pod11111111-2222-3333-4444-555555555555/ab";
         assert_eq!(pod_cgroup_prefix(path, UID), None);
         assert_eq!(unified_path("1:name=systemd:/x\n"), None);
+    }
+
+    #[test]
+    fn reads_a_netns_local_addresses_from_procfs_tables() {
+        // `cat /proc/<pid>/net/fib_trie` of a pod with 10.244.1.5/24 (abridged: Local table).
+        let fib_trie = "Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 10.244.1.0/24 2 0 2
+        |-- 10.244.1.0
+           /24 link UNICAST
+        |-- 10.244.1.5
+           /32 host LOCAL
+     +-- 127.0.0.0/8 2 0 2
+        |-- 127.0.0.1
+           /32 host LOCAL
+Local:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 10.244.1.5
+        /32 host LOCAL
+     |-- 10.244.1.255
+        /32 link BROADCAST
+";
+        assert_eq!(
+            parse_fib_trie_locals(fib_trie),
+            [
+                "10.244.1.5".parse::<Ipv4Addr>().unwrap(),
+                "127.0.0.1".parse().unwrap()
+            ]
+        );
+        let if_inet6 = "fd000000000000000000000000000005 02 40 00 80     eth0
+00000000000000000000000000000001 01 80 10 80       lo
+";
+        assert_eq!(
+            parse_if_inet6(if_inet6),
+            ["fd00::5".parse::<Ipv6Addr>().unwrap(), Ipv6Addr::LOCALHOST]
+        );
+        // This process's own netns has at least its loopback address.
+        assert!(local_addresses(Path::new("/proc/self")).contains(&"127.0.0.1".parse().unwrap()));
     }
 
     #[test]

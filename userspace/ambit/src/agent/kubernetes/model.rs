@@ -295,7 +295,7 @@ pub fn build_config(
 pub fn build_mesh(view: &ClusterView<'_>, own_pod: Option<&str>) -> LocalConfig {
     struct NoPods;
     impl PodLocator for NoPods {
-        fn locate(&self, _uid: &str) -> Option<super::discovery::PodLocation> {
+        fn locate(&self, _uid: &str, _ips: &[IpAddr]) -> Option<super::discovery::PodLocation> {
             None
         }
     }
@@ -478,7 +478,10 @@ fn build(
         if Some(workload.node.as_str()) != node || workload.protocol != Protocol::Hbone {
             continue;
         }
-        let Some(location) = uid.as_deref().and_then(|uid| locator.locate(uid)) else {
+        let Some(location) = uid
+            .as_deref()
+            .and_then(|uid| locator.locate(uid, &workload.workload_ips))
+        else {
             continue; // not found yet (containers starting): the next rebuild retries
         };
         pods.push(LocalPod {
@@ -512,7 +515,7 @@ mod tests {
     /// Finds every pod: the test only checks which ones are asked for.
     struct EveryPod;
     impl PodLocator for EveryPod {
-        fn locate(&self, uid: &str) -> Option<PodLocation> {
+        fn locate(&self, uid: &str, _ips: &[IpAddr]) -> Option<PodLocation> {
             Some(PodLocation {
                 netns: PathBuf::from(format!("/proc/{uid}/ns/net")),
                 cgroup: PathBuf::from(format!("/kubepods/pod{uid}")),
@@ -731,7 +734,7 @@ mod endpoint_tests {
 
     struct EveryPod;
     impl PodLocator for EveryPod {
-        fn locate(&self, uid: &str) -> Option<PodLocation> {
+        fn locate(&self, uid: &str, _ips: &[IpAddr]) -> Option<PodLocation> {
             Some(PodLocation {
                 netns: PathBuf::from(format!("/proc/{uid}/ns/net")),
                 cgroup: PathBuf::from(format!("/kubepods/pod{uid}")),

@@ -155,7 +155,7 @@ async fn a_local_pods_source_sees_only_this_nodes_pods() {
     let local_requests = requests.lock().unwrap().clone();
     let cluster = connected(false).await;
     let enrolled = |k8s: &KubernetesSource| -> Vec<String> {
-        let pods = k8s.local_pods().unwrap().pods;
+        let pods = k8s.local_pods().unwrap().ambit.pods;
         pods.into_iter().map(|p| p.workload).collect()
     };
     assert_eq!(enrolled(&local), ["demo/sleep", "demo/web"]);
@@ -327,7 +327,9 @@ fn mesh(workloads: &[(&str, &str, &str)]) -> String {
 }
 
 /// `--source xds` in a cluster: the mesh from istiod, this node's pods (and where they are)
-/// from the Kubernetes API. A local mesh pod is enrolled once istiod sends its workload.
+/// from the Kubernetes API. A local mesh pod istiod has not sent yet (istiod learns a pod only
+/// once its sandbox has an address, after the CNI ADD that waits for its capture) is enrolled
+/// with the workload the API describes, provisional until istiod's arrives.
 #[tokio::test(flavor = "multi_thread")]
 async fn with_xds_the_mesh_comes_from_istiod_and_the_pods_from_the_api() {
     let dir = std::env::temp_dir().join(format!("ambit-xds-k8s-{}", std::process::id()));
@@ -375,15 +377,27 @@ async fn with_xds_the_mesh_comes_from_istiod_and_the_pods_from_the_api() {
     .await
     .unwrap();
     let initial = source.initial().unwrap();
-    assert_eq!(initial.enrolled.keys().collect::<Vec<_>>(), ["demo/sleep"]);
+    assert_eq!(
+        initial.enrolled.keys().collect::<Vec<_>>(),
+        ["demo/sleep", "demo/web"]
+    );
     assert_eq!(
         initial.workloads.keys().collect::<Vec<_>>(),
-        ["demo/sleep", "demo/web-2"]
+        ["demo/sleep", "demo/web", "demo/web-2"]
     );
+    // demo/web from the API: its identity from its service account, provisional (its inbound
+    // is refused until istiod says which policies select it); the others from istiod.
+    let web = &initial.workloads["demo/web"];
+    assert!(web.provisional);
+    assert_eq!(
+        initial.enrolled["demo/web"].identity.to_string(),
+        "spiffe://cluster.local/ns/demo/sa/web"
+    );
+    assert!(!initial.workloads["demo/sleep"].provisional);
 
     let (tx, mut rx) = mpsc::channel(4);
     let _task = Box::new(source).watch(tx);
-    // istiod sends demo/web: the local pod the API already listed is enrolled.
+    // istiod sends demo/web: the same pod, now as istiod describes it.
     std::fs::write(
         dir.join("mesh.yaml"),
         mesh(&[
@@ -393,10 +407,17 @@ async fn with_xds_the_mesh_comes_from_istiod_and_the_pods_from_the_api() {
         ]),
     )
     .unwrap();
-    let state = next_state(&mut rx, |s| s.enrolled.contains_key("demo/web")).await;
+    let state = next_state(&mut rx, |s| {
+        s.workloads.get("demo/web").is_some_and(|w| !w.provisional)
+    })
+    .await;
     assert_eq!(
         state.enrolled.keys().collect::<Vec<_>>(),
         ["demo/sleep", "demo/web"]
+    );
+    assert_eq!(
+        state.enrolled["demo/web"], initial.enrolled["demo/web"],
+        "istiod's workload changed how the pod is enrolled (a re-enrollment)"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -53,6 +53,19 @@ pub struct Workload {
     /// What telemetry calls this workload (ztunnel's fields of the same names).
     #[serde(flatten)]
     pub telemetry: WorkloadTelemetry,
+    /// Built by this node from the Kubernetes API because istiod has not sent it yet (a pod
+    /// just created: istiod learns it only once its sandbox has an address). Enough to capture
+    /// the pod and give it its identity; not enough to authorize connections to it (istiod has
+    /// not said which policies select it), so its inbound is refused until istiod's arrives.
+    #[serde(skip)]
+    pub provisional: bool,
+}
+
+impl Workload {
+    /// `<namespace>/<name>`, as pods and the state name it.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
 }
 
 /// A workload's names for metrics and baggage, as Istio gives them to ztunnel. Absent ones

@@ -40,6 +40,8 @@ pub struct WorkloadInfo {
     /// The waypoint for traffic addressed to this workload's IP.
     pub waypoint: Option<GatewayAddress>,
     pub telemetry: WorkloadTelemetry,
+    /// See [`crate::config::Workload::provisional`].
+    pub provisional: bool,
 }
 
 /// A service as telemetry names it (`destination_service*` labels, the access log).
@@ -94,6 +96,10 @@ pub struct EnrolledPodSpec {
     pub identity: Identity,
     pub mtls_mode: MtlsMode,
 }
+
+/// The deny reason for a connection to a provisional workload (see
+/// [`crate::config::Workload::provisional`]).
+pub const PROVISIONAL_WORKLOAD: &str = "workload not yet sent by istiod (its policies are unknown)";
 
 /// What the kernel treats as a mesh destination: a workload IP (every port) or a VIP:port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -202,6 +208,7 @@ impl State {
                     services: w.services.clone(),
                     waypoint: w.waypoint.clone(),
                     telemetry: w.telemetry.clone(),
+                    provisional: w.provisional,
                 },
             );
         }
@@ -255,6 +262,12 @@ impl State {
 
     /// The authorization decision for a connection to the local workload `dst`.
     pub fn authorize(&self, dst: &WorkloadInfo, conn: &ConnectionInfo) -> Decision {
+        if dst.provisional {
+            // Which policies select it is istiod's to say: refuse until it has.
+            return Decision::Deny {
+                policy: PROVISIONAL_WORKLOAD.into(),
+            };
+        }
         let dst = DestinationWorkload {
             namespace: &dst.namespace,
             name: &dst.name,
@@ -491,6 +504,30 @@ ambit:
         assert_eq!(
             state("n2").enrolled.keys().collect::<Vec<_>>(),
             ["default/c"]
+        );
+    }
+
+    #[test]
+    fn a_provisional_workload_accepts_nothing_until_istiod_sends_it() {
+        let mut config = LocalConfig::parse(LAB, "lab.yaml").unwrap();
+        let conn = ConnectionInfo {
+            src_ip: "10.1.0.2".parse().unwrap(),
+            src_identity: Some("spiffe://cluster.local/ns/default/sa/a".parse().unwrap()),
+            dst_ip: "10.2.0.2".parse().unwrap(),
+            dst_port: 8080,
+        };
+        let decide = |config: &LocalConfig| {
+            let s = State::from_config(config, "n2", "cluster.local").unwrap();
+            s.authorize(&s.workloads["default/c"], &conn)
+        };
+        assert_eq!(decide(&config), Decision::Allow, "no policy: allowed");
+        let c = config.workloads.iter_mut().find(|w| w.name == "c").unwrap();
+        c.provisional = true;
+        assert_eq!(
+            decide(&config),
+            Decision::Deny {
+                policy: PROVISIONAL_WORKLOAD.into()
+            }
         );
     }
 

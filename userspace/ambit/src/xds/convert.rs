@@ -103,6 +103,7 @@ fn workload_from(w: &workload::Workload) -> Result<Workload> {
             canonical_revision: non_empty(&w.canonical_revision),
             cluster_id: non_empty(&w.cluster_id),
         },
+        provisional: false,
     })
 }
 

@@ -2,9 +2,13 @@
 //! this node's pods from where the node learns them. istiod does not know where a pod's
 //! network namespace and cgroup are (ztunnel learns that from istio-cni); here they come from
 //! [`LocalPods`]: the Kubernetes API and the host's /proc (in a cluster), or a file with only
-//! the `ambit.pods` section (`--config`, the lab), re-read when it changes. A pod whose
-//! workload istiod has not sent (yet) is not enrolled; one whose workload istiod removes is
-//! un-enrolled.
+//! the `ambit.pods` section (`--config`, the lab), re-read when it changes.
+//!
+//! istiod learns a new pod only once its sandbox has an address, i.e. after the CNI plugin's
+//! ADD, which waits for the pod's capture: so a pod the Kubernetes API lists is enrolled
+//! before istiod sends its workload, with the workload the API describes (identity from its
+//! service account), marked provisional: its inbound is refused until istiod's arrives (its
+//! policies are unknown till then). With a pods file (no API), a pod waits for istiod.
 
 use std::{
     path::{Path, PathBuf},
@@ -23,7 +27,7 @@ use crate::{
         kubernetes::KubernetesSource,
         source::{file_stamp, StateSource},
     },
-    config::{yaml_error, AmbitSection, LocalConfig},
+    config::{yaml_error, AmbitSection, LocalConfig, Workload},
     state::State,
 };
 
@@ -32,6 +36,13 @@ pub struct XdsSource {
     pods: LocalPods,
     node: String,
     trust_domain: String,
+}
+
+/// This node's pods, and the workloads the Kubernetes API describes for them (none from a
+/// pods file).
+struct LocalView {
+    pods: AmbitSection,
+    workloads: Vec<Workload>,
 }
 
 /// Where this node's pods (their netns and cgroup) come from.
@@ -43,11 +54,20 @@ pub enum LocalPods {
 }
 
 impl LocalPods {
-    fn read(&self) -> Result<AmbitSection> {
-        match self {
-            LocalPods::File(path) => read_pods(path),
-            LocalPods::Kubernetes(k8s) => k8s.local_pods(),
-        }
+    fn read(&self) -> Result<LocalView> {
+        Ok(match self {
+            LocalPods::File(path) => LocalView {
+                pods: read_pods(path)?,
+                workloads: Vec::new(),
+            },
+            LocalPods::Kubernetes(k8s) => {
+                let local = k8s.local_pods()?;
+                LocalView {
+                    pods: local.ambit,
+                    workloads: local.workloads,
+                }
+            }
+        })
     }
 }
 
@@ -87,21 +107,30 @@ impl XdsSource {
             bail!("no state from istiod yet");
         };
         let mut config = (*mesh).clone();
-        {
-            config.ambit = self.pods.read()?;
-            let workloads: std::collections::BTreeSet<String> = config
-                .workloads
-                .iter()
-                .map(|w| format!("{}/{}", w.namespace, w.name))
-                .collect();
-            config.ambit.pods.retain(|pod| {
-                let known = workloads.contains(&pod.workload);
-                if !known {
-                    debug!(pod = %pod.workload, "waiting for istiod to send this pod's workload");
+        let local = self.pods.read()?;
+        config.ambit = local.pods;
+        let from_istiod: std::collections::BTreeSet<String> =
+            config.workloads.iter().map(Workload::key).collect();
+        let workloads = &mut config.workloads;
+        config.ambit.pods.retain(|pod| {
+            if from_istiod.contains(&pod.workload) {
+                return true;
+            }
+            match local.workloads.iter().find(|w| w.key() == pod.workload) {
+                Some(w) => {
+                    debug!(pod = %pod.workload, "enrolled before istiod sent its workload: identity from the API, inbound refused until istiod's arrives");
+                    workloads.push(Workload {
+                        provisional: true,
+                        ..w.clone()
+                    });
+                    true
                 }
-                known
-            });
-        }
+                None => {
+                    debug!(pod = %pod.workload, "waiting for istiod to send this pod's workload");
+                    false
+                }
+            }
+        });
         Ok(Arc::new(State::from_config(
             &config,
             &self.node,

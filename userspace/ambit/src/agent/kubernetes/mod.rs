@@ -33,10 +33,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::source::StateSource;
-use crate::{
-    config::{AmbitSection, LocalConfig},
-    state::State,
-};
+use crate::{config::LocalConfig, state::State};
 use discovery::PodLocator;
 use model::{build_config, ClusterView};
 
@@ -288,8 +285,9 @@ impl KubernetesSource {
 
     /// This node's mesh pods and where they are (the `ambit` section of the config the API's
     /// objects make): what `--source xds` enrolls in a cluster, with the mesh from istiod.
-    pub fn local_pods(&self) -> Result<AmbitSection> {
-        Ok(self.config()?.ambit)
+    /// This node's pods (`ambit` section) and the workloads the API describes for them.
+    pub fn local_pods(&self) -> Result<LocalConfig> {
+        self.config()
     }
 
     /// The mesh the API's objects make (workloads and services, no local pods): what the

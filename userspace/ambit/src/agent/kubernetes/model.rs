@@ -205,6 +205,7 @@ fn workload_of(pod: &Pod, ns: &str, name: &str, protocol: Protocol) -> Workload 
         services: BTreeMap::new(),
         waypoint: None,
         telemetry: pod_telemetry(pod, name),
+        provisional: false,
     }
 }
 

@@ -534,7 +534,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         .map(drop)
     }
 
-    /// RemovePodSandbox (after [`Cri::stop_pod`], as kubelet does).
+    /// RemovePodSandbox (after [`Cri::stop_pod`], as kubelet does), then the pod-level cgroup,
+    /// as kubelet removes it once the pod is gone.
     pub fn remove_pod(&self, pod: &Pod) -> Result<()> {
         self.call::<_, Empty>(
             REMOVE_POD_SANDBOX,
@@ -543,6 +544,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             },
         )?;
         self.sandboxes.lock().unwrap().retain(|id| *id != pod.id);
+        remove_cgroup_tree(&pod.cgroup);
+        if pod.cgroup.exists() {
+            bail!("the pod cgroup {} outlived its pod", pod.cgroup.display());
+        }
         Ok(())
     }
 

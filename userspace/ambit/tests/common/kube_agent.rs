@@ -158,6 +158,31 @@ impl KubeAgent {
         let _ = child.wait();
     }
 
+    /// `ambit inspect` of its node: what the kernel holds for it, from its pins.
+    pub fn inspect(&self) -> String {
+        let out = Command::new(AMBIT)
+            .args(["inspect", "--node", &self.node])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ambit inspect: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The pods `ambit inspect` lists with capture attached (`namespace/name`).
+    pub fn captured_pods(&self) -> Vec<String> {
+        self.inspect()
+            .split("\n\n")
+            .find(|section| section.starts_with("pods with capture attached:"))
+            .into_iter()
+            .flat_map(|section| section.lines().skip(1))
+            .filter_map(|line| Some(line.trim().split_once(": ")?.0.to_owned()))
+            .collect()
+    }
+
     /// Its pins (`/sys/fs/bpf/ambit/<node>`).
     pub fn pins(&self) -> PathBuf {
         Path::new("/sys/fs/bpf/ambit").join(&self.node)
@@ -204,4 +229,16 @@ pub fn added(object: Value) -> String {
 /// A watch event changing `object`.
 pub fn modified(object: Value) -> String {
     json!({"type": "MODIFIED", "object": object}).to_string()
+}
+
+/// A watch event removing `object`.
+pub fn deleted(object: Value) -> String {
+    json!({"type": "DELETED", "object": object}).to_string()
+}
+
+/// `pod` as kubelet reports it once its sandbox and containers run: Running, with its IP.
+pub fn now_running(mut pod: Value, ip: &str) -> Value {
+    pod["metadata"]["resourceVersion"] = json!("7");
+    pod["status"] = json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]});
+    pod
 }

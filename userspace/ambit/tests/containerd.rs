@@ -307,6 +307,20 @@ fn log_lines<'a>(log: &'a str, needles: &[&str]) -> Vec<&'a str> {
         .collect()
 }
 
+/// Waits (10 s) until the agent's log has `count` lines with all of `needles`; the log then.
+/// Fails with `what` and the log.
+fn wait_for_lines(agent: &KubeAgent, needles: &[&str], count: usize, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = agent.log();
+        if log_lines(&log, needles).len() >= count {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "{what}:\n{log}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The whole path of a mesh pod under a real runtime: containerd runs the CNI chain bridge →
 /// ambit-cni for each sandbox, and the test plays kubelet (the pod's cgroup made first, CRI
 /// calls) and the API server (a fake one the agent watches). Checked, as a user would see it:
@@ -438,9 +452,19 @@ fn a_mesh_pods_first_connection_under_containerd_is_captured() {
         .unwrap_or_else(|e| panic!("{e:#}\n--- agent ---\n{}", agent.log()));
     let web_app = format!("dst.addr={}:8080", web.ip);
     let first_identity = "src.identity=spiffe://cluster.local/ns/demo/sa/first";
-    agent.wait_log(&format!("original_dst={}:8080", web.ip));
-    agent.wait_log(&format!("dst.hbone_addr={}:15008", web.ip));
-    let log = agent.log();
+    let log = wait_for_lines(
+        &agent,
+        &[
+            "connection complete",
+            "listener=\"HBONE\"",
+            "direction=\"inbound\"",
+            first_identity,
+            &web_app,
+        ],
+        1,
+        "demo/first's first connection was not captured: web's app got it, but web's HBONE \
+         listener has no connection from first's identity",
+    );
     let tunneled = log_lines(
         &log,
         &[
@@ -451,10 +475,21 @@ fn a_mesh_pods_first_connection_under_containerd_is_captured() {
             &web_app,
         ],
     );
-    assert_eq!(
-        tunneled.len(),
+    assert_eq!(tunneled.len(), 1, "{log}");
+    // The client's side: the original destination, sent on as HBONE to web's port 15008.
+    let captured = format!("original_dst={}:8080", web.ip);
+    let hbone = format!("dst.hbone_addr={}:15008", web.ip);
+    wait_for_lines(
+        &agent,
+        &["captured outbound connection", &captured],
         1,
-        "web's tunnel did not take the first connection from first's identity over HBONE:\n{log}"
+        "the agent did not capture first's connection on its side",
+    );
+    wait_for_lines(
+        &agent,
+        &["connection complete", "direction=\"outbound\"", &hbone],
+        1,
+        "the agent's access log has no outbound HBONE connection to web",
     );
     eprintln!(
         "the pod's first connection, at web's tunnel: {}",
@@ -494,16 +529,12 @@ fn a_mesh_pods_first_connection_under_containerd_is_captured() {
     cri.start_container(&attempt1).unwrap();
     cri.wait_log(&web, "app", 0, "after the restart", 10)
         .unwrap_or_else(|e| panic!("{e:#}\n--- agent ---\n{}", agent.log()));
-    let captured = format!("original_dst={}:8080", web.ip);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while log_lines(&agent.log(), &[&captured]).len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the restarted container's connection was not captured:\n{}",
-            agent.log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_lines(
+        &agent,
+        &["captured outbound connection", &captured],
+        2,
+        "the restarted container's connection was not captured",
+    );
     let log = agent.log();
     assert_eq!(
         log_lines(&log, &["pod enrolled", "pod=demo/first"]).len(),
@@ -526,15 +557,12 @@ fn a_mesh_pods_first_connection_under_containerd_is_captured() {
     agent.wait_log("CNI DEL: sandbox released");
     cri.remove_pod(&first).unwrap();
     send(deleted(now_running(first_pod, &first.ip.to_string())));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while log_lines(&agent.log(), &["pod un-enrolled", "pod=demo/first"]).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "demo/first was not un-enrolled:\n{}",
-            agent.log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_lines(
+        &agent,
+        &["pod un-enrolled", "pod=demo/first"],
+        1,
+        "demo/first was not un-enrolled",
+    );
     let inspect = agent.inspect();
     assert_eq!(
         agent.captured_pods(),

@@ -13,7 +13,6 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::Path,
-    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -268,20 +267,20 @@ if command == "ADD":
     assert_gone(cri);
 }
 
-/// Whether something in the netns `netns` listens on TCP `port` (its /proc/net/tcp and tcp6,
-/// read from inside: /proc/net shows the reader's netns).
-fn listening(netns: &Path, port: u16) -> bool {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["cat", "/proc/net/tcp", "/proc/net/tcp6"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        fields
-            .get(1)
-            .is_some_and(|local| local.ends_with(&format!(":{port:04X}")))
-            && fields.get(3) == Some(&"0A")
+/// Whether something in the pod whose cgroup is `cgroup` listens on TCP `port`: the
+/// /proc/<pid>/net/tcp and tcp6 of its processes (each shows its own netns, the pod's).
+fn listening(cgroup: &Path, port: u16) -> bool {
+    cgroup_procs(cgroup).iter().any(|pid| {
+        ["tcp", "tcp6"].iter().any(|file| {
+            let table = std::fs::read_to_string(format!("/proc/{pid}/net/{file}"));
+            table.unwrap_or_default().lines().any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields
+                    .get(1)
+                    .is_some_and(|local| local.ends_with(&format!(":{port:04X}")))
+                    && fields.get(3) == Some(&"0A")
+            })
+        })
     })
 }
 
@@ -404,7 +403,7 @@ fn a_mesh_pods_first_connection_under_containerd_is_captured() {
         .unwrap();
     cri.start_container(&app).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !listening(&web.netns, 8080) {
+    while !listening(&web.cgroup, 8080) {
         assert!(
             Instant::now() < deadline,
             "web's app does not listen: {:?}",

@@ -18,13 +18,16 @@ mod common;
 use std::{
     fs,
     io::Write as _,
-    net::TcpListener as StdListener,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{fake_api::fake_api, test_prefix, AMBIT};
+use common::{
+    fake_api::fake_api,
+    kube_agent::{added, pending_pod, running_pod, KubeAgent},
+    test_prefix, AMBIT,
+};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
@@ -37,8 +40,8 @@ struct Sandboxes {
     prefix: String,
     dir: PathBuf,
     cgroup: PathBuf,
-    /// The agent, and the processes the test runs in the pods' netns.
-    agent: Option<Child>,
+    agent: Option<KubeAgent>,
+    /// The processes the test runs in the pods' netns.
     processes: Vec<Child>,
 }
 
@@ -116,31 +119,16 @@ impl Sandboxes {
         result
     }
 
-    fn agent_log(&self) -> String {
-        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-
-    fn wait_agent_log(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !self.agent_log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not log {needle:?}:\n{}",
-                self.agent_log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    fn agent(&self) -> &KubeAgent {
+        self.agent.as_ref().expect("the agent is running")
     }
 }
 
 impl Drop for Sandboxes {
     fn drop(&mut self) {
-        for mut child in self
-            .agent
-            .take()
-            .into_iter()
-            .chain(self.processes.drain(..))
-        {
+        // The agent first: it stops (and its pins go) before the netns it serves.
+        drop(self.agent.take());
+        for mut child in self.processes.drain(..) {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -161,7 +149,6 @@ impl Drop for Sandboxes {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        let _ = fs::remove_dir_all(Path::new("/sys/fs/bpf/ambit").join(self.netns("node")));
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -180,34 +167,6 @@ fn run(cmd: &mut Command) -> Output {
 fn result_ip(result: &Value) -> String {
     let address = result["ips"][0]["address"].as_str().unwrap();
     address.split('/').next().unwrap().to_owned()
-}
-
-/// A pod as the API server has it once kubelet took it on: scheduled, not running, no IP yet.
-fn pending_pod(namespace: &str, name: &str, uid: &str, node: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": {},
-                     "resourceVersion": "5"},
-        "spec": {"nodeName": node, "serviceAccountName": name,
-                 "containers": [{"name": "main", "image": "example"}]},
-        "status": {"phase": "Pending"}
-    })
-}
-
-/// A running mesh pod on another node: the destination of the pod's first connection.
-fn running_pod(namespace: &str, name: &str, ip: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"),
-                     "labels": {}, "resourceVersion": "6"},
-        "spec": {"nodeName": "elsewhere", "serviceAccountName": name,
-                 "containers": [{"name": "main", "image": "example"}]},
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
-    })
-}
-
-fn added(object: Value) -> String {
-    json!({"type": "ADDED", "object": object}).to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -241,15 +200,12 @@ async fn a_mesh_pod_is_captured_before_its_sandbox_starts() {
     // The plugin is the `ambit` binary under the name `ambit-cni`, as the image installs it.
     let plugin = dir.join("bin/ambit-cni");
     fs::copy(AMBIT, &plugin).unwrap();
-    let socket = dir.join("cni.sock");
     let chained = |prev: &Value| {
-        json!({
-            "cniVersion": "1.0.0",
-            "name": "ambit-test",
-            "type": "ambit-cni",
-            "agentSocket": socket,
-            "prevResult": prev,
-        })
+        let mut conf = KubeAgent::plugin_config_in(&dir);
+        conf["cniVersion"] = json!("1.0.0");
+        conf["name"] = json!("ambit-test");
+        conf["prevResult"] = prev.clone();
+        conf
     };
     let pod_args = |ns: &str, name: &str, uid: &str| {
         format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_UID={uid}")
@@ -291,50 +247,7 @@ async fn a_mesh_pod_is_captured_before_its_sandbox_starts() {
     // 2. The agent starts, watching a fake API server.
     let (events, _) = broadcast::channel(16);
     let url = fake_api(events.clone()).await;
-    let kubeconfig = dir.join("kubeconfig");
-    fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{url}\"}}}}]\n\
-             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n\
-             users: [{{name: fake, user: {{}}}}]\ncurrent-context: fake\n"
-        ),
-    )
-    .unwrap();
-    let ca = dir.join("ca");
-    run(Command::new(AMBIT).args(["ca", "init", "--dir"]).arg(&ca));
-    let free_port = || {
-        StdListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    t.agent = Some(
-        Command::new(AMBIT)
-            .args(["node", "--source", "kubernetes", "--node", &node])
-            .arg("--cni-socket")
-            .arg(&socket)
-            .arg("--ca-dir")
-            .arg(&ca)
-            .args(["--detach-on-exit", "--metrics-addr"])
-            .arg(free_port().to_string())
-            .arg("--readiness-addr")
-            .arg(free_port().to_string())
-            .arg("--admin-addr")
-            .arg(free_port().to_string())
-            .env("KUBECONFIG", &kubeconfig)
-            .env("RUST_LOG", "info,ambit=debug")
-            .stdout(fs::File::create(dir.join("agent.log")).unwrap())
-            .stderr(Stdio::from(
-                fs::OpenOptions::new()
-                    .append(true)
-                    .open(dir.join("agent.log"))
-                    .unwrap(),
-            ))
-            .spawn()
-            .unwrap(),
-    );
-    t.wait_agent_log("node ready");
+    t.agent = Some(KubeAgent::start(&dir, &node, &url));
     // The API server learns of the pods: the destination, and the pod as kubelet takes it on.
     let pods = "/api/v1/pods".to_owned();
     events
@@ -353,9 +266,9 @@ async fn a_mesh_pod_is_captured_before_its_sandbox_starts() {
     // 3. ADD again, as the runtime retries: it returns once the pod is captured, and passes the
     // bridge's result on.
     let (ok, result) = t.cni(&plugin, "ADD", "pod", &args, &chained(&pod));
-    assert!(ok, "ADD with the agent up: {result}\n{}", t.agent_log());
+    assert!(ok, "ADD with the agent up: {result}\n{}", t.agent().log());
     assert_eq!(result["ips"], pod["ips"], "{result}");
-    let log = t.agent_log();
+    let log = t.agent().log();
     assert!(log.contains("CNI ADD: captured before start"), "{log}");
 
     // The pod's first process, in its cgroup and netns, connects at once to the mesh pod:
@@ -376,8 +289,8 @@ async fn a_mesh_pod_is_captured_before_its_sandbox_starts() {
         String::from_utf8_lossy(&first.stdout),
         String::from_utf8_lossy(&first.stderr)
     );
-    t.wait_agent_log(&format!("dst.addr={server_ip}:8080"));
-    let log = t.agent_log();
+    t.agent().wait_log(&format!("dst.addr={server_ip}:8080"));
+    let log = t.agent().log();
     assert!(
         log.contains(&format!("original_dst={server_ip}:8080")),
         "the pod's first connection was not captured:\n{}\n{log}",
@@ -409,10 +322,10 @@ async fn a_mesh_pod_is_captured_before_its_sandbox_starts() {
     );
     assert!(ok, "ADD of a pod outside the mesh: {result}");
     assert!(started.elapsed() < Duration::from_secs(5));
-    t.wait_agent_log("CNI ADD: not a mesh pod");
+    t.agent().wait_log("CNI ADD: not a mesh pod");
 
     // 5. DEL releases the pod.
     let (ok, out) = t.cni(&plugin, "DEL", "pod", &args, &chained(&pod));
     assert!(ok, "DEL: {out}");
-    t.wait_agent_log("pod un-enrolled");
+    t.agent().wait_log("pod un-enrolled");
 }

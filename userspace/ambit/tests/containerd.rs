@@ -1,6 +1,7 @@
-//! Pods run by a real containerd, driven over CRI as kubelet drives it (tests/common/cri.rs):
-//! the ground the tests of a pod's very first connection stand on. Each test has a private
-//! containerd; both check that nothing of theirs is left on the host afterwards.
+//! Pods run by a real containerd, driven over CRI as kubelet drives it (tests/common/cri.rs),
+//! and a mesh pod's very first connection under it, with `ambit-cni` chained after the bridge
+//! plugin and a real agent (tests/common/kube_agent.rs). Each test has a private containerd;
+//! each checks that nothing of theirs is left on the host afterwards.
 //!
 //! Skipped (with a line on stderr) when containerd, runc, the CNI plugins or a static busybox
 //! are missing: `cargo xtask setup` installs them.
@@ -11,12 +12,19 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::Path,
     thread,
     time::{Duration, Instant},
 };
 
-use common::cri::{api::ContainerState, Cri, Footprint};
+use common::{
+    cri::{api::ContainerState, Cri, Footprint},
+    fake_api::fake_api,
+    kube_agent::{added, deleted, modified, now_running, pending_pod, KubeAgent},
+    AMBIT,
+};
 use serde_json::json;
+use tokio::sync::broadcast;
 
 /// A started harness, or None (and why, on stderr).
 fn cri() -> Option<Cri> {
@@ -256,5 +264,315 @@ if command == "ADD":
         "no DEL in the plugin's log:\n{text}"
     );
     cri.remove_pod(&pod).unwrap();
+    assert_gone(cri);
+}
+
+/// Whether something in the pod whose cgroup is `cgroup` listens on TCP `port`: the
+/// /proc/<pid>/net/tcp and tcp6 of its processes (each shows its own netns, the pod's).
+fn listening(cgroup: &Path, port: u16) -> bool {
+    cgroup_procs(cgroup).iter().any(|pid| {
+        ["tcp", "tcp6"].iter().any(|file| {
+            let table = std::fs::read_to_string(format!("/proc/{pid}/net/{file}"));
+            table.unwrap_or_default().lines().any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields
+                    .get(1)
+                    .is_some_and(|local| local.ends_with(&format!(":{port:04X}")))
+                    && fields.get(3) == Some(&"0A")
+            })
+        })
+    })
+}
+
+/// The processes in a cgroup tree.
+fn cgroup_procs(dir: &Path) -> Vec<String> {
+    let mut procs: Vec<String> = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            procs.extend(cgroup_procs(&entry.path()));
+        }
+    }
+    procs
+}
+
+/// The agent's log lines that contain every one of `needles`.
+fn log_lines<'a>(log: &'a str, needles: &[&str]) -> Vec<&'a str> {
+    log.lines()
+        .filter(|line| needles.iter().all(|n| line.contains(n)))
+        .collect()
+}
+
+/// Waits (10 s) until the agent's log has `count` lines with all of `needles`; the log then.
+/// Fails with `what` and the log.
+fn wait_for_lines(agent: &KubeAgent, needles: &[&str], count: usize, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = agent.log();
+        if log_lines(&log, needles).len() >= count {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "{what}:\n{log}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The whole path of a mesh pod under a real runtime: containerd runs the CNI chain bridge →
+/// ambit-cni for each sandbox, and the test plays kubelet (the pod's cgroup made first, CRI
+/// calls) and the API server (a fake one the agent watches). Checked, as a user would see it:
+/// the sandbox of a mesh pod does not start while the agent is down, and starts once it is up;
+/// the very first connection of the pod's container (its entrypoint's) goes out as HBONE
+/// (captured on the client's side, arriving at the destination pod's tunnel with the client's
+/// identity, never as plaintext); a restart of the container keeps the enrollment it has (no
+/// second one); the pod's deletion releases it.
+#[test]
+fn a_mesh_pods_first_connection_under_containerd_is_captured() {
+    let Some(cri) = cri() else { return };
+    // The fake API server on a runtime of its own: the harness's calls block, and must not run
+    // inside one.
+    let api = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (events, _) = broadcast::channel(16);
+    let url = api.block_on(fake_api(events.clone()));
+    let send = |event: String| {
+        events
+            .send(("/api/v1/pods".to_owned(), event))
+            .expect("the agent watches the pods");
+    };
+    let node = format!("{}-node", cri.name());
+    let agent_dir = cri.dir().join("agent");
+    // ambit-cni after bridge, as the image installs it: the `ambit` binary under that name.
+    cri.add_cni_plugin(
+        KubeAgent::plugin_config_in(&agent_dir),
+        Some(Path::new(AMBIT)),
+    )
+    .unwrap();
+    // Namespace `demo` is ambient (the fake API's namespaces).
+    let (web_uid, first_uid) = (
+        format!("{}-web", cri.name()),
+        format!("{}-first", cri.name()),
+    );
+
+    // (a) The agent is down: the mesh pod's sandbox fails, with the reason, and nothing of it
+    // runs (kubelet would retry).
+    let refused = match cri.run_pod_as("demo", "first", &first_uid) {
+        Ok(pod) => panic!(
+            "the sandbox of mesh pod demo/first started without the agent (IP {})",
+            pod.ip
+        ),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        refused.contains("ambit-cni") && refused.contains("agent cannot be reached"),
+        "RunPodSandbox failed, but not for want of the agent: {refused}"
+    );
+    let first_cgroup = ambit::cgroup::cgroup2_root()
+        .unwrap()
+        .join(cri.name())
+        .join(format!("pod{first_uid}"));
+    assert_eq!(
+        cgroup_procs(&first_cgroup),
+        Vec::<String>::new(),
+        "processes of the refused sandbox run"
+    );
+
+    // (b) The agent starts; the API server has both mesh pods as kubelet takes them on.
+    let agent = KubeAgent::start(&agent_dir, &node, &url);
+    let web_pod = pending_pod("demo", "web", &web_uid, &node);
+    let first_pod = pending_pod("demo", "first", &first_uid, &node);
+    send(added(web_pod.clone()));
+    send(added(first_pod.clone()));
+
+    // The destination, a mesh pod of this node: its app prints what each connection brings.
+    let web = cri
+        .run_pod_as("demo", "web", &web_uid)
+        .unwrap_or_else(|e| panic!("{e:#}\n--- agent ---\n{}", agent.log()));
+    let app = cri
+        .create_container(
+            &web,
+            "app",
+            0,
+            &["sh", "-c", "while true; do nc -l -p 8080; done"],
+        )
+        .unwrap();
+    cri.start_container(&app).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !listening(&web.cgroup, 8080) {
+        assert!(
+            Instant::now() < deadline,
+            "web's app does not listen: {:?}",
+            cri.container_status(&app)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    send(modified(now_running(web_pod, &web.ip.to_string())));
+
+    // The client: RunPodSandbox returns only once it is captured, so its entrypoint's first
+    // connect() is.
+    let first = cri
+        .run_pod_as("demo", "first", &first_uid)
+        .unwrap_or_else(|e| panic!("{e:#}\n--- agent ---\n{}", agent.log()));
+    assert_eq!(
+        log_lines(
+            &agent.log(),
+            &["CNI ADD: captured before start", "pod=demo/first"]
+        )
+        .len(),
+        1,
+        "{}",
+        agent.log()
+    );
+    let attempt0 = cri
+        .create_container(
+            &first,
+            "app",
+            0,
+            &[
+                "sh",
+                "-c",
+                &format!("echo first connection | nc -w 3 {} 8080; exit 3", web.ip),
+            ],
+        )
+        .unwrap();
+    cri.start_container(&attempt0).unwrap();
+    send(modified(now_running(
+        first_pod.clone(),
+        &first.ip.to_string(),
+    )));
+    cri.wait_container(&attempt0, ContainerState::ContainerExited, 20)
+        .unwrap();
+    cri.wait_log(&web, "app", 0, "first connection", 10)
+        .unwrap_or_else(|e| panic!("{e:#}\n--- agent ---\n{}", agent.log()));
+    let web_app = format!("dst.addr={}:8080", web.ip);
+    let first_identity = "src.identity=spiffe://cluster.local/ns/demo/sa/first";
+    let log = wait_for_lines(
+        &agent,
+        &[
+            "connection complete",
+            "listener=\"HBONE\"",
+            "direction=\"inbound\"",
+            first_identity,
+            &web_app,
+        ],
+        1,
+        "demo/first's first connection was not captured: web's app got it, but web's HBONE \
+         listener has no connection from first's identity",
+    );
+    let tunneled = log_lines(
+        &log,
+        &[
+            "connection complete",
+            "listener=\"HBONE\"",
+            "direction=\"inbound\"",
+            first_identity,
+            &web_app,
+        ],
+    );
+    assert_eq!(tunneled.len(), 1, "{log}");
+    // The client's side: the original destination, sent on as HBONE to web's port 15008.
+    let captured = format!("original_dst={}:8080", web.ip);
+    let hbone = format!("dst.hbone_addr={}:15008", web.ip);
+    wait_for_lines(
+        &agent,
+        &["captured outbound connection", &captured],
+        1,
+        "the agent did not capture first's connection on its side",
+    );
+    wait_for_lines(
+        &agent,
+        &["connection complete", "direction=\"outbound\"", &hbone],
+        1,
+        "the agent's access log has no outbound HBONE connection to web",
+    );
+    eprintln!(
+        "the pod's first connection, at web's tunnel: {}",
+        tunneled[0]
+    );
+    let plaintext = log_lines(
+        &log,
+        &[
+            "connection complete",
+            "direction=\"inbound\"",
+            "src.identity=-",
+            &web_app,
+        ],
+    );
+    assert!(
+        plaintext.is_empty(),
+        "web got plaintext: {plaintext:#?}\n{log}"
+    );
+
+    // (c) The container restarts (kubelet creates attempt 1 in the same sandbox): the pod keeps
+    // its one enrollment, and the new process's connection is captured as well.
+    let attempt1 = cri
+        .create_container(
+            &first,
+            "app",
+            1,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "echo after the restart | nc -w 3 {} 8080; sleep 600",
+                    web.ip
+                ),
+            ],
+        )
+        .unwrap();
+    cri.start_container(&attempt1).unwrap();
+    cri.wait_log(&web, "app", 0, "after the restart", 10)
+        .unwrap_or_else(|e| panic!("{e:#}\n--- agent ---\n{}", agent.log()));
+    wait_for_lines(
+        &agent,
+        &["captured outbound connection", &captured],
+        2,
+        "the restarted container's connection was not captured",
+    );
+    let log = agent.log();
+    assert_eq!(
+        log_lines(&log, &["pod enrolled", "pod=demo/first"]).len(),
+        1,
+        "demo/first was enrolled more than once:\n{log}"
+    );
+    assert!(
+        log_lines(&log, &["pod un-enrolled", "pod=demo/first"]).is_empty(),
+        "demo/first was un-enrolled while its sandbox lives:\n{log}"
+    );
+    let pods = agent.captured_pods();
+    assert!(
+        pods.contains(&"demo/first".to_owned()),
+        "ambit inspect: {pods:?}"
+    );
+
+    // (d) The pod is deleted: kubelet stops and removes its sandbox (CNI DEL), then the API
+    // object goes. Capture is released; the other pod keeps its own.
+    cri.stop_pod(&first).unwrap();
+    agent.wait_log("CNI DEL: sandbox released");
+    cri.remove_pod(&first).unwrap();
+    send(deleted(now_running(first_pod, &first.ip.to_string())));
+    wait_for_lines(
+        &agent,
+        &["pod un-enrolled", "pod=demo/first"],
+        1,
+        "demo/first was not un-enrolled",
+    );
+    let inspect = agent.inspect();
+    assert_eq!(
+        agent.captured_pods(),
+        ["demo/web"],
+        "after demo/first's deletion:\n{inspect}"
+    );
+    assert!(
+        !inspect.contains(&format!("  {}\n", first.ip)),
+        "demo/first's address keeps its inbound capture:\n{inspect}"
+    );
+    drop(agent);
+    drop(api);
     assert_gone(cri);
 }

@@ -9,7 +9,8 @@
 //! never talks to a system containerd (nor reads /etc/containerd). Choices:
 //! - cgroup driver cgroupfs (`SystemdCgroup = false`): kubelet and runtime must agree, the tests
 //!   run without systemd as PID 1, and runc's cgroupfs driver works on v1, hybrid and v2 hosts.
-//!   Pods go under `/<name>/<pod>` in every mounted hierarchy.
+//!   Pods go under `/<name>/pod<uid>` in every mounted hierarchy; as kubelet does, the harness
+//!   makes that pod-level cgroup (in cgroup2) before it asks for the sandbox.
 //! - snapshotter overlayfs when an overlay mount works in the temp dir, else native (copies).
 //! - images: no registry is reachable, so one local image is built from the static busybox (an
 //!   OCI layout tarball imported with `ctr`). It is also the sandbox ("pause") image: pause only
@@ -36,11 +37,11 @@
 //! remains.
 //!
 //! What a real kubelet does that this harness does not: pull images (and their credentials),
-//! create the pod's cgroup with QoS limits (`kubepods/<qos>/pod<uid>`), set DNS config, port
-//! mappings, security contexts, volumes and service-account tokens, run probes and restart
-//! policies by itself (a test restarts a container by creating the next attempt, as kubelet
-//! does), rotate logs, garbage-collect dead containers and images, report status to an API
-//! server, and use the systemd cgroup driver on systemd hosts.
+//! put the pod's cgroup under its QoS class with limits (`kubepods/<qos>/pod<uid>`), set DNS
+//! config, port mappings, security contexts, volumes and service-account tokens, run probes
+//! and restart policies by itself (a test restarts a container by creating the next attempt,
+//! as kubelet does), rotate logs, garbage-collect dead containers and images, report status to
+//! an API server, and use the systemd cgroup driver on systemd hosts.
 //!
 //! The calls block (a runtime of the harness's own drives gRPC): do not call them from inside a
 //! tokio runtime.
@@ -102,10 +103,14 @@ pub struct Cri {
 pub struct Pod {
     pub id: String,
     pub name: String,
+    pub namespace: String,
+    pub uid: String,
     /// From host-local, on the bridge's subnet.
     pub ip: Ipv4Addr,
     /// The network namespace containerd made (a bind mount under its state dir).
     pub netns: PathBuf,
+    /// The pod-level cgroup (cgroup2), made before the sandbox as kubelet makes it.
+    pub cgroup: PathBuf,
     /// The config it ran with (CreateContainer repeats it, as kubelet does).
     pub config: PodSandboxConfig,
 }
@@ -437,20 +442,32 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     /// RunPodSandbox for a pod `name` in namespace `default`; returns it once its network is up.
     pub fn run_pod(&self, name: &str) -> Result<Pod> {
-        let uid = format!("{}-{name}", self.name);
-        let log_directory = self.dir.join(format!("pods/default_{name}_{uid}"));
+        self.run_pod_as("default", name, &format!("{}-{name}", self.name))
+    }
+
+    /// RunPodSandbox for the pod `namespace/name` with UID `uid` (containerd hands all three to
+    /// CNI in `CNI_ARGS`, as `K8S_POD_NAMESPACE`, `K8S_POD_NAME`, `K8S_POD_UID`). As kubelet
+    /// does, the pod-level cgroup (`/<harness>/pod<uid>` in cgroup2) is made first and is the
+    /// sandbox's cgroup parent: a chained CNI plugin that attaches to the pod's cgroup finds it
+    /// during ADD, before the sandbox's first process exists. Returns once the network is up.
+    pub fn run_pod_as(&self, namespace: &str, name: &str, uid: &str) -> Result<Pod> {
+        let log_directory = self.dir.join(format!("pods/{namespace}_{name}_{uid}"));
         fs::create_dir_all(&log_directory)?;
+        let cgroup_parent = format!("/{}/pod{uid}", self.name);
+        let cgroup = ambit::cgroup::cgroup2_root()?.join(cgroup_parent.trim_start_matches('/'));
+        fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating the pod cgroup {}", cgroup.display()))?;
         let config = PodSandboxConfig {
             metadata: Some(PodSandboxMetadata {
                 name: name.into(),
-                uid: uid.clone(),
-                namespace: "default".into(),
+                uid: uid.into(),
+                namespace: namespace.into(),
                 attempt: 0,
             }),
             hostname: name.into(),
             log_directory: log_directory.display().to_string(),
             linux: Some(LinuxPodSandboxConfig {
-                cgroup_parent: format!("/{}/pod-{name}", self.name),
+                cgroup_parent,
                 ..Default::default()
             }),
             ..Default::default()
@@ -463,7 +480,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                     runtime_handler: String::new(),
                 },
             )
-            .with_context(|| format!("RunPodSandbox {name}"))?
+            .with_context(|| format!("RunPodSandbox {namespace}/{name}"))?
             .pod_sandbox_id;
         self.sandboxes.lock().unwrap().push(id.clone());
         let status = self.pod_status(&id)?;
@@ -485,8 +502,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         Ok(Pod {
             id,
             name: name.into(),
+            namespace: namespace.into(),
+            uid: uid.into(),
             ip,
             netns,
+            cgroup,
             config,
         })
     }
@@ -514,7 +534,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         .map(drop)
     }
 
-    /// RemovePodSandbox (after [`Cri::stop_pod`], as kubelet does).
+    /// RemovePodSandbox (after [`Cri::stop_pod`], as kubelet does), then the pod-level cgroup,
+    /// as kubelet removes it once the pod is gone.
     pub fn remove_pod(&self, pod: &Pod) -> Result<()> {
         self.call::<_, Empty>(
             REMOVE_POD_SANDBOX,
@@ -523,6 +544,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             },
         )?;
         self.sandboxes.lock().unwrap().retain(|id| *id != pod.id);
+        remove_cgroup_tree(&pod.cgroup);
+        if pod.cgroup.exists() {
+            bail!("the pod cgroup {} outlived its pod", pod.cgroup.display());
+        }
         Ok(())
     }
 

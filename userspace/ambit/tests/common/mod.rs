@@ -5,6 +5,7 @@
 
 pub mod cri;
 pub mod fake_api;
+pub mod kube_agent;
 pub mod waypoint;
 
 use std::{

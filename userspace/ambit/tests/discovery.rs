@@ -7,6 +7,7 @@ use std::{net::IpAddr, os::unix::fs::MetadataExt as _, process::Stdio, time::Dur
 
 use ambit::agent::kubernetes::discovery::{PodLocator, ProcLocator};
 use ambit_lab::{wait_until, Lab};
+use common::kube_agent::{added, now_running, pending_pod, KubeAgent};
 
 #[test]
 fn the_locator_finds_a_pods_netns_and_pod_level_cgroup_from_procfs() {
@@ -55,4 +56,75 @@ fn the_locator_finds_a_pods_netns_and_pod_level_cgroup_from_procfs() {
     assert!(locator
         .locate("00000000-0000-0000-0000-000000000000", &[])
         .is_none());
+}
+
+/// A pod found through /proc whose oldest process is an app container, not a pause process
+/// (CRI-O without an infra container): when that process exits (the container restarts), the
+/// agent follows the pod's netns to its other process and keeps the pod enrolled, rather than
+/// releasing it and enrolling it again (a gap in its capture).
+#[test]
+fn a_pod_found_through_an_app_process_stays_enrolled_when_that_process_exits() {
+    let prefix = format!("{}f{}", common::test_prefix(), std::process::id() % 100_000);
+    let mut lab = Lab::create(&prefix).unwrap();
+    let uid = "7c2e4d1a-bbbb-4ccc-8ddd-0123456789ab";
+    let pod_slice = lab.cgroup_dir().join(format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+        uid.replace('-', "_")
+    ));
+    // Two app containers, no pause process.
+    let mut pids = Vec::new();
+    for container in ["crio-1.scope", "crio-2.scope"] {
+        let scope = pod_slice.join(container);
+        std::fs::create_dir_all(&scope).unwrap();
+        let mut cmd = lab.command_in("a", &scope, "sleep");
+        cmd.arg("600").stdout(Stdio::null());
+        pids.push(lab.spawn(container, cmd).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let api = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (events, _) = tokio::sync::broadcast::channel(16);
+    let url = api.block_on(common::fake_api::fake_api(events.clone()));
+    let node = format!("{prefix}-node");
+    let dir = std::env::temp_dir().join(format!("{prefix}-agent"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let agent = KubeAgent::start(&dir, &node, &url);
+    // Namespace `demo` is ambient (the fake API's namespaces); the pod runs with pod a's IP.
+    let pod = now_running(
+        pending_pod("demo", "app", uid, &node),
+        ambit_lab::pod("a").ip,
+    );
+    events
+        .send(("/api/v1/pods".to_owned(), added(pod)))
+        .expect("the agent watches the pods");
+    agent.wait_log("pod enrolled");
+    let first = format!("/proc/{}/ns/net", pids[0]);
+    assert!(
+        agent.log().contains(&format!("netns={first}")),
+        "not enrolled through the oldest process ({first}):\n{}",
+        agent.log()
+    );
+
+    // The first container exits; its process is reaped (the lab is its parent).
+    lab.stop("crio-1.scope").unwrap();
+    agent.wait_log("pod's netns followed to another of its processes");
+    // Past a full rebuild of the desired state (every 5 s), which locates the pod anew.
+    std::thread::sleep(Duration::from_secs(6));
+    let log = agent.log();
+    assert_eq!(
+        log.matches("pod enrolled").count(),
+        1,
+        "the pod was enrolled again:\n{log}"
+    );
+    assert!(
+        !log.contains("un-enrolled") && !log.contains("pod released"),
+        "the pod was let go:\n{log}"
+    );
+    assert_eq!(agent.captured_pods(), ["demo/app"]);
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
 }

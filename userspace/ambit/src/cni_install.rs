@@ -375,7 +375,20 @@ pub async fn install(args: &CniInstallArgs) -> Result<()> {
         Ok(())
     };
     step(Ok(first), &mut waiting)?;
+    // Whether the agent's socket is there, logged when it changes: while it is not, every new
+    // pod sandbox on the node fails at this plugin, and this log says why.
+    let mut served = None;
     loop {
+        let now = fs::symlink_metadata(&args.agent_socket).is_ok();
+        if served != Some(now) {
+            let socket = args.agent_socket.display();
+            if now {
+                info!("the agent serves {socket}");
+            } else {
+                warn!("no agent serves {socket} (yet): new pods on this node fail to start, and are retried, until one does");
+            }
+            served = Some(now);
+        }
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

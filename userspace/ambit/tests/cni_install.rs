@@ -504,6 +504,12 @@ fn the_installed_plugin_asks_the_socket_its_entry_names() {
 
     // An agent stand-in there: it is asked about this pod, and ADD passes the result on.
     let listener = UnixListener::bind(&node.socket).unwrap();
+    assert!(node.log().contains("no agent serves"), "{}", node.log());
+    node.wait_until(
+        "the installer's log says the agent is there",
+        NOTICE,
+        || node.log().contains("the agent serves"),
+    );
     let agent = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         let mut line = String::new();

@@ -2,8 +2,8 @@
 //! CNI configuration, the way istio-cni's install-cni puts itself there, and take it out.
 //!
 //! `install` copies this binary into the CNI bin directory as `ambit-cni` (the name the binary
-//! recognises when the runtime runs it), appends `{"type": "ambit-cni", "agentSocket": ...}`
-//! to the plugins of the primary network configuration (the one the runtime uses: the
+//! recognises when the runtime runs it), appends `{"type": "ambit-cni", "agentSocket": ...,
+//! "excludeNamespaces": [...]}` to the plugins of the primary network configuration (the one the runtime uses: the
 //! lexically first `*.conflist`, `*.conf` or `*.json`), and then keeps it there: the primary
 //! CNI (Calico, Cilium, flannel, kindnet, ...) may rewrite its file at any time, and a new
 //! primary may appear. Every write is atomic (a temporary file renamed over the old one), so
@@ -41,9 +41,13 @@ const EXTENSIONS: [&str; 3] = ["conf", "conflist", "json"];
 /// The running binary: still readable when the file it was started from has been replaced.
 const SELF_EXE: &str = "/proc/self/exe";
 
-/// The plugin's entry in the chain. `agentSocket` is the key `ambit_cni::plugin` reads.
-pub fn plugin_entry(agent_socket: &Path) -> Value {
-    json!({"type": PLUGIN, "agentSocket": agent_socket.to_string_lossy()})
+/// The plugin's entry in the chain, with the keys `ambit_cni::plugin` reads.
+pub fn plugin_entry(agent_socket: &Path, exclude_namespaces: &[String]) -> Value {
+    json!({
+        "type": PLUGIN,
+        "agentSocket": agent_socket.to_string_lossy(),
+        "excludeNamespaces": exclude_namespaces,
+    })
 }
 
 /// The network configuration files of `dir`, in the order the runtime considers them: the
@@ -343,7 +347,10 @@ pub async fn install(args: &CniInstallArgs) -> Result<()> {
     // Before anything is written: a SIGTERM from now on is handled as --on-exit says.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let (dir, entry) = (&args.cni_conf_dir, plugin_entry(&args.agent_socket));
+    let (dir, entry) = (
+        &args.cni_conf_dir,
+        plugin_entry(&args.agent_socket, &args.exclude_namespaces),
+    );
     // Checked before the binary is copied: a configuration Ambit cannot chain into leaves the
     // node untouched.
     let first = plan(dir, &entry)?;
@@ -466,7 +473,7 @@ mod tests {
     #[test]
     fn the_entry_is_appended_once_and_replaces_an_older_one() {
         let path = Path::new("/x/10-pods.conflist");
-        let entry = plugin_entry(Path::new("/var/run/ambit/cni.sock"));
+        let entry = plugin_entry(Path::new("/var/run/ambit/cni.sock"), &[]);
         let once = with_plugin(&bridge(), &entry, path).unwrap();
         let plugins = once["plugins"].as_array().unwrap();
         assert_eq!(plugins.len(), 3);
@@ -475,7 +482,10 @@ mod tests {
         assert_eq!(with_plugin(&once, &entry, path).unwrap(), once);
         // An entry of an older install, with another socket, in the middle.
         let mut old = bridge();
-        plugins_mut(&mut old).insert(1, plugin_entry(Path::new("/old.sock")));
+        plugins_mut(&mut old).insert(
+            1,
+            plugin_entry(Path::new("/old.sock"), &["kube-system".into()]),
+        );
         assert_eq!(with_plugin(&old, &entry, path).unwrap(), once);
         assert_eq!(without_plugin(&once), bridge());
         let lonely = json!({"cniVersion": "1.0.0", "name": "x", "plugins": [entry]});
@@ -543,7 +553,8 @@ mod tests {
             ambit_settings::DEFAULT_CNI_AGENT_SOCKET,
             ambit_cni::DEFAULT_AGENT_SOCKET
         );
-        let entry = plugin_entry(Path::new(ambit_cni::DEFAULT_AGENT_SOCKET));
+        let entry = plugin_entry(Path::new(ambit_cni::DEFAULT_AGENT_SOCKET), &[]);
         assert_eq!(entry["agentSocket"], ambit_cni::DEFAULT_AGENT_SOCKET);
+        assert_eq!(entry["excludeNamespaces"], json!([]));
     }
 }

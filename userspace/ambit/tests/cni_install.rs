@@ -9,7 +9,8 @@
 //! `--on-exit remove`; `uninstall` cleans up; a config that does not parse is named in the
 //! error and nothing is written; an empty conf dir is waited for; and the installed binary,
 //! run as the runtime runs the installed chain's last plugin, asks the socket its entry names
-//! and fails the pod (fail closed) when no agent answers there.
+//! and fails the pod (fail closed) when no agent answers there, except in the excluded
+//! namespaces.
 
 use std::{
     fs,
@@ -72,6 +73,7 @@ impl Node {
             .arg(&self.bin)
             .arg("--agent-socket")
             .arg(&self.socket)
+            .args(["--exclude-namespaces", "kube-system,ambit-system"])
             .args(extra)
             .env_remove("AMBIT_CNI_ON_EXIT")
             .env("RUST_LOG", "info");
@@ -169,7 +171,11 @@ impl Node {
     }
 
     fn entry(&self) -> Value {
-        json!({"type": "ambit-cni", "agentSocket": self.socket.to_str().unwrap()})
+        json!({
+            "type": "ambit-cni",
+            "agentSocket": self.socket.to_str().unwrap(),
+            "excludeNamespaces": ["kube-system", "ambit-system"],
+        })
     }
 
     fn chains_ambit(&self, name: &str) -> bool {
@@ -449,7 +455,7 @@ fn an_empty_conf_dir_is_waited_for() {
 
 /// The installed binary, run as the runtime runs the installed chain's last plugin (its entry
 /// with the list's `cniVersion` and `name`, and the previous plugin's result), for a pod.
-fn run_plugin(node: &Node, config: &Value) -> (bool, Value) {
+fn run_plugin(node: &Node, namespace: &str, config: &Value) -> (bool, Value) {
     let mut child = Command::new(node.binary())
         .env("CNI_COMMAND", "ADD")
         .env("CNI_CONTAINERID", "c-1")
@@ -458,7 +464,7 @@ fn run_plugin(node: &Node, config: &Value) -> (bool, Value) {
         .env("CNI_PATH", &node.bin)
         .env(
             "CNI_ARGS",
-            "K8S_POD_NAMESPACE=demo;K8S_POD_NAME=sleep;K8S_POD_UID=u-1",
+            format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=sleep;K8S_POD_UID=u-1"),
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -496,11 +502,16 @@ fn the_installed_plugin_asks_the_socket_its_entry_names() {
     config["prevResult"] = prev.clone();
 
     // No agent on the socket: the sandbox fails (the runtime retries), naming the socket.
-    let (ok, error) = run_plugin(&node, &config);
+    let (ok, error) = run_plugin(&node, "demo", &config);
     assert!(!ok, "{error}");
     assert_eq!(error["code"], 11, "{error}");
     let details = error["details"].as_str().unwrap_or_default();
     assert!(details.contains(node.socket.to_str().unwrap()), "{error}");
+    // Except for the excluded namespaces' pods: the agent's own among them, which could not
+    // start otherwise.
+    let (ok, result) = run_plugin(&node, "ambit-system", &config);
+    assert!(ok, "{result}");
+    assert_eq!(result["ips"], prev["ips"]);
 
     // An agent stand-in there: it is asked about this pod, and ADD passes the result on.
     let listener = UnixListener::bind(&node.socket).unwrap();
@@ -520,7 +531,7 @@ fn the_installed_plugin_asks_the_socket_its_entry_names() {
         let _ = (&stream).read(&mut [0; 1]);
         line
     });
-    let (ok, result) = run_plugin(&node, &config);
+    let (ok, result) = run_plugin(&node, "demo", &config);
     assert!(ok, "{result}");
     assert_eq!(result["ips"], prev["ips"]);
     let request: Value = serde_json::from_str(&agent.join().unwrap()).unwrap();

@@ -197,6 +197,11 @@ pub struct CniInstallArgs {
     /// `agentSocket`.
     #[arg(long, default_value = DEFAULT_CNI_AGENT_SOCKET)]
     pub agent_socket: PathBuf,
+    /// Namespaces whose pods the plugin lets start without asking the agent (written into its
+    /// config as `excludeNamespaces`), comma-separated. The agent's own namespace belongs here:
+    /// its pod could not start while no agent answers (after an upgrade, a reboot).
+    #[arg(long, value_delimiter = ',', default_value = "kube-system")]
+    pub exclude_namespaces: Vec<String>,
     /// `install`, on SIGTERM: `keep` the plugin in the chain (fail closed: no pod starts on
     /// the node while the agent is away, as istio-cni by default) or `remove` it (pods start
     /// uncaptured until the next install).
@@ -361,5 +366,6 @@ mod tests {
         assert_eq!(default("cni_bin_dir"), "/opt/cni/bin");
         assert_eq!(default("agent_socket"), "/var/run/ambit/cni.sock");
         assert_eq!(default("on_exit"), "keep");
+        assert_eq!(default("exclude_namespaces"), "kube-system");
     }
 }

@@ -7,10 +7,12 @@
 //! outbound, HBONE inbound, plaintext inbound) → `hbone` (the client pool and the protocol's
 //! pieces) and `tls` → `socket` and `drain` (plain TCP, shutdown). Each layer only uses the
 //! ones after it. `xds` talks to istiod (delta xDS as a source, its CA by CSR);
-//! `control_plane` is `ambit control-plane`, a stand-in istiod built on the same messages.
+//! `control_plane` is `ambit control-plane`, a stand-in istiod built on the same messages;
+//! `cni_install` is `ambit cni install|uninstall`, which chains the CNI plugin on a node.
 
 pub mod agent;
 pub mod cgroup;
+pub mod cni_install;
 pub mod config;
 pub mod control_plane;
 pub mod datapath;

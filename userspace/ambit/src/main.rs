@@ -1,5 +1,5 @@
 //! `ambit`: one node of the Ambit data path (`ambit node`, see `ambit::node`), and the tools
-//! around it: inspect, ca init, reset.
+//! around it: inspect, ca init, reset, cni install|uninstall.
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use tracing::info;
 
 use ambit::{
+    cni_install::{self, CniInstallArgs},
     control_plane::{self, ControlPlaneArgs},
     datapath::{self, pins::PinLayout},
     inspect,
@@ -43,6 +44,9 @@ enum Command {
     /// Certificate authority tools.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The chained CNI plugin `ambit-cni` in the node's CNI configuration.
+    #[command(subcommand)]
+    Cni(CniCommand),
     /// Remove every pin of a node: detaches its programs from all its pods.
     Reset {
         #[arg(long, env = "AMBIT_NODE")]
@@ -50,6 +54,16 @@ enum Command {
         #[arg(long, default_value = datapath::pins::DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum CniCommand {
+    /// Copy this binary into the CNI bin directory as `ambit-cni`, chain it at the end of the
+    /// primary CNI config's plugins, and keep it there (the primary CNI may rewrite its config)
+    /// until SIGTERM; then keep it or take it out, as --on-exit says.
+    Install(CniInstallArgs),
+    /// Take `ambit-cni` out of every CNI config and delete its binary.
+    Uninstall(CniInstallArgs),
 }
 
 #[derive(Subcommand)]
@@ -94,6 +108,17 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(control_plane::run(*args))
+        }
+        Command::Cni(CniCommand::Install(args)) => {
+            let _ = init_logging(false);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(cni_install::install(&args))
+        }
+        Command::Cni(CniCommand::Uninstall(args)) => {
+            let _ = init_logging(false);
+            cni_install::uninstall(&args)
         }
         Command::Inspect { node, bpffs } => inspect::print(&PinLayout::new(&bpffs, &node)?),
         Command::Ca(CaCommand::Init { dir, trust_domain }) => {

@@ -7,7 +7,8 @@
 //! capture the pod, ADD fails: the runtime does not start the sandbox and kubelet retries, so a
 //! mesh pod never runs a single instruction uncaptured. DEL releases the pod (and succeeds even
 //! when the agent is away: the agent drops pods whose netns is gone). CHECK asks the agent;
-//! STATUS fails while the agent is away; VERSION and GC as the spec says.
+//! STATUS fails while the agent is away; VERSION and GC as the spec says. Pods of the
+//! namespaces in the config's `excludeNamespaces` are let through without asking the agent.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -77,6 +78,14 @@ fn run(command: &str, config: &Value) -> Result<Option<Value>, CniError> {
         .as_str()
         .unwrap_or(DEFAULT_AGENT_SOCKET)
         .to_owned();
+    // Pods of these namespaces start without asking the agent: the agent's own pod (which
+    // could not start while no agent answers) and the cluster's system pods, as istio-cni's
+    // `excludeNamespaces`.
+    let excluded = |pod: &PodSandbox| {
+        let namespaces = config["excludeNamespaces"].as_array();
+        namespaces.is_some_and(|n| n.iter().any(|n| n.as_str() == Some(&pod.namespace)))
+    };
+    let pod_sandbox = |prev| Ok(pod_sandbox(prev)?.filter(|pod| !excluded(pod)));
     match command {
         "VERSION" => Ok(Some(
             json!({"cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS}),
@@ -95,7 +104,7 @@ fn run(command: &str, config: &Value) -> Result<Option<Value>, CniError> {
             let mut result = prev.clone();
             result["cniVersion"] = config["cniVersion"].clone();
             let Some(pod) = pod_sandbox(Some(prev))? else {
-                return Ok(Some(result)); // not a Kubernetes pod: nothing to do
+                return Ok(Some(result)); // not a Kubernetes pod, or excluded: nothing to do
             };
             match ask(&socket, &Request::Add(pod))? {
                 Answer::Ok { .. } => Ok(Some(result)),

@@ -1,6 +1,7 @@
-//! The command-line settings of `ambit node`, in a crate of their own: the node parses them,
-//! and tools that check a deployment against them (xtask's DaemonSet check) read the same
-//! definitions through [`NodeArgs::command`] without building the data path.
+//! The command-line settings of `ambit node` and `ambit cni install`, in a crate of their own:
+//! the binary parses them, and tools that check a deployment against them (xtask's DaemonSet
+//! check) read the same definitions through [`NodeArgs::command`] and
+//! [`CniInstallArgs::command`] without building the data path.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -168,6 +169,57 @@ pub struct NodeArgs {
     pub log_json: bool,
 }
 
+/// Where the container runtime reads CNI network configurations (kubelet's and containerd's
+/// default).
+pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
+
+/// Where the container runtime finds CNI plugin binaries.
+pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
+
+/// Where the agent serves the plugin (`ambit node --cni-socket`), and so what the installed
+/// plugin config names: the same default as the plugin's own.
+pub const DEFAULT_CNI_AGENT_SOCKET: &str = "/var/run/ambit/cni.sock";
+
+/// The settings of `ambit cni install` and `ambit cni uninstall`: where the node's CNI
+/// configuration and plugins are, and what the installed plugin config points at.
+#[derive(Clone, clap::Args)]
+pub struct CniInstallArgs {
+    /// The node's CNI network configurations: the primary one (the lexically first
+    /// `*.conflist`, `*.conf` or `*.json`, as the runtime picks it) gets `ambit-cni` chained
+    /// at the end of its plugins.
+    #[arg(long, default_value = DEFAULT_CNI_CONF_DIR)]
+    pub cni_conf_dir: PathBuf,
+    /// The node's CNI plugin binaries: `ambit-cni` (this binary) is copied there.
+    #[arg(long, default_value = DEFAULT_CNI_BIN_DIR)]
+    pub cni_bin_dir: PathBuf,
+    /// The agent's unix socket as the plugin (run by the runtime on the host) reaches it: the
+    /// agent's `--cni-socket`, at its host path. Written into the plugin's config as
+    /// `agentSocket`.
+    #[arg(long, default_value = DEFAULT_CNI_AGENT_SOCKET)]
+    pub agent_socket: PathBuf,
+    /// Namespaces whose pods the plugin lets start without asking the agent (written into its
+    /// config as `excludeNamespaces`), comma-separated. The agent's own namespace belongs here:
+    /// its pod could not start while no agent answers (after an upgrade, a reboot).
+    #[arg(long, value_delimiter = ',', default_value = "kube-system")]
+    pub exclude_namespaces: Vec<String>,
+    /// `install`, on SIGTERM: `keep` the plugin in the chain (fail closed: no pod starts on
+    /// the node while the agent is away, as istio-cni by default) or `remove` it (pods start
+    /// uncaptured until the next install).
+    #[arg(long, value_enum, env = "AMBIT_CNI_ON_EXIT", default_value = "keep")]
+    pub on_exit: OnExit,
+}
+
+/// What `ambit cni install` leaves on the node when it is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnExit {
+    /// Leave the plugin in the chain and its binary in place: while no agent serves the
+    /// socket, every new pod sandbox on the node fails (and kubelet retries) rather than
+    /// starting uncaptured.
+    Keep,
+    /// Take the plugin out of the chain and delete its binary.
+    Remove,
+}
+
 /// `5s`, `250ms`, `5m`, `24h`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
@@ -263,6 +315,21 @@ impl NodeArgs {
     }
 }
 
+/// `ambit cni install`'s settings as a standalone command, for tools.
+#[derive(clap::Parser)]
+#[command(name = "ambit cni install")]
+struct CniInstallCommand {
+    #[command(flatten)]
+    args: CniInstallArgs,
+}
+
+impl CniInstallArgs {
+    /// The clap command `ambit cni install` parses.
+    pub fn command() -> clap::Command {
+        CniInstallCommand::command()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,5 +352,20 @@ mod tests {
             .expect("--metrics-addr");
         assert_eq!(metrics.get_long(), Some("metrics-addr"));
         assert_eq!(metrics.get_default_values(), ["0.0.0.0:15020"]);
+    }
+
+    #[test]
+    fn cni_install_defaults_are_the_node_paths_and_keep() {
+        let command = CniInstallArgs::command();
+        command.clone().debug_assert();
+        let default = |id: &str| {
+            let arg = command.get_arguments().find(|a| a.get_id() == id).unwrap();
+            arg.get_default_values()[0].to_string_lossy().into_owned()
+        };
+        assert_eq!(default("cni_conf_dir"), "/etc/cni/net.d");
+        assert_eq!(default("cni_bin_dir"), "/opt/cni/bin");
+        assert_eq!(default("agent_socket"), "/var/run/ambit/cni.sock");
+        assert_eq!(default("on_exit"), "keep");
+        assert_eq!(default("exclude_namespaces"), "kube-system");
     }
 }

@@ -3,9 +3,10 @@
 //! for what no schema knows: the kustomizations list every manifest, kind's cluster config is
 //! the lab's, RBAC grants what the agent reads, pod templates keep API rules the schemas do not
 //! carry, the sample apps are what the demo calls, the image installs what the DaemonSet runs,
-//! and the DaemonSet agrees with the code (daemonset.rs).
+//! and the DaemonSet agrees with the code (daemonset.rs; its CNI installer: installer.rs).
 
 mod daemonset;
+mod installer;
 mod node_flags;
 
 use std::{
@@ -941,6 +942,17 @@ spec:
             ("daemonset", "        - --token-file\n", "        - --ca-dir\n        - /var/run/secrets/istio\n        - --token-file\n", "containers[ambit].args: --ca-dir puts the mesh CA's key on every node"),
             ("daemonset", "audience: istio-ca", "audience: kubernetes", "--token-file /var/run/secrets/tokens/istio-token: volume istio-token must be token:istio-ca"),
             ("daemonset", "        configMap:\n          name: istio-ca-root-cert", "        secret:\n          secretName: cacerts", "volumes: istiod-ca-cert is a Secret: the agent needs none"),
+            ("daemonset", "      - name: install-cni\n", "      - name: install-cn\n", "spec.template.spec.containers: no install-cni (it chains ambit-cni"),
+            ("daemonset", "        - cni\n        - install\n", "        - cni\n        - uninstall\n", "containers[install-cni].args must start with `cni install`"),
+            ("daemonset", "        - --cni-bin-dir\n", "        - --cni-bin\n", "containers[install-cni].args: `ambit cni install` refuses them: unexpected argument '--cni-bin'"),
+            ("daemonset", "          path: /etc/cni/net.d\n", "          path: /etc/cni/net.x\n", "containers[install-cni]: --cni-conf-dir /host/etc/cni/net.d is the host's /etc/cni/net.x, not the runtime's /etc/cni/net.d"),
+            ("daemonset", "        - name: cni-bin-dir\n          mountPath: /host/opt/cni/bin\n", "", "containers[install-cni].volumeMounts: --cni-bin-dir /host/opt/cni/bin is on no hostPath volume"),
+            ("daemonset", "        - --agent-socket\n        - /var/run/ambit/cni.sock\n", "        - --agent-socket\n        - /var/run/ambit/agent.sock\n", "containers[install-cni].args: the plugin would ask --agent-socket /var/run/ambit/agent.sock, but the agent serves --cni-socket /var/run/ambit/cni.sock at the host's /run/ambit/cni.sock"),
+            ("daemonset", "        - --cni-socket\n        - /var/run/ambit/cni.sock\n", "", "containers[ambit].args must pass --cni-socket"),
+            ("daemonset", "          mountPath: /var/run/ambit\n          readOnly: true\n", "          mountPath: /run/ambit-cni\n          readOnly: true\n", "containers[install-cni].volumeMounts: --agent-socket /var/run/ambit/cni.sock must be on the agent's socket volume cni-socket, mounted at its host path"),
+            ("daemonset", "        - kube-system,istio-system,$(POD_NAMESPACE)\n", "        - kube-system,istio-system\n", "--exclude-namespaces must include the DaemonSet's own namespace (ambit-system)"),
+            ("daemonset", "          allowPrivilegeEscalation: false\n          readOnlyRootFilesystem: true\n          capabilities:\n            drop: [\"ALL\"]\n", "          allowPrivilegeEscalation: false\n          readOnlyRootFilesystem: true\n          capabilities:\n            drop: [\"ALL\"]\n            add: [\"DAC_OVERRIDE\"]\n", "containers[install-cni].securityContext.capabilities.add: [\"DAC_OVERRIDE\"]: the installer needs none"),
+            ("daemonset", "          value: keep\n", "          value: forever\n", "AMBIT_CNI_ON_EXIT \"forever\" is neither keep nor remove"),
             ("rbac", "verbs: [\"patch\"]", "verbs: [\"patch\", \"delete\"]", "ClusterRole ambit-annotate (deploy/rbac.yaml): rules must grant only patch on pods/status"),
             ("rbac", "resources: [\"pods/status\"]", "resources: [\"pods\"]", "ClusterRole ambit-annotate (deploy/rbac.yaml): rules must grant only patch on pods/status"),
             ("rbac", "\"services\"]", "\"services\", \"nodes\"]", "ClusterRole ambit (deploy/rbac.yaml): rules: grant nodes (API group \"\"), which the agent does not read"),

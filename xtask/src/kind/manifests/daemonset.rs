@@ -1,7 +1,8 @@
 //! The DaemonSet against the code: its command line against `ambit node`'s flags, its ports and
 //! probes against the node's defaults, its mounts against the flags that use them, the init
 //! container against the kernel filesystems those flags point at, its capabilities against
-//! [`CAPABILITIES`], and the scheduling policy deploy/daemonset.yaml explains.
+//! [`CAPABILITIES`], the scheduling policy deploy/daemonset.yaml explains, and the CNI
+//! installer beside the agent (installer.rs).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -17,7 +18,9 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::{int_or_string, list, node_flags::NodeFlags, Manifests, Report, BINARY_IN_IMAGE};
+use super::{
+    installer, int_or_string, list, node_flags::NodeFlags, Manifests, Report, BINARY_IN_IMAGE,
+};
 use crate::kind::{AGENT, AGENT_NAMESPACE, CONTAINERFILE, IMAGE, ROOT_CERT_CONFIGMAP};
 
 /// The audience istiod's CA accepts tokens for.
@@ -153,8 +156,9 @@ pub(super) fn check_daemonset(
     check_init_container(pod, agent, &passed, &mut r);
     check_capabilities(root, agent, &mut r);
     check_policy(ds, pod, &mut r);
+    let installer = installer::check_installer(pod, agent, passed.value("--cni-socket"), &mut r);
     format!(
-        "DaemonSet consistent with `ambit node` ({} flags, ports {}, {} mounts, capabilities {})",
+        "DaemonSet consistent with `ambit node` ({} flags, ports {}, {} mounts, capabilities {}); {installer}",
         passed.0.len(),
         ports.join("/"),
         list(&agent.volume_mounts).len(),

@@ -100,6 +100,19 @@ impl IpKey {
         self.words[0] == 0 && self.words[1] == 0 && self.words[2] == Self::V4_MAPPED_MARKER
     }
 
+    /// 127.0.0.0/8 (as IPv4-mapped) or ::1: the pod's own loopback, never a mesh destination.
+    #[inline(always)]
+    pub const fn is_loopback(&self) -> bool {
+        let last = self.words[3].to_ne_bytes();
+        if self.is_v4_mapped() {
+            return last[0] == 127;
+        }
+        self.words[0] == 0
+            && self.words[1] == 0
+            && self.words[2] == 0
+            && self.words[3] == u32::from_ne_bytes([0, 0, 0, 1])
+    }
+
     pub fn octets(&self) -> [u8; 16] {
         let mut out = [0u8; 16];
         let mut i = 0;
@@ -279,6 +292,23 @@ mod tests {
         assert_eq!(size_of::<PendingConnect>(), 32);
         assert_eq!(size_of::<ConnectionKey>(), 32);
         assert_eq!(size_of::<InboundPod>(), 8);
+    }
+
+    #[test]
+    fn loopback_is_127_slash_8_and_ipv6_one() {
+        let v4 = |o: [u8; 4]| IpKey::from_v4_raw(u32::from_ne_bytes(o));
+        assert!(v4([127, 0, 0, 1]).is_loopback());
+        assert!(v4([127, 9, 8, 7]).is_loopback());
+        assert!(!v4([10, 0, 0, 127]).is_loopback());
+        let v6 = |last: u8, first: u8| {
+            let mut o = [0u8; 16];
+            o[0] = first;
+            o[15] = last;
+            IpKey::from_octets(o)
+        };
+        assert!(v6(1, 0).is_loopback()); // ::1
+        assert!(!v6(1, 0xfd).is_loopback()); // fd00::1
+        assert!(!v6(0, 0).is_loopback()); // ::
     }
 
     #[test]

@@ -197,7 +197,10 @@ fn enrolled_pod(ctx: &SockAddrContext) -> Option<EnrolledPod> {
 
 #[inline(always)]
 fn capture(ctx: &SockAddrContext, pod: EnrolledPod, ip: IpKey, port: u16, family: u16) -> Capture {
-    if !is_mesh_destination(ip, port) && pod.flags & POD_FLAG_CAPTURE_ALL == 0 {
+    // A pod's own loopback stays the pod's, also when every destination is captured (the
+    // tunnel would only send it back): as ztunnel's rules leave `lo` alone.
+    let capture_all = pod.flags & POD_FLAG_CAPTURE_ALL != 0 && !ip.is_loopback();
+    if !capture_all && !is_mesh_destination(ip, port) {
         count(Counter::OutboundPassed);
         debug!(
             ctx,

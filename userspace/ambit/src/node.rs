@@ -355,10 +355,7 @@ async fn kubernetes_source(
     let locator = Arc::new(SandboxLocator {
         registry: sandboxes.clone(),
         cgroup_root: cgroup_root.to_owned(),
-        fallback: ProcLocator {
-            proc_root: args.proc_root.clone(),
-            cgroup_root: cgroup_root.to_owned(),
-        },
+        fallback: ProcLocator::new(args.proc_root.clone(), cgroup_root),
     });
     let new = if local_only {
         KubernetesSource::local_pods_only

@@ -252,3 +252,69 @@ fn iptables_capture_feeds_the_same_tunnel() {
     );
     t.wait_log("n2", "HBONE stream accepted", 1);
 }
+
+/// More mesh destinations than the kernel's map holds: no pod's enrollment stops, and nothing
+/// reaches a mesh destination in plaintext. Every connection of the enrolled pods goes to the
+/// tunnel while the map is full; mesh destinations are tunnelled, others pass through in
+/// plaintext as they would without the mesh. Once the mesh fits again, only mesh
+/// destinations are captured.
+#[test]
+fn a_full_map_of_mesh_destinations_captures_everything_and_stops_no_pod() {
+    let t = TestLab::start(&["a", "c"]);
+    let (c, d) = (pod("c").ip, pod("d").ip);
+    let fits = t.lab.config_yaml(&["a", "c"]);
+    assert!(
+        fits.contains("\nworkloads:\n- "),
+        "the lab's config changed shape:\n{fits}"
+    );
+    // Workloads at made-up addresses (10.128.0.0/10) on a node that does not exist.
+    let filler: String = (0..ambit_abi::MAX_MESH_DESTINATIONS + 16)
+        .map(|i| {
+            format!(
+                "- {{name: f{i}, namespace: filler, workloadIps: [\"10.{}.{}.{}\"], protocol: HBONE, node: elsewhere}}\n",
+                128 + (i >> 16),
+                (i >> 8) & 255,
+                i & 255
+            )
+        })
+        .collect();
+    let full = fits.replacen("\nworkloads:\n", &format!("\nworkloads:\n{filler}"), 1);
+    t.write_config(&full, &["n1", "n2"]);
+    t.wait_log("n1", "MESH_DESTINATIONS is full", 1);
+    assert!(
+        !t.log("n1").contains("pod un-enrolled"),
+        "a pod was let go:\n{}",
+        t.log("n1")
+    );
+
+    // a → c: tunnelled, as ever.
+    let out = t.curl("a", &format!("http://{c}:8080/"));
+    assert_ok(&out, "curl a → c with the map full");
+    assert_eq!(stdout(&out), "hello from pod c\n");
+    t.wait_log(
+        "n1",
+        &format!("captured outbound connection original_dst={c}:8080"),
+        1,
+    );
+    t.wait_log("n2", "HBONE connection accepted", 1);
+    // a → d (outside the mesh): through the tunnel, on in plaintext, as without the mesh.
+    let out = t.curl("a", &format!("http://{d}:8080/"));
+    assert_ok(&out, "curl a → d with the map full");
+    t.wait_log(
+        "n1",
+        &format!("captured outbound connection original_dst={d}:8080"),
+        1,
+    );
+
+    // The mesh shrinks: only mesh destinations are captured again.
+    t.write_config(&fits, &["n1", "n2"]);
+    t.wait_log("n1", "mesh destinations fit again", 1);
+    let before = common::counter(&t.inspect("n1"), "outbound_passed");
+    let out = t.curl("a", &format!("http://{d}:8080/"));
+    assert_ok(&out, "curl a → d once the mesh fits");
+    assert_eq!(
+        common::counter(&t.inspect("n1"), "outbound_passed"),
+        before + 1,
+        "a → d was captured although d is outside the mesh"
+    );
+}

@@ -27,10 +27,7 @@ fn the_locator_finds_a_pods_netns_and_pod_level_cgroup_from_procfs() {
         lab.spawn("pod process", cmd).unwrap();
         std::thread::sleep(Duration::from_millis(50));
     }
-    let locator = ProcLocator {
-        proc_root: "/proc".into(),
-        cgroup_root: lab.cgroup_root().to_owned(),
-    };
+    let locator = ProcLocator::new("/proc", lab.cgroup_root());
     let pod_ip: IpAddr = ambit_lab::pod("a").ip.parse().unwrap();
     let mut found = None;
     wait_until(Duration::from_secs(5), "the pod's processes", || {

@@ -21,7 +21,7 @@ use std::{
 };
 
 use ambit_abi::{EnrolledPod, OUTBOUND_PORT};
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -81,10 +81,7 @@ impl Enrolled {
         }
         let pid_dir = path.parent()?.parent()?;
         pid_dir.file_name()?.to_str()?.parse::<u32>().ok()?;
-        let locator = ProcLocator {
-            proc_root: pid_dir.parent()?.to_owned(),
-            cgroup_root: PathBuf::new(),
-        };
+        let locator = ProcLocator::new(pid_dir.parent()?, PathBuf::new());
         let pod_cgroup = self.spec.cgroup.file_name()?.to_str()?;
         locator.netns_path_of(pod_cgroup, self.netns.inode().ok()?)
     }
@@ -134,6 +131,11 @@ pub struct Agent {
     ready: Arc<AtomicBool>,
     draining: bool,
     report: watch::Sender<EnrollmentReport>,
+    /// Set while the mesh's destinations do not all fit in `MESH_DESTINATIONS`: every enrolled
+    /// pod's connections then go to the tunnel, which tells mesh destinations from the rest
+    /// (those pass through in plaintext, as they would without the mesh). Otherwise a mesh
+    /// destination left out of the map would be reached in plaintext.
+    capture_all: bool,
 }
 
 impl Agent {
@@ -147,6 +149,7 @@ impl Agent {
             on_change: None,
             ready: Arc::new(AtomicBool::new(false)),
             draining: false,
+            capture_all: false,
             report: watch::Sender::new(EnrollmentReport::default()),
         }
     }
@@ -227,9 +230,16 @@ impl Agent {
             }
         }
 
-        self.datapath
-            .sync_mesh_destinations(&state.mesh_destinations())
-            .context("syncing mesh destinations")?;
+        // A destination that does not fit must not stop any pod's enrollment.
+        let destinations = state.mesh_destinations();
+        let not_written = self
+            .datapath
+            .sync_mesh_destinations(&destinations)
+            .unwrap_or_else(|e| {
+                error!("syncing mesh destinations: {e:#}");
+                destinations.len() // unknown which are in: capture everything
+            });
+        self.set_capture_all(not_written, destinations.len());
 
         self.failed.clear();
         for (key, spec) in &state.enrolled {
@@ -253,6 +263,48 @@ impl Agent {
             }
         }
         self.remove_orphans()
+    }
+
+    /// Turns capture of every destination on for all enrolled pods while `not_written` of the
+    /// mesh's `total` destinations are missing from the kernel's map, and off once they fit.
+    fn set_capture_all(&mut self, not_written: usize, total: usize) {
+        let capture_all = not_written > 0;
+        if capture_all == self.capture_all {
+            return;
+        }
+        if capture_all {
+            error!(
+                not_written,
+                total,
+                capacity = ambit_abi::MAX_MESH_DESTINATIONS,
+                "MESH_DESTINATIONS is full: every connection of enrolled pods now goes through the tunnel (destinations outside the mesh pass through it in plaintext)"
+            );
+        } else {
+            info!(
+                total,
+                "mesh destinations fit again: only mesh destinations are captured"
+            );
+        }
+        self.capture_all = capture_all;
+        let value = self.enrolled_value();
+        for pod in self.pods.values() {
+            if let Err(e) = self.datapath.enroll_netns(pod.netns.cookie(), value) {
+                error!(pod = %pod.spec.key, "updating ENROLLED_NETNS: {e:#}");
+            }
+        }
+    }
+
+    /// A pod's `ENROLLED_NETNS` value.
+    fn enrolled_value(&self) -> EnrolledPod {
+        EnrolledPod {
+            outbound_port: OUTBOUND_PORT,
+            flags: if self.capture_all {
+                ambit_abi::POD_FLAG_CAPTURE_ALL
+            } else {
+                0
+            },
+            _pad: 0,
+        }
     }
 
     fn enroll(&mut self, spec: &EnrolledPodSpec) -> Result<Enrolled> {
@@ -288,14 +340,8 @@ impl Agent {
             netns.clone(),
             listeners,
         );
-        self.datapath.enroll_netns(
-            netns.cookie(),
-            EnrolledPod {
-                outbound_port: OUTBOUND_PORT,
-                flags: 0,
-                _pad: 0,
-            },
-        )?;
+        self.datapath
+            .enroll_netns(netns.cookie(), self.enrolled_value())?;
         // Last, as nothing can fail after it: an enrollment that fails leaves the pod's own
         // value in place.
         let time_wait = time_wait::TimeWaitReuse::enable(&netns);

@@ -247,7 +247,10 @@ impl Datapath {
     }
 
     /// Makes `MESH_DESTINATIONS` equal to `desired`: adds what is missing, removes the rest.
-    pub fn sync_mesh_destinations(&mut self, desired: &BTreeSet<MeshDestination>) -> Result<()> {
+    /// Writes `desired` into `MESH_DESTINATIONS` (removing what is no longer wanted first).
+    /// Returns how many did not fit (the map holds [`ambit_abi::MAX_MESH_DESTINATIONS`]): the
+    /// kernel does not capture connections to those by itself.
+    pub fn sync_mesh_destinations(&mut self, desired: &BTreeSet<MeshDestination>) -> Result<usize> {
         let want: std::collections::BTreeMap<_, _> = desired
             .iter()
             .map(|d| {
@@ -263,19 +266,30 @@ impl Datapath {
                 removed += 1;
             }
         }
+        let mut not_written = 0;
         for (key, kind) in want.values() {
             let value = AbiMeshDestination {
                 kind: *kind,
                 _pad: 0,
             };
             if self.mesh.get(key, 0).ok() != Some(value) {
-                self.mesh
-                    .insert(key, value, 0)
-                    .context("writing MESH_DESTINATIONS")?;
+                match self.mesh.insert(key, value, 0) {
+                    Ok(()) => {}
+                    // E2BIG: the map is full.
+                    Err(aya::maps::MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                    {
+                        not_written += 1
+                    }
+                    Err(e) => return Err(e).context("writing MESH_DESTINATIONS"),
+                }
             }
         }
-        debug!(total = want.len(), removed, "mesh destinations synced");
-        Ok(())
+        debug!(
+            total = want.len(),
+            removed, not_written, "mesh destinations synced"
+        );
+        Ok(not_written)
     }
 }
 

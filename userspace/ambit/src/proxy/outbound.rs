@@ -22,6 +22,7 @@ use crate::{
     netns::Netns,
     observability::{ConnectionRecord, Opened, Outcome, Peer, Reporter, ResponseFlag},
     socket::{accept, relay},
+    state::{State, Unresolved},
 };
 
 pub struct Outbound {
@@ -60,6 +61,9 @@ impl Outbound {
         };
         let upstream = match upstream {
             Ok(upstream) => upstream,
+            // Captured although outside the mesh (every destination is captured while the
+            // kernel's map of mesh destinations is full): on, in plaintext, as without the mesh.
+            Err(Unresolved::NotInMesh(dst)) => State::passthrough(dst),
             Err(e) => {
                 // Nothing to connect to (or a waypoint that cannot be found: never go around
                 // it): the app learns by a reset, as from a refused connect.
@@ -98,7 +102,11 @@ impl Outbound {
             Opened {
                 reporter: Reporter::Source,
                 src: Peer::workload(&source_workload, source.addr),
-                dst: Peer::workload(&upstream.workload, upstream.addr),
+                dst: if upstream.workload.key.is_empty() {
+                    Peer::addr(upstream.addr) // passthrough: no workload
+                } else {
+                    Peer::workload(&upstream.workload, upstream.addr)
+                },
                 hbone_addr: hbone.then_some(upstream.tunnel_addr),
                 service: upstream.service.clone(),
             },

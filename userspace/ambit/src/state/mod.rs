@@ -434,6 +434,28 @@ impl State {
         }
     }
 
+    /// A destination outside the mesh, as the pod would reach it without the mesh: plain TCP to
+    /// the address it dialled. (It reaches the tunnel only when every destination is captured:
+    /// see `Agent`'s overflow of `MESH_DESTINATIONS`.)
+    pub fn passthrough(dst: SocketAddr) -> Upstream {
+        let unknown = WorkloadInfo {
+            key: String::new(),
+            namespace: String::new(),
+            name: String::new(),
+            service_account: String::new(),
+            ips: vec![dst.ip()],
+            protocol: Protocol::Tcp,
+            trust_domain: String::new(),
+            node: String::new(),
+            authorization_policies: Vec::new(),
+            services: BTreeMap::new(),
+            waypoint: None,
+            telemetry: WorkloadTelemetry::default(),
+            provisional: false,
+        };
+        Self::direct(&unknown, dst, Vec::new(), None)
+    }
+
     /// One of `service`'s endpoints (round robin) and the target port for `port`.
     fn pick_endpoint(&self, service: &ServiceInfo, port: u16) -> Option<(&WorkloadInfo, u16)> {
         let endpoints: Vec<(&WorkloadInfo, u16)> = self

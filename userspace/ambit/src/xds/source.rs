@@ -33,7 +33,7 @@ use crate::{
 
 pub struct XdsSource {
     configs: watch::Receiver<Option<Arc<LocalConfig>>>,
-    pods: LocalPods,
+    pods: Arc<LocalPods>,
     node: String,
     trust_domain: String,
 }
@@ -95,19 +95,18 @@ impl XdsSource {
         info!(%address, "xDS: first state received");
         Ok(XdsSource {
             configs,
-            pods,
+            pods: Arc::new(pods),
             node: node.to_owned(),
             trust_domain: trust_domain.to_owned(),
         })
     }
 
-    /// The mesh istiod sent, with this node's pods from the pods file.
-    fn state(&self) -> Result<Arc<State>> {
+    /// The mesh istiod sent, with this node's pods as `local` has them.
+    fn state(&self, local: LocalView) -> Result<Arc<State>> {
         let Some(mesh) = self.configs.borrow().clone() else {
             bail!("no state from istiod yet");
         };
         let mut config = (*mesh).clone();
-        let local = self.pods.read()?;
         config.ambit = local.pods;
         let from_istiod: std::collections::BTreeSet<String> =
             config.workloads.iter().map(Workload::key).collect();
@@ -141,7 +140,7 @@ impl XdsSource {
 
 impl StateSource for XdsSource {
     fn initial(&mut self) -> Result<Arc<State>> {
-        self.state()
+        self.state(self.pods.read()?)
     }
 
     fn watch(
@@ -164,7 +163,13 @@ impl StateSource for XdsSource {
                         pods_stamp = now;
                     }
                 }
-                match self.state() {
+                // Reading the pods locates them in /proc and cgroupfs: a blocking thread does
+                // it, never the runtime that carries the traffic.
+                let pods = self.pods.clone();
+                let Ok(local) = tokio::task::spawn_blocking(move || pods.read()).await else {
+                    return; // the runtime is shutting down
+                };
+                match local.and_then(|local| self.state(local)) {
                     Ok(state) => {
                         if updates.send(state).await.is_err() {
                             return;
@@ -180,7 +185,7 @@ impl StateSource for XdsSource {
 impl XdsSource {
     /// The pods file's modification stamp (none for Kubernetes).
     fn pods_stamp(&self) -> Option<(SystemTime, u64)> {
-        match &self.pods {
+        match self.pods.as_ref() {
             LocalPods::File(path) => file_stamp(path),
             LocalPods::Kubernetes(_) => None,
         }
@@ -188,7 +193,7 @@ impl XdsSource {
 
     /// Whether the Kubernetes objects changed since the last look.
     fn pods_changed(&self) -> bool {
-        match &self.pods {
+        match self.pods.as_ref() {
             LocalPods::File(_) => false,
             LocalPods::Kubernetes(k8s) => k8s.take_changed(),
         }

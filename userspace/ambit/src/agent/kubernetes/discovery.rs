@@ -17,6 +17,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Mutex,
 };
 
 /// Where a pod lives on this node.
@@ -41,14 +42,75 @@ pub trait PodLocator: Send + Sync {
     }
 }
 
-/// The real locator: scans `<proc_root>/*/cgroup`.
+/// The real locator: scans `<proc_root>/*/cgroup`. A pod once found is not searched for again
+/// while the path it was found at still names the same netns: the desired state is rebuilt
+/// every few seconds, and a scan of /proc per pod each time would grow with pods × processes.
 pub struct ProcLocator {
-    pub proc_root: PathBuf,
-    pub cgroup_root: PathBuf,
+    proc_root: PathBuf,
+    cgroup_root: PathBuf,
+    /// Pod UID → where it was found.
+    found: Mutex<HashMap<String, Found>>,
+}
+
+impl ProcLocator {
+    pub fn new(proc_root: impl Into<PathBuf>, cgroup_root: impl Into<PathBuf>) -> Self {
+        ProcLocator {
+            proc_root: proc_root.into(),
+            cgroup_root: cgroup_root.into(),
+            found: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pod's location found earlier, if its netns path and cgroup are still there and
+    /// the netns holds one of `pod_ips` (checked once per address set).
+    fn found_earlier(&self, pod_uid: &str, pod_ips: &[IpAddr]) -> Option<PodLocation> {
+        let mut found = self.found.lock().unwrap();
+        let entry = found.get_mut(pod_uid)?;
+        let netns_path = &entry.location.netns;
+        let same_netns = fs::metadata(netns_path).is_ok_and(|m| m.ino() == entry.netns);
+        let holds_ip = || {
+            let proc_dir = netns_path.parent().and_then(Path::parent);
+            proc_dir.is_some_and(|dir| local_addresses(dir).iter().any(|ip| pod_ips.contains(ip)))
+        };
+        let ips_known = pod_ips.iter().all(|ip| entry.ips.contains(ip));
+        if same_netns && entry.location.cgroup.exists() && (ips_known || holds_ip()) {
+            if !pod_ips.is_empty() {
+                entry.ips = pod_ips.to_vec();
+            }
+            return Some(entry.location.clone());
+        }
+        found.remove(pod_uid);
+        None
+    }
+}
+
+struct Found {
+    location: PodLocation,
+    /// The netns's inode when found: the path names a process, whose pid may be reused.
+    netns: u64,
+    /// The pod addresses it was checked to hold (none: found without addresses).
+    ips: Vec<IpAddr>,
 }
 
 impl PodLocator for ProcLocator {
     fn locate(&self, pod_uid: &str, pod_ips: &[IpAddr]) -> Option<PodLocation> {
+        if let Some(location) = self.found_earlier(pod_uid, pod_ips) {
+            return Some(location);
+        }
+        let location = self.scan(pod_uid, pod_ips)?;
+        let netns = fs::metadata(&location.netns).ok()?.ino();
+        let found = Found {
+            location: location.clone(),
+            netns,
+            ips: pod_ips.to_vec(),
+        };
+        self.found.lock().unwrap().insert(pod_uid.to_owned(), found);
+        Some(location)
+    }
+}
+
+impl ProcLocator {
+    fn scan(&self, pod_uid: &str, pod_ips: &[IpAddr]) -> Option<PodLocation> {
         // Neither the agent's own netns nor the node's (pid 1's): a process of the pod's cgroup
         // in one of those (CRI-O's conmon, a host-network helper) is not in the pod's netns.
         let excluded: Vec<u64> = ["self/ns/net", "1/ns/net"]
@@ -99,9 +161,7 @@ impl PodLocator for ProcLocator {
             cgroup,
         })
     }
-}
 
-impl ProcLocator {
     /// Every process whose cgroup v2 path `wanted` accepts: (pid, its /proc dir, the path).
     fn processes_of<'a>(
         &'a self,

@@ -284,8 +284,8 @@ impl KubernetesSource {
     }
 
     /// This node's mesh pods and where they are (the `ambit` section of the config the API's
-    /// objects make): what `--source xds` enrolls in a cluster, with the mesh from istiod.
-    /// This node's pods (`ambit` section) and the workloads the API describes for them.
+    /// objects make), with the workloads the API describes for them: what `--source xds`
+    /// enrolls in a cluster, with the mesh from istiod.
     pub fn local_pods(&self) -> Result<LocalConfig> {
         self.config()
     }
@@ -411,6 +411,9 @@ impl StateSource for KubernetesSource {
     }
 
     fn watch(self: Box<Self>, updates: mpsc::Sender<Arc<State>>) -> tokio::task::JoinHandle<()> {
+        // Building reads /proc and cgroupfs (locating pods): a blocking thread does it, never the
+        // runtime that carries the traffic.
+        let source: Arc<KubernetesSource> = Arc::from(self);
         tokio::spawn(async move {
             // Rebuild on changes, and every few seconds anyway: a new pod's containers appear in
             // /proc a moment after the API says it runs.
@@ -420,14 +423,18 @@ impl StateSource for KubernetesSource {
             loop {
                 tick.tick().await;
                 since_rebuild += 1;
-                let Some(stores) = self.stores.as_ref() else {
+                let Some(stores) = source.stores.as_ref() else {
                     return;
                 };
                 if !stores.changed.swap(false, Ordering::AcqRel) && since_rebuild < 10 {
                     continue;
                 }
                 since_rebuild = 0;
-                match self.build() {
+                let building = source.clone();
+                let Ok(built) = tokio::task::spawn_blocking(move || building.build()).await else {
+                    return; // the runtime is shutting down
+                };
+                match built {
                     Ok(state) => {
                         // Only a different state is news (the periodic rebuild mostly is not).
                         let fingerprint =

@@ -20,7 +20,8 @@ pub mod map_names {
     pub const INBOUND_PODS: &str = "INBOUND_PODS";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const COUNTERS: &str = "COUNTERS";
-    pub const ALL: [&str; 7] = [
+    pub const NODE_ADDRESSES: &str = "NODE_ADDRESSES";
+    pub const ALL: [&str; 8] = [
         ENROLLED_NETNS,
         MESH_DESTINATIONS,
         PENDING_CONNECTS,
@@ -28,6 +29,7 @@ pub mod map_names {
         INBOUND_PODS,
         INBOUND_LISTENERS,
         COUNTERS,
+        NODE_ADDRESSES,
     ];
 }
 
@@ -46,6 +48,8 @@ pub mod program_names {
 pub const MAX_ENROLLED_PODS: usize = 1024;
 pub const MAX_MESH_DESTINATIONS: usize = 65536;
 pub const MAX_TRACKED_CONNECTIONS: usize = 65536;
+/// A node has a handful of addresses its pods see it by (their default gateways).
+pub const MAX_NODE_ADDRESSES: usize = 64;
 
 /// Ports of a ztunnel-compatible node, inside each enrolled pod's netns.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -215,6 +219,13 @@ pub struct InboundPod {
     pub _pad: u32,
 }
 
+/// `NODE_ADDRESSES`: an address of the node as its enrolled pods see it (their default
+/// gateway, the node's end of their link) → `NODE_ADDRESS_PRESENT`. A connection from one of
+/// them to an enrolled pod is the kubelet's probe (or another host-network process): it goes to
+/// the app's own listener, around the tunnel, whether or not the node's listeners are open.
+/// Written by the agent at each enrollment change; kept while the agent is away (pinned).
+pub const NODE_ADDRESS_PRESENT: u32 = 1;
+
 /// Indices of the per-CPU `COUNTERS` array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,7 +242,8 @@ pub enum Counter {
     InboundCaptured = 4,
     /// Inbound connection to an enrolled pod refused because its listener is missing.
     InboundRefused = 5,
-    /// Inbound connection left alone (tunnel port, or from inside the pod itself).
+    /// Inbound connection left alone: to the tunnel's HBONE port, from inside the pod itself,
+    /// or from the node (`NODE_ADDRESSES`: the kubelet's probes), which goes to the app.
     InboundPassed = 6,
     /// An app in an enrolled pod tried to bind one of the tunnel's ports: refused.
     BindRefused = 7,

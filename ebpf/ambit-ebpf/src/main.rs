@@ -9,7 +9,7 @@
 //!   cookie + the app's loopback address and port); both entries are removed when it closes.
 //! - `ambit_sk_lookup` (sk_lookup on the pod's netns): a new inbound TCP connection to the pod's
 //!   IP is handed to the tunnel's plaintext listener, which sees the original destination as its
-//!   local address.
+//!   local address; one from the node (the kubelet's probes) goes to the app's own listener.
 #![no_std]
 #![no_main]
 
@@ -18,8 +18,8 @@ use core::ptr::read_volatile;
 use ambit_abi::{
     ConnectionKey, Counter, DestinationKey, EnrolledPod, InboundPod, IpKey, MeshDestination,
     OriginalDestination, PendingConnect, AF_INET, AF_INET6, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
-    MAX_ENROLLED_PODS, MAX_MESH_DESTINATIONS, MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT,
-    POD_FLAG_CAPTURE_ALL,
+    MAX_ENROLLED_PODS, MAX_MESH_DESTINATIONS, MAX_NODE_ADDRESSES, MAX_TRACKED_CONNECTIONS,
+    OUTBOUND_PORT, POD_FLAG_CAPTURE_ALL,
 };
 // eBPF-side logging (aya-log): off unless the node is started with --ebpf-log. The level is a
 // load-time constant (AYA_LOG_LEVEL, patched by the loader), so with logging off the verifier
@@ -69,6 +69,9 @@ static INBOUND_PODS: HashMap<IpKey, InboundPod, MAX_ENROLLED_PODS> = HashMap::ne
 
 #[btf_map]
 static INBOUND_LISTENERS: SockHash<IpKey, MAX_ENROLLED_PODS> = SockHash::new();
+
+#[btf_map]
+static NODE_ADDRESSES: HashMap<IpKey, u32, MAX_NODE_ADDRESSES> = HashMap::new();
 
 #[btf_map]
 static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
@@ -373,6 +376,28 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
     // pod: the app talking to itself, or the tunnel delivering to the app. Neither is captured.
     if local_port == u32::from(HBONE_PORT) || remote == local {
         count(Counter::InboundPassed);
+        return SK_PASS;
+    }
+    // From the node: the kubelet's probes (and any host-network process, as Istio treats them).
+    // They must reach the app whether or not the tunnel runs, or an agent restart fails every
+    // liveness probe and the kubelet restarts healthy apps; and they are not mesh traffic, so
+    // strict mTLS does not apply to them. Passing without a socket lets the kernel's own lookup
+    // deliver to the app's listener, before the fail-closed drop below.
+    //
+    // How the node is recognised: the kubelet runs in the node's netns, so its connection to a
+    // pod leaves through the pod's link with the node's address on that link as its source,
+    // which is the pod's default gateway (the agent reads it from the pod's routes). Why another
+    // pod cannot pass for it: it may put the gateway's address in a SYN, but this pod answers
+    // the gateway (its SYN-ACK goes to the gateway's MAC, i.e. to the node, which resets it),
+    // so the spoofer never completes the handshake and no byte reaches the app. A pod on
+    // another node is routed back the same way. This is the trust istio-cni gives the address
+    // it SNATs the kubelet's probes to (169.254.7.127), here without rewriting the source.
+    if unsafe { NODE_ADDRESSES.get(remote) }.is_some() {
+        count(Counter::InboundPassed);
+        debug!(
+            &ctx,
+            "sk_lookup: port {} from the node, to the app", local_port
+        );
         return SK_PASS;
     }
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {

@@ -44,6 +44,12 @@ pub fn print(pins: &PinLayout) -> Result<()> {
         println!("  {}", ip_from_key(key?));
     }
 
+    let node: HashMap<MapData, IpKey, u32> = open(pins, m::NODE_ADDRESSES)?;
+    println!("\nnode addresses whose connections reach the apps directly (kubelet probes):");
+    for key in node.keys() {
+        println!("  node {}", ip_from_key(key?));
+    }
+
     let mesh: HashMap<MapData, DestinationKey, MeshDestination> = open(pins, m::MESH_DESTINATIONS)?;
     let mut lines: Vec<String> = Vec::new();
     for entry in mesh.iter() {

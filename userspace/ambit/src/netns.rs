@@ -4,6 +4,7 @@
 
 use std::{
     fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
     sync::OnceLock,
@@ -151,6 +152,31 @@ impl Netns {
         Ok(())
     }
 
+    /// The gateways of this netns's default routes, IPv4 and IPv6: for a pod, the node's address
+    /// on the pod's link, which is where the kubelet's probes come from. A default route without
+    /// a gateway (a device route) gives none; so do IPv6 link-local gateways, which nothing
+    /// connects to a pod's address from.
+    pub fn default_gateways(&self) -> Result<Vec<IpAddr>> {
+        // /proc/thread-self/net shows the netns of the reading thread (/proc/self/net would show
+        // the main thread's).
+        let (v4, v6) = self.run(|| {
+            (
+                std::fs::read_to_string("/proc/thread-self/net/route"),
+                std::fs::read_to_string("/proc/thread-self/net/ipv6_route"),
+            )
+        })?;
+        let mut gateways = parse_ipv4_default_gateways(
+            &v4.with_context(|| format!("reading the IPv4 routes of {}", self.path.display()))?,
+        );
+        // A netns without IPv6 (ipv6.disable=1) has no ipv6_route.
+        if let Ok(v6) = v6 {
+            gateways.extend(parse_ipv6_default_gateways(&v6));
+        }
+        gateways.sort();
+        gateways.dedup();
+        Ok(gateways)
+    }
+
     /// A new non-blocking TCP socket inside this netns.
     pub fn socket(&self, domain: socket2::Domain) -> Result<socket2::Socket> {
         let socket = self.run(|| {
@@ -166,6 +192,55 @@ impl AsFd for Netns {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
+}
+
+/// `RTF_GATEWAY` of a route's flags (linux/route.h, also used by ipv6_route).
+const RTF_GATEWAY: u32 = 0x2;
+
+/// The gateways of the default routes in `/proc/net/route`: one line per route, tab-separated
+/// `Iface Destination Gateway Flags RefCnt Use Metric Mask ...`, addresses as the hex of the
+/// kernel's network-order u32 printed in host order.
+fn parse_ipv4_default_gateways(text: &str) -> Vec<IpAddr> {
+    let hex = |s: &str| u32::from_str_radix(s, 16).ok();
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (dest, gateway, flags, mask) = (
+                hex(f.get(1)?)?,
+                hex(f.get(2)?)?,
+                hex(f.get(3)?)?,
+                hex(f.get(7)?)?,
+            );
+            (dest == 0 && mask == 0 && flags & RTF_GATEWAY != 0 && gateway != 0)
+                .then(|| IpAddr::V4(Ipv4Addr::from(gateway.to_ne_bytes())))
+        })
+        .collect()
+}
+
+/// The gateways of the default routes in `/proc/net/ipv6_route`: one line per route,
+/// `dest dest_len src src_len next_hop metric refcnt use flags iface`, addresses as 32 hex
+/// digits in network order, lengths and flags in hex.
+fn parse_ipv6_default_gateways(text: &str) -> Vec<IpAddr> {
+    let addr = |s: &str| u128::from_str_radix(s, 16).ok().map(Ipv6Addr::from);
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (dest, dest_len, next_hop, flags) = (
+                addr(f.first()?)?,
+                u8::from_str_radix(f.get(1)?, 16).ok()?,
+                addr(f.get(4)?)?,
+                u32::from_str_radix(f.get(8)?, 16).ok()?,
+            );
+            let link_local = next_hop.segments()[0] & 0xffc0 == 0xfe80;
+            (dest.is_unspecified()
+                && dest_len == 0
+                && flags & RTF_GATEWAY != 0
+                && !next_hop.is_unspecified()
+                && !link_local)
+                .then_some(IpAddr::V6(next_hop))
+        })
+        .collect()
 }
 
 fn setns(fd: BorrowedFd<'_>) -> std::io::Result<()> {
@@ -196,4 +271,39 @@ pub fn socket_netns_cookie(fd: BorrowedFd<'_>) -> Result<u64> {
         );
     }
     Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_default_gateways_are_read_from_proc_net_route() {
+        // A pod: default via 10.201.1.1 on eth0, its subnet on-link; then a device-only default
+        // route (no gateway), which gives none.
+        let route =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                     eth0\t00000000\t0101C90A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                     eth0\t0001C90A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                     eth1\t00000000\t00000000\t0001\t0\t0\t0\t00000000\t0\t0\t0\n";
+        let expected: IpAddr = "10.201.1.1".parse().unwrap();
+        if cfg!(target_endian = "little") {
+            assert_eq!(parse_ipv4_default_gateways(route), vec![expected]);
+        }
+        assert!(parse_ipv4_default_gateways("Iface\tDestination\n").is_empty());
+    }
+
+    #[test]
+    fn ipv6_default_gateways_are_read_from_proc_net_ipv6_route() {
+        let route = "\
+fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000001 00000000 00000003     eth0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003     eth1
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+";
+        assert_eq!(
+            parse_ipv6_default_gateways(route),
+            vec!["fd00::1".parse::<IpAddr>().unwrap()]
+        );
+    }
 }

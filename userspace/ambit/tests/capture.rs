@@ -279,7 +279,9 @@ fn a_full_map_of_mesh_destinations_captures_everything_and_stops_no_pod() {
         })
         .collect();
     let full = fits.replacen("\nworkloads:\n", &format!("\nworkloads:\n{filler}"), 1);
-    t.write_config(&full, &["n1", "n2"]);
+    // Each node parses and applies 65,000 workloads: slow in a debug build on a busy machine.
+    let big = std::time::Duration::from_secs(60);
+    t.write_config_within(&full, &["n1", "n2"], big);
     t.wait_log("n1", "MESH_DESTINATIONS is full", 1);
     assert!(
         !t.log("n1").contains("pod un-enrolled"),
@@ -307,7 +309,7 @@ fn a_full_map_of_mesh_destinations_captures_everything_and_stops_no_pod() {
     );
 
     // The mesh shrinks: only mesh destinations are captured again.
-    t.write_config(&fits, &["n1", "n2"]);
+    t.write_config_within(&fits, &["n1", "n2"], big);
     t.wait_log("n1", "mesh destinations fit again", 1);
     let before = common::counter(&t.inspect("n1"), "outbound_passed");
     let out = t.curl("a", &format!("http://{d}:8080/"));
@@ -317,4 +319,92 @@ fn a_full_map_of_mesh_destinations_captures_everything_and_stops_no_pod() {
         before + 1,
         "a → d was captured although d is outside the mesh"
     );
+}
+
+/// The kubelet probes pods from the node's netns, so its connections come from the node's
+/// address on the pod's link: the pod's default gateway. They are not mesh traffic and reach
+/// the app's own listener, also in strict mTLS mode and while the node agent is down (an agent
+/// restart must not fail liveness probes); plaintext from other pods is still refused, and a
+/// pod that writes the gateway's address as its source gets no answer.
+#[test]
+fn probes_from_the_node_reach_the_app_with_or_without_the_agent() {
+    let mut t = TestLab::start_with(
+        &ambit_lab::LabConfig {
+            enrolled: &["a", "c"],
+            mtls_mode: "strict",
+            ..Default::default()
+        },
+        &[],
+    );
+    let c = pod("c").ip;
+    let gateway = "10.201.2.1"; // node n2's bridge: pod c's default route
+    let mut cmd = t.lab.pod_command("c", "python3");
+    cmd.arg(common::tool("whoami.py")).arg("8081");
+    t.lab.spawn("whoami in c", cmd).unwrap();
+    t.lab.wait_listening("c", 8081, "whoami in c").unwrap();
+    let inspect = t.inspect("n2");
+    assert!(
+        inspect.contains(&format!("\n  node {gateway}\n")),
+        "NODE_ADDRESSES lacks pod c's gateway:\n{inspect}"
+    );
+
+    // As the kubelet's httpGet probe: curl from the node's netns.
+    let probe = |t: &TestLab| {
+        let max_time = (10.0 * ambit_lab::timeout_scale()).to_string();
+        t.lab
+            .node_command("n2", "curl")
+            .args(["-sS", "--max-time", &max_time])
+            .arg(format!("http://{c}:8081/"))
+            .output()
+            .unwrap()
+    };
+    let passed = common::counter(&inspect, "inbound_passed");
+    let out = probe(&t);
+    assert_ok(&out, "probe from node n2 → c, strict, agent running");
+    assert_eq!(stdout(&out), format!("client {gateway}\n"));
+    assert!(common::counter(&t.inspect("n2"), "inbound_passed") > passed);
+    assert!(
+        !t.log("n2").contains("captured inbound"),
+        "the probe went through the tunnel:\n{}",
+        t.log("n2")
+    );
+
+    // Pod d, on the same bridge, in plaintext: refused (strict).
+    let url = format!("http://{c}:8081/");
+    let out = t.curl("d", &url);
+    assert!(
+        !out.status.success() || stdout(&out).is_empty(),
+        "plaintext d → c accepted in strict mode: {}",
+        stdout(&out)
+    );
+    t.wait_log("n2", "plaintext inbound refused: strict mTLS", 1);
+    // Pod d with the gateway's address as its source (IP_FREEBIND needs no privilege): c's
+    // SYN-ACK goes to the gateway, not to d, so the handshake never completes.
+    let spoof = format!(
+        "import socket; s = socket.socket(); s.setsockopt(socket.SOL_IP, 15, 1); \
+         s.bind(('{gateway}', 0)); s.settimeout({}); s.connect(('{c}', 8081)); \
+         s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print(s.recv(100))",
+        3.0 * ambit_lab::timeout_scale()
+    );
+    let out = t
+        .lab
+        .pod_command("d", "python3")
+        .args(["-c", &spoof])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "pod d passed for the node: {}",
+        stdout(&out)
+    );
+
+    // The agent down: fail closed for every other connection, the probe still reaches the app.
+    t.lab.stop("ambit node n2").unwrap();
+    let out = t.curl("a", &url);
+    assert!(!out.status.success(), "a reached c with its node down");
+    let out = t.curl("d", &url);
+    assert!(!out.status.success(), "d reached c with its node down");
+    let out = probe(&t);
+    assert_ok(&out, "probe from node n2 → c, agent down");
+    assert_eq!(stdout(&out), format!("client {gateway}\n"));
 }

@@ -3,6 +3,10 @@
 //! Enrollment of a pod, in this order (un-enrollment is the reverse):
 //! netns handle → netns cookie → listeners opened in the netns → programs attached to the pod's
 //! cgroup and netns → maps written (capture is on from that last write).
+//!
+//! Besides, the agent keeps `NODE_ADDRESSES` equal to the default gateways of its enrolled pods:
+//! the node's addresses on their links, from which the kubelet's probes come. Those go to the
+//! apps around the tunnel, also while the agent is away (the map is pinned).
 
 pub mod cni;
 pub mod kubernetes;
@@ -10,7 +14,7 @@ pub mod source;
 mod time_wait;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     os::fd::AsRawFd,
     path::PathBuf,
@@ -21,7 +25,7 @@ use std::{
 };
 
 use ambit_abi::{EnrolledPod, OUTBOUND_PORT};
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -53,6 +57,8 @@ struct Enrolled {
     cgroup: cgroup::PodCgroup,
     tunnel: PodTunnel,
     time_wait: time_wait::TimeWaitReuse,
+    /// The pod's default gateways: the node as the pod sees it (kubelet probes come from there).
+    gateways: Vec<IpAddr>,
 }
 
 impl Enrolled {
@@ -203,8 +209,28 @@ impl Agent {
     /// logged and the pod is retried on the next call. Readiness follows.
     pub async fn apply(&mut self, state: &State) -> Result<()> {
         let result = self.reconcile(state).await;
+        let nodes = self.sync_node_addresses();
         self.update_readiness();
-        result
+        result.and(nodes)
+    }
+
+    /// Writes the union of the enrolled pods' gateways to `NODE_ADDRESSES`; an address leaves
+    /// it once no enrolled pod has it. A pod whose routes had no gateway when it was enrolled
+    /// (its network still being set up) is read again first.
+    fn sync_node_addresses(&mut self) -> Result<()> {
+        for pod in self.pods.values_mut() {
+            if pod.gateways.is_empty() {
+                pod.gateways = read_gateways(&pod.spec.key, &pod.netns);
+            }
+        }
+        let addresses: BTreeSet<IpAddr> = self
+            .pods
+            .values()
+            .flat_map(|p| p.gateways.iter().copied())
+            .collect();
+        self.datapath
+            .sync_node_addresses(&addresses)
+            .context("syncing node addresses")
     }
 
     async fn reconcile(&mut self, state: &State) -> Result<()> {
@@ -345,12 +371,14 @@ impl Agent {
         // Last, as nothing can fail after it: an enrollment that fails leaves the pod's own
         // value in place.
         let time_wait = time_wait::TimeWaitReuse::enable(&netns);
+        let gateways = read_gateways(&spec.key, &netns);
         Ok(Enrolled {
             spec: spec.clone(),
             netns,
             cgroup,
             tunnel,
             time_wait,
+            gateways,
         })
     }
 
@@ -439,6 +467,9 @@ impl Agent {
             self.unenroll(key).await;
             self.failed.insert(key.clone(), why.clone());
         }
+        if let Err(e) = self.sync_node_addresses() {
+            error!("{e:#}");
+        }
         self.update_readiness();
         vanished.len()
     }
@@ -459,6 +490,21 @@ impl Agent {
         let keys: Vec<PodKey> = self.pods.keys().cloned().collect();
         for key in keys {
             self.unenroll(&key).await;
+        }
+        if let Err(e) = self.sync_node_addresses() {
+            error!("{e:#}");
+        }
+    }
+}
+
+/// A pod's default gateways, or none (logged) if its routes cannot be read: its probes then
+/// take the tunnel like any plaintext connection.
+fn read_gateways(pod: &str, netns: &Netns) -> Vec<IpAddr> {
+    match netns.default_gateways() {
+        Ok(gateways) => gateways,
+        Err(e) => {
+            warn!(pod, "reading the pod's default gateways: {e:#}");
+            Vec::new()
         }
     }
 }

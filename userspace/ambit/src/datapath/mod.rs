@@ -18,7 +18,7 @@ use std::{
 use ambit_abi::{
     map_names as m, program_names as p, ConnectionKey, DestinationKey, EnrolledPod, InboundPod,
     IpKey, MeshDestination as AbiMeshDestination, OriginalDestination, PendingConnect,
-    DESTINATION_KIND_SERVICE, DESTINATION_KIND_WORKLOAD,
+    DESTINATION_KIND_SERVICE, DESTINATION_KIND_WORKLOAD, NODE_ADDRESS_PRESENT,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
@@ -48,6 +48,7 @@ pub struct Datapath {
     mesh: HashMap<MapData, DestinationKey, AbiMeshDestination>,
     inbound_pods: HashMap<MapData, IpKey, InboundPod>,
     inbound_listeners: SockHash<MapData, IpKey>,
+    node_addresses: HashMap<MapData, IpKey, u32>,
     original_destinations: OriginalDestinations,
 }
 
@@ -113,6 +114,7 @@ impl Datapath {
         let mesh = HashMap::try_from(take(m::MESH_DESTINATIONS)?)?;
         let inbound_pods = HashMap::try_from(take(m::INBOUND_PODS)?)?;
         let inbound_listeners = SockHash::try_from(take(m::INBOUND_LISTENERS)?)?;
+        let node_addresses = HashMap::try_from(take(m::NODE_ADDRESSES)?)?;
         let original_destinations = OriginalDestinations(Arc::new(HashMap::try_from(take(
             m::ORIGINAL_DESTINATIONS,
         )?)?));
@@ -125,6 +127,7 @@ impl Datapath {
             mesh,
             inbound_pods,
             inbound_listeners,
+            node_addresses,
             original_destinations,
         })
     }
@@ -246,6 +249,37 @@ impl Datapath {
         Ok(self.inbound_pods.keys().collect::<Result<_, _>>()?)
     }
 
+    /// Makes `NODE_ADDRESSES` equal to `desired`: the node's addresses as its enrolled pods see
+    /// them, whose connections to those pods go to the app around the tunnel (kubelet probes).
+    pub fn sync_node_addresses(&mut self, desired: &BTreeSet<IpAddr>) -> Result<()> {
+        let want: BTreeSet<[u32; 4]> = desired.iter().map(|ip| ip_key(*ip).words).collect();
+        let have: Vec<IpKey> = self.node_addresses.keys().collect::<Result<_, _>>()?;
+        for key in &have {
+            if !want.contains(&key.words) {
+                ignore_missing(self.node_addresses.remove(key))?;
+                debug!(address = %ip_from_key(*key), "node address removed");
+            }
+        }
+        for ip in desired {
+            let key = ip_key(*ip);
+            if !have.contains(&key) {
+                self.node_addresses
+                    .insert(key, NODE_ADDRESS_PRESENT, 0)
+                    .with_context(|| format!("writing NODE_ADDRESSES[{ip}]"))?;
+                debug!(address = %ip, "node address added");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn node_addresses(&self) -> Result<Vec<IpAddr>> {
+        Ok(self
+            .node_addresses
+            .keys()
+            .map(|k| k.map(ip_from_key))
+            .collect::<Result<_, _>>()?)
+    }
+
     /// Makes `MESH_DESTINATIONS` equal to `desired`: adds what is missing, removes the rest.
     /// Writes `desired` into `MESH_DESTINATIONS` (removing what is no longer wanted first).
     /// Returns how many did not fit (the map holds [`ambit_abi::MAX_MESH_DESTINATIONS`]): the
@@ -361,7 +395,7 @@ where
 /// Every map of the eBPF object: its name (`ambit_abi::map_names`) and the key and value sizes
 /// this userspace reads it with. A test (tests/bpftool.rs) holds it against what the kernel
 /// made from the eBPF crate's statics.
-pub fn map_layout() -> [(&'static str, usize, usize); 7] {
+pub fn map_layout() -> [(&'static str, usize, usize); 8] {
     use std::mem::size_of;
     [
         (
@@ -387,6 +421,7 @@ pub fn map_layout() -> [(&'static str, usize, usize); 7] {
         (m::INBOUND_PODS, size_of::<IpKey>(), size_of::<InboundPod>()),
         (m::INBOUND_LISTENERS, size_of::<IpKey>(), size_of::<u32>()),
         (m::COUNTERS, size_of::<u32>(), size_of::<u64>()),
+        (m::NODE_ADDRESSES, size_of::<IpKey>(), size_of::<u32>()),
     ]
 }
 

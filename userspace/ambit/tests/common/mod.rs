@@ -223,7 +223,12 @@ impl TestLab {
 
     /// Waits until a node's log contains `needle` at least `count` times.
     pub fn wait_log(&self, node: &str, needle: &str, count: usize) {
-        let ok = wait_until(Duration::from_secs(10), needle, || {
+        self.wait_log_within(node, needle, count, Duration::from_secs(10))
+    }
+
+    /// The same, waiting up to `timeout` (scaled like every wait).
+    pub fn wait_log_within(&self, node: &str, needle: &str, count: usize, timeout: Duration) {
+        let ok = wait_until(timeout, needle, || {
             self.log(node).matches(needle).count() >= count
         });
         if let Err(e) = ok {
@@ -245,13 +250,18 @@ impl TestLab {
 
     /// Writes a whole config (atomically) and waits for each of `nodes` to apply it.
     pub fn write_config(&self, text: &str, nodes: &[&str]) {
+        self.write_config_within(text, nodes, Duration::from_secs(10))
+    }
+
+    /// The same, waiting up to `timeout` for each node (a very large config).
+    pub fn write_config_within(&self, text: &str, nodes: &[&str], timeout: Duration) {
         let before: Vec<usize> = nodes
             .iter()
             .map(|n| self.log(n).matches("config applied").count())
             .collect();
         self.write_files(text);
         for (node, before) in nodes.iter().zip(before) {
-            self.wait_log(node, "config applied", before + 1);
+            self.wait_log_within(node, "config applied", before + 1, timeout);
         }
     }
 

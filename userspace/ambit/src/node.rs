@@ -123,6 +123,7 @@ impl Node {
             metrics.clone(),
         ));
         let mut agent = Agent::new(datapath, cgroup_root, proxy.clone());
+        agent.set_node_addresses(args.node_addresses.clone());
         if let Some(annotator) = annotator {
             agent.on_enrollment_change(move |pod, captured| annotator.mark(pod, captured));
         }

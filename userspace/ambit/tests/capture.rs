@@ -408,3 +408,55 @@ fn probes_from_the_node_reach_the_app_with_or_without_the_agent() {
     assert_ok(&out, "probe from node n2 → c, agent down");
     assert_eq!(stdout(&out), format!("client {gateway}\n"));
 }
+
+/// On a routed CNI (Calico) the node reaches pods from its own address, not from the pods'
+/// gateway: `--node-address` (the DaemonSet passes `status.hostIP`) makes those connections the
+/// node's too. Without it such a probe is plaintext from outside the mesh: refused in strict
+/// mode.
+#[test]
+fn probes_from_the_nodes_own_address_reach_the_app_with_node_address() {
+    let mut t = TestLab::start_with(
+        &ambit_lab::LabConfig {
+            enrolled: &["a", "c"],
+            mtls_mode: "strict",
+            ..Default::default()
+        },
+        &[],
+    );
+    let c = pod("c").ip;
+    let node_ip = ambit_lab::NODES[1].link_ip; // n2's address on the link between the nodes
+    let mut cmd = t.lab.pod_command("c", "python3");
+    cmd.arg(common::tool("whoami.py")).arg("8081");
+    t.lab.spawn("whoami in c", cmd).unwrap();
+    t.lab.wait_listening("c", 8081, "whoami in c").unwrap();
+    let probe = |t: &TestLab| {
+        let max_time = (5.0 * ambit_lab::timeout_scale()).to_string();
+        t.lab
+            .node_command("n2", "curl")
+            .args(["-sS", "--max-time", &max_time, "--interface", node_ip])
+            .arg(format!("http://{c}:8081/"))
+            .output()
+            .unwrap()
+    };
+    let out = probe(&t);
+    assert!(
+        !out.status.success() || stdout(&out).is_empty(),
+        "a connection from the node's own address passed without --node-address: {}",
+        stdout(&out)
+    );
+
+    t.restart_node_with(
+        "n2",
+        "n2-node-address.log",
+        &["--node-address", node_ip],
+        None,
+    );
+    let inspect = t.inspect("n2");
+    assert!(
+        inspect.contains(&format!("\n  node {node_ip}\n")),
+        "NODE_ADDRESSES lacks --node-address:\n{inspect}"
+    );
+    let out = probe(&t);
+    assert_ok(&out, "probe from n2's own address → c, strict");
+    assert_eq!(stdout(&out), format!("client {node_ip}\n"));
+}

@@ -73,6 +73,16 @@ pub struct NodeArgs {
     /// This agent pod's IP (the node id istiod logs).
     #[arg(long, env = "INSTANCE_IP", default_value = "")]
     pub instance_ip: String,
+    /// The node's own addresses (in a DaemonSet: `status.hostIP`), comma-separated.
+    /// Connections from them to enrolled pods are the node's (kubelet probes) and reach the app
+    /// directly, as those from the pods' default gateways do: needed where the node reaches
+    /// pods from its own address rather than the pods' gateway (routed CNIs such as Calico).
+    #[arg(
+        long = "node-address",
+        env = "AMBIT_NODE_ADDRESSES",
+        value_delimiter = ','
+    )]
+    pub node_addresses: Vec<std::net::IpAddr>,
     /// The host's procfs, where pods' processes (and so their netns and cgroups) are found;
     /// `--source kubernetes` (in a DaemonSet: the host's /proc mounted read-only).
     #[arg(long, default_value = "/proc")]

@@ -142,6 +142,8 @@ pub struct Agent {
     /// (those pass through in plaintext, as they would without the mesh). Otherwise a mesh
     /// destination left out of the map would be reached in plaintext.
     capture_all: bool,
+    /// `--node-address`.
+    node_addresses: Vec<IpAddr>,
 }
 
 impl Agent {
@@ -156,6 +158,7 @@ impl Agent {
             ready: Arc::new(AtomicBool::new(false)),
             draining: false,
             capture_all: false,
+            node_addresses: Vec::new(),
             report: watch::Sender::new(EnrollmentReport::default()),
         }
     }
@@ -214,9 +217,16 @@ impl Agent {
         result.and(nodes)
     }
 
-    /// Writes the union of the enrolled pods' gateways to `NODE_ADDRESSES`; an address leaves
-    /// it once no enrolled pod has it. A pod whose routes had no gateway when it was enrolled
-    /// (its network still being set up) is read again first.
+    /// The node's own addresses (`--node-address`), kept in `NODE_ADDRESSES` beside the pods'
+    /// gateways.
+    pub fn set_node_addresses(&mut self, addresses: Vec<IpAddr>) {
+        self.node_addresses = addresses;
+    }
+
+    /// Writes the node's addresses and the union of the enrolled pods' gateways to
+    /// `NODE_ADDRESSES`; a gateway leaves it once no enrolled pod has it. A pod whose routes
+    /// had no gateway when it was enrolled (its network still being set up) is read again
+    /// first.
     fn sync_node_addresses(&mut self) -> Result<()> {
         for pod in self.pods.values_mut() {
             if pod.gateways.is_empty() {
@@ -227,6 +237,7 @@ impl Agent {
             .pods
             .values()
             .flat_map(|p| p.gateways.iter().copied())
+            .chain(self.node_addresses.iter().copied())
             .collect();
         self.datapath
             .sync_node_addresses(&addresses)

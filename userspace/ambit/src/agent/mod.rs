@@ -17,7 +17,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     os::fd::AsRawFd,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -80,27 +80,22 @@ impl Enrolled {
     }
 
     fn netns_through_another_process(&self) -> Option<PathBuf> {
-        // <proc>/<pid>/ns/net
-        let path = &self.spec.netns;
-        if !path.ends_with("ns/net") {
-            return None;
-        }
-        let pid_dir = path.parent()?.parent()?;
-        pid_dir.file_name()?.to_str()?.parse::<u32>().ok()?;
-        let locator = ProcLocator::new(pid_dir.parent()?, PathBuf::new());
+        let proc_root = process_netns_path(&self.spec.netns)?;
+        let locator = ProcLocator::new(proc_root, PathBuf::new());
         let pod_cgroup = self.spec.cgroup.file_name()?.to_str()?;
         locator.netns_path_of(pod_cgroup, self.netns.inode().ok()?)
     }
 
     /// Whether `new` puts the pod somewhere else, or makes it someone else. The same netns
-    /// under another path (another of the pod's processes) is not a move; nor is a path that
-    /// no longer exists while the pod's netns lives on (the source has not seen the process
-    /// exit yet; [`Enrolled::vanished`] decides whether the pod is gone).
+    /// under another path (another of the pod's processes) is not a move; nor is the path of a
+    /// process that has exited while the pod's netns lives on (the source has not seen the exit
+    /// yet; [`Enrolled::vanished`] decides whether the pod is gone). Any other path that does
+    /// not exist is a move, whose enrollment fails and is reported.
     fn needs_reenrollment(&self, new: &EnrolledPodSpec) -> bool {
         let old = &self.spec;
-        let netns_moved = old.netns != new.netns
-            && !self.netns.is_at(&new.netns)
-            && std::fs::metadata(&new.netns).is_ok();
+        let exited_process = process_netns_path(&new.netns).is_some() && !new.netns.exists();
+        let netns_moved =
+            old.netns != new.netns && !self.netns.is_at(&new.netns) && !exited_process;
         netns_moved
             || old.cgroup != new.cgroup
             || old.ips != new.ips
@@ -508,6 +503,17 @@ impl Agent {
     }
 }
 
+/// The procfs root of a netns path that names a process's netns (`<proc>/<pid>/ns/net`), or
+/// None for any other path (a runtime's or the CNI's bind mount, a lab's `/run/netns/<name>`).
+fn process_netns_path(path: &Path) -> Option<&Path> {
+    if !path.ends_with("ns/net") {
+        return None;
+    }
+    let pid_dir = path.parent()?.parent()?;
+    pid_dir.file_name()?.to_str()?.parse::<u32>().ok()?;
+    pid_dir.parent()
+}
+
 /// A pod's default gateways, or none (logged) if its routes cannot be read: its probes then
 /// take the tunnel like any plaintext connection.
 fn read_gateways(pod: &str, netns: &Netns) -> Vec<IpAddr> {
@@ -526,5 +532,20 @@ struct Fd(i32);
 impl AsRawFd for Fd {
     fn as_raw_fd(&self) -> i32 {
         self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_netns_path_is_told_from_a_bind_mount() {
+        assert_eq!(
+            process_netns_path(Path::new("/host/proc/4242/ns/net")),
+            Some(Path::new("/host/proc"))
+        );
+        assert_eq!(process_netns_path(Path::new("/run/netns/cni-1234")), None);
+        assert_eq!(process_netns_path(Path::new("/proc/self/ns/net")), None);
     }
 }

@@ -328,20 +328,9 @@ fn a_full_map_of_mesh_destinations_captures_everything_and_stops_no_pod() {
 /// pod that writes the gateway's address as its source gets no answer.
 #[test]
 fn probes_from_the_node_reach_the_app_with_or_without_the_agent() {
-    let mut t = TestLab::start_with(
-        &ambit_lab::LabConfig {
-            enrolled: &["a", "c"],
-            mtls_mode: "strict",
-            ..Default::default()
-        },
-        &[],
-    );
+    let mut t = strict_lab_with_whoami_in_c();
     let c = pod("c").ip;
     let gateway = "10.201.2.1"; // node n2's bridge: pod c's default route
-    let mut cmd = t.lab.pod_command("c", "python3");
-    cmd.arg(common::tool("whoami.py")).arg("8081");
-    t.lab.spawn("whoami in c", cmd).unwrap();
-    t.lab.wait_listening("c", 8081, "whoami in c").unwrap();
     let inspect = t.inspect("n2");
     assert!(
         inspect.contains(&format!("\n  node {gateway}\n")),
@@ -349,15 +338,7 @@ fn probes_from_the_node_reach_the_app_with_or_without_the_agent() {
     );
 
     // As the kubelet's httpGet probe: curl from the node's netns.
-    let probe = |t: &TestLab| {
-        let max_time = (10.0 * ambit_lab::timeout_scale()).to_string();
-        t.lab
-            .node_command("n2", "curl")
-            .args(["-sS", "--max-time", &max_time])
-            .arg(format!("http://{c}:8081/"))
-            .output()
-            .unwrap()
-    };
+    let probe = |t: &TestLab| probe_c_from_n2(t, None);
     let passed = common::counter(&inspect, "inbound_passed");
     let out = probe(&t);
     assert_ok(&out, "probe from node n2 → c, strict, agent running");
@@ -415,29 +396,9 @@ fn probes_from_the_node_reach_the_app_with_or_without_the_agent() {
 /// mode.
 #[test]
 fn probes_from_the_nodes_own_address_reach_the_app_with_node_address() {
-    let mut t = TestLab::start_with(
-        &ambit_lab::LabConfig {
-            enrolled: &["a", "c"],
-            mtls_mode: "strict",
-            ..Default::default()
-        },
-        &[],
-    );
-    let c = pod("c").ip;
+    let mut t = strict_lab_with_whoami_in_c();
     let node_ip = ambit_lab::NODES[1].link_ip; // n2's address on the link between the nodes
-    let mut cmd = t.lab.pod_command("c", "python3");
-    cmd.arg(common::tool("whoami.py")).arg("8081");
-    t.lab.spawn("whoami in c", cmd).unwrap();
-    t.lab.wait_listening("c", 8081, "whoami in c").unwrap();
-    let probe = |t: &TestLab| {
-        let max_time = (5.0 * ambit_lab::timeout_scale()).to_string();
-        t.lab
-            .node_command("n2", "curl")
-            .args(["-sS", "--max-time", &max_time, "--interface", node_ip])
-            .arg(format!("http://{c}:8081/"))
-            .output()
-            .unwrap()
-    };
+    let probe = |t: &TestLab| probe_c_from_n2(t, Some(node_ip));
     let out = probe(&t);
     assert!(
         !out.status.success() || stdout(&out).is_empty(),
@@ -459,4 +420,36 @@ fn probes_from_the_nodes_own_address_reach_the_app_with_node_address() {
     let out = probe(&t);
     assert_ok(&out, "probe from n2's own address → c, strict");
     assert_eq!(stdout(&out), format!("client {node_ip}\n"));
+}
+
+/// The lab with a and c enrolled, strict mTLS, and c's port 8081 answering with the client
+/// address it sees (tests/tools/whoami.py): what a probe test needs.
+fn strict_lab_with_whoami_in_c() -> TestLab {
+    let mut t = TestLab::start_with(
+        &ambit_lab::LabConfig {
+            enrolled: &["a", "c"],
+            mtls_mode: "strict",
+            ..Default::default()
+        },
+        &[],
+    );
+    let mut cmd = t.lab.pod_command("c", "python3");
+    cmd.arg(common::tool("whoami.py")).arg("8081");
+    t.lab.spawn("whoami in c", cmd).unwrap();
+    t.lab.wait_listening("c", 8081, "whoami in c").unwrap();
+    t
+}
+
+/// As the kubelet's httpGet probe: curl from node n2's netns to c:8081, from `source` when
+/// given (else the address the route picks: the pod's gateway).
+fn probe_c_from_n2(t: &TestLab, source: Option<&str>) -> std::process::Output {
+    let max_time = (10.0 * ambit_lab::timeout_scale()).to_string();
+    let mut curl = t.lab.node_command("n2", "curl");
+    curl.args(["-sS", "--max-time", &max_time]);
+    if let Some(source) = source {
+        curl.args(["--interface", source]);
+    }
+    curl.arg(format!("http://{}:8081/", pod("c").ip))
+        .output()
+        .unwrap()
 }

@@ -46,6 +46,8 @@ pub const ADD_TIMEOUT: Duration = Duration::from_secs(30);
 struct Sandbox {
     netns: PathBuf,
     ips: Vec<IpAddr>,
+    /// The pod-level cgroup, once found (searched for once, not at every rebuild).
+    cgroup: Option<PathBuf>,
 }
 
 /// The sandboxes the CNI plugin reported, by pod UID.
@@ -66,6 +68,20 @@ impl SandboxRegistry {
     fn get(&self, uid: &str) -> Option<Sandbox> {
         self.by_uid.lock().unwrap().get(uid).cloned()
     }
+
+    /// The pod-level cgroup of the sandbox of `uid`: the one found earlier while it exists,
+    /// else searched for under `cgroup_root` (kubelet makes it before the sandbox).
+    fn pod_cgroup(&self, uid: &str, cgroup_root: &Path) -> Option<PathBuf> {
+        let known = self.get(uid)?.cgroup.filter(|c| c.exists());
+        if known.is_some() {
+            return known;
+        }
+        let found = find_pod_cgroup(cgroup_root, uid)?;
+        if let Some(sandbox) = self.by_uid.lock().unwrap().get_mut(uid) {
+            sandbox.cgroup = Some(found.clone());
+        }
+        Some(found)
+    }
 }
 
 /// Locates a pod by its reported sandbox; a pod the plugin did not report (it ran before the
@@ -81,7 +97,7 @@ impl<L: PodLocator> PodLocator for SandboxLocator<L> {
         match self.registry.get(pod_uid) {
             Some(sandbox) => Some(PodLocation {
                 netns: sandbox.netns,
-                cgroup: find_pod_cgroup(&self.cgroup_root, pod_uid)?,
+                cgroup: self.registry.pod_cgroup(pod_uid, &self.cgroup_root)?,
             }),
             None => self.fallback.locate(pod_uid, pod_ips),
         }
@@ -167,6 +183,7 @@ impl CniServer {
             Sandbox {
                 netns: PathBuf::from(&pod.netns),
                 ips: pod.ips.clone(),
+                cgroup: None,
             },
         );
         self.directory.touch();

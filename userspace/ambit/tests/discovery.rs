@@ -14,19 +14,10 @@ fn the_locator_finds_a_pods_netns_and_pod_level_cgroup_from_procfs() {
     let prefix = format!("{}k{}", common::test_prefix(), std::process::id() % 100_000);
     let mut lab = Lab::create(&prefix).unwrap();
     let uid = "6b1d2c3e-aaaa-4bbb-8ccc-0123456789ab";
-    let pod_slice = lab.cgroup_dir().join(format!(
-        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
-        uid.replace('-', "_")
-    ));
-    let scope = pod_slice.join("cri-containerd-4d2b9e.scope");
-    std::fs::create_dir_all(&scope).unwrap();
-    // Two "containers": the locator keeps the oldest process.
-    for _ in 0..2 {
-        let mut cmd = lab.command_in("a", &scope, "sleep");
-        cmd.arg("60").stdout(Stdio::null());
-        lab.spawn("pod process", cmd).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let pod_slice = pod_slice(&lab, uid);
+    // Two processes of one container: the locator keeps the oldest.
+    let scope = "cri-containerd-4d2b9e.scope";
+    spawn_in_pod_a(&mut lab, &pod_slice, &[scope, scope]);
     let locator = ProcLocator::new("/proc", lab.cgroup_root());
     let pod_ip: IpAddr = ambit_lab::pod("a").ip.parse().unwrap();
     let mut found = None;
@@ -64,20 +55,9 @@ fn a_pod_found_through_an_app_process_stays_enrolled_when_that_process_exits() {
     let prefix = format!("{}f{}", common::test_prefix(), std::process::id() % 100_000);
     let mut lab = Lab::create(&prefix).unwrap();
     let uid = "7c2e4d1a-bbbb-4ccc-8ddd-0123456789ab";
-    let pod_slice = lab.cgroup_dir().join(format!(
-        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
-        uid.replace('-', "_")
-    ));
+    let pod_slice = pod_slice(&lab, uid);
     // Two app containers, no pause process.
-    let mut pids = Vec::new();
-    for container in ["crio-1.scope", "crio-2.scope"] {
-        let scope = pod_slice.join(container);
-        std::fs::create_dir_all(&scope).unwrap();
-        let mut cmd = lab.command_in("a", &scope, "sleep");
-        cmd.arg("600").stdout(Stdio::null());
-        pids.push(lab.spawn(container, cmd).unwrap());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let pids = spawn_in_pod_a(&mut lab, &pod_slice, &["crio-1.scope", "crio-2.scope"]);
 
     let api = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -124,4 +104,31 @@ fn a_pod_found_through_an_app_process_stays_enrolled_when_that_process_exits() {
     assert_eq!(agent.captured_pods(), ["demo/app"]);
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pod-level cgroup of pod `uid` as kubelet's systemd driver lays it out (best effort),
+/// under the lab's cgroup.
+fn pod_slice(lab: &Lab, uid: &str) -> std::path::PathBuf {
+    lab.cgroup_dir().join(format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+        uid.replace('-', "_")
+    ))
+}
+
+/// One `sleep` per entry of `scopes` (container cgroups under `pod_slice`), each in pod a's
+/// netns, started 50 ms apart (oldest first); returns their pids. The lab names each process
+/// after its scope (`Lab::stop` takes that name).
+fn spawn_in_pod_a(lab: &mut Lab, pod_slice: &std::path::Path, scopes: &[&str]) -> Vec<u32> {
+    scopes
+        .iter()
+        .map(|container| {
+            let scope = pod_slice.join(container);
+            std::fs::create_dir_all(&scope).unwrap();
+            let mut cmd = lab.command_in("a", &scope, "sleep");
+            cmd.arg("600").stdout(Stdio::null());
+            let pid = lab.spawn(container, cmd).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            pid
+        })
+        .collect()
 }

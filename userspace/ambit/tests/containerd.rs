@@ -436,7 +436,7 @@ fn a_mesh_pods_first_connection_under_containerd_is_captured() {
             &[
                 "sh",
                 "-c",
-                &format!("echo first connection | nc -w 3 {} 8080; exit 3", web.ip),
+                &format!("echo first connection | nc -w 10 {} 8080; exit 3", web.ip),
             ],
         )
         .unwrap();
@@ -447,7 +447,7 @@ fn a_mesh_pods_first_connection_under_containerd_is_captured() {
     )));
     cri.wait_container(&attempt0, ContainerState::ContainerExited, 20)
         .unwrap();
-    cri.wait_log(&web, "app", 0, "first connection", 10)
+    cri.wait_log(&web, "app", 0, "first connection", 20)
         .unwrap_or_else(|e| panic!("{e:#}\n--- agent ---\n{}", agent.log()));
     let web_app = format!("dst.addr={}:8080", web.ip);
     let first_identity = "src.identity=spiffe://cluster.local/ns/demo/sa/first";
@@ -519,14 +519,14 @@ fn a_mesh_pods_first_connection_under_containerd_is_captured() {
                 "sh",
                 "-c",
                 &format!(
-                    "echo after the restart | nc -w 3 {} 8080; sleep 600",
+                    "echo after the restart | nc -w 10 {} 8080; sleep 600",
                     web.ip
                 ),
             ],
         )
         .unwrap();
     cri.start_container(&attempt1).unwrap();
-    cri.wait_log(&web, "app", 0, "after the restart", 10)
+    cri.wait_log(&web, "app", 0, "after the restart", 20)
         .unwrap_or_else(|e| panic!("{e:#}\n--- agent ---\n{}", agent.log()));
     wait_for_lines(
         &agent,

@@ -4,9 +4,11 @@
 //! netns handle → netns cookie → listeners opened in the netns → programs attached to the pod's
 //! cgroup and netns → maps written (capture is on from that last write).
 //!
-//! Besides, the agent keeps `NODE_ADDRESSES` equal to the default gateways of its enrolled pods:
-//! the node's addresses on their links, from which the kubelet's probes come. Those go to the
-//! apps around the tunnel, also while the agent is away (the map is pinned).
+//! Besides, the agent keeps `NODE_ADDRESSES` equal to the default gateways of its enrolled pods
+//! and the node's own addresses (`--node-address`), from which the kubelet's probes come. Those
+//! go to the apps around the tunnel, also while the agent is away (the map is pinned). And while
+//! the mesh's destinations do not fit in `MESH_DESTINATIONS`, it has the kernel capture every
+//! connection of the enrolled pods (see `set_capture_all`).
 
 pub mod cni;
 pub mod kubernetes;

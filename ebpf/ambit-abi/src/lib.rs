@@ -21,7 +21,8 @@ pub mod map_names {
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const NODE_ADDRESSES: &str = "NODE_ADDRESSES";
-    pub const ALL: [&str; 8] = [
+    pub const DELIVERIES: &str = "DELIVERIES";
+    pub const ALL: [&str; 9] = [
         ENROLLED_NETNS,
         MESH_DESTINATIONS,
         PENDING_CONNECTS,
@@ -30,6 +31,7 @@ pub mod map_names {
         INBOUND_LISTENERS,
         COUNTERS,
         NODE_ADDRESSES,
+        DELIVERIES,
     ];
 }
 
@@ -42,6 +44,9 @@ pub mod program_names {
     pub const SK_LOOKUP: &str = "ambit_sk_lookup";
     pub const BIND4: &str = "ambit_bind4";
     pub const BIND6: &str = "ambit_bind6";
+    /// Iterators (iter/tcp), run once per enrollment and un-enrollment, not attached to a pod.
+    pub const MARK_LISTENERS: &str = "ambit_mark_listeners";
+    pub const UNMARK_SOCKETS: &str = "ambit_unmark_sockets";
 }
 
 /// Map sizes. Large enough for a busy node; hash maps only use memory for live entries.
@@ -226,6 +231,36 @@ pub struct InboundPod {
 /// Written by the agent at each enrollment change; kept while the agent is away (pinned).
 pub const NODE_ADDRESS_PRESENT: u32 = 1;
 
+/// `DELIVERIES`: a connection the tunnel is opening to an app from its client's address (a
+/// transparent socket inside the pod's netns) → `DELIVERY_PRESENT`. Written just before the
+/// connect() and removed once it returns: `ambit_sk_lookup` passes the connection's SYN to the
+/// app instead of capturing it (it comes from a client address like any captured connection).
+/// LRU, so that an entry a crashed tunnel left is evicted in time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DeliveryKey {
+    /// The pod's address (the connection's destination).
+    pub pod: IpKey,
+    /// The client's address (the connection's source).
+    pub client: IpKey,
+    /// Host byte order.
+    pub pod_port: u16,
+    /// Host byte order.
+    pub client_port: u16,
+}
+
+pub const DELIVERY_PRESENT: u32 = 1;
+pub const MAX_DELIVERIES: usize = 65536;
+
+/// The mark (`SO_MARK`) that the app's listening sockets in an enrolled pod carry, and with
+/// them every connection they accept and its SYN-ACK. A policy-routing rule in the pod's netns
+/// sends marked packets from the pod's address to a table that delivers them locally: that is
+/// how an app's replies to a client address reach the tunnel's transparent socket instead of
+/// the network. Only the bits of `APP_REPLY_MARK_MASK` are Ambit's; a mark the app set itself
+/// keeps its other bits.
+pub const APP_REPLY_MARK: u32 = 0x0053_0000;
+pub const APP_REPLY_MARK_MASK: u32 = 0x00ff_0000;
+
 /// Indices of the per-CPU `COUNTERS` array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -287,6 +322,7 @@ mod user {
     unsafe impl aya::Pod for super::PendingConnect {}
     unsafe impl aya::Pod for super::ConnectionKey {}
     unsafe impl aya::Pod for super::InboundPod {}
+    unsafe impl aya::Pod for super::DeliveryKey {}
 }
 
 #[cfg(test)]
@@ -304,6 +340,7 @@ mod tests {
         assert_eq!(size_of::<PendingConnect>(), 32);
         assert_eq!(size_of::<ConnectionKey>(), 32);
         assert_eq!(size_of::<InboundPod>(), 8);
+        assert_eq!(size_of::<DeliveryKey>(), 36);
     }
 
     #[test]

@@ -7,19 +7,25 @@
 //! - `ambit_sockops` (sock_ops on the pod's cgroup): when that socket is established, its
 //!   original destination is re-keyed by what the tunnel's accepted socket can see (netns
 //!   cookie + the app's loopback address and port); both entries are removed when it closes.
+//!   And when the app listens, its socket gets `APP_REPLY_MARK` (see "Delivery" below).
 //! - `ambit_sk_lookup` (sk_lookup on the pod's netns): a new inbound TCP connection to the pod's
 //!   IP is handed to the tunnel's plaintext listener, which sees the original destination as its
-//!   local address; one from the node (the kubelet's probes) goes to the app's own listener.
+//!   local address; one from the node (the kubelet's probes) goes to the app's own listener,
+//!   and so does the tunnel's own delivery of a connection (announced in `DELIVERIES`).
+//! - `ambit_mark_listeners` / `ambit_unmark_sockets` (iter/tcp, run by the agent inside a pod's
+//!   netns at enrollment and un-enrollment): put the mark on listeners that existed before the
+//!   pod was enrolled, and take it off every socket when it leaves.
 #![no_std]
 #![no_main]
 
 use core::ptr::read_volatile;
 
 use ambit_abi::{
-    ConnectionKey, Counter, DestinationKey, EnrolledPod, InboundPod, IpKey, MeshDestination,
-    OriginalDestination, PendingConnect, AF_INET, AF_INET6, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
-    MAX_ENROLLED_PODS, MAX_MESH_DESTINATIONS, MAX_NODE_ADDRESSES, MAX_TRACKED_CONNECTIONS,
-    OUTBOUND_PORT, POD_FLAG_CAPTURE_ALL,
+    ConnectionKey, Counter, DeliveryKey, DestinationKey, EnrolledPod, InboundPod, IpKey,
+    MeshDestination, OriginalDestination, PendingConnect, AF_INET, AF_INET6, APP_REPLY_MARK,
+    APP_REPLY_MARK_MASK, HBONE_PORT, INBOUND_PLAINTEXT_PORT, MAX_DELIVERIES, MAX_ENROLLED_PODS,
+    MAX_MESH_DESTINATIONS, MAX_NODE_ADDRESSES, MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT,
+    POD_FLAG_CAPTURE_ALL,
 };
 // eBPF-side logging (aya-log): off unless the node is started with --ebpf-log. The level is a
 // load-time constant (AYA_LOG_LEVEL, patched by the loader), so with logging off the verifier
@@ -28,10 +34,11 @@ use aya_ebpf::{
     bindings::{
         sk_action::{SK_DROP, SK_PASS},
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, SOL_SOCKET,
+        SO_MARK,
     },
     btf_maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_setsockopt},
     macros::{btf_map, cgroup_sock_addr, sk_lookup, sock_ops},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     EbpfContext as _,
@@ -72,6 +79,9 @@ static INBOUND_LISTENERS: SockHash<IpKey, MAX_ENROLLED_PODS> = SockHash::new();
 
 #[btf_map]
 static NODE_ADDRESSES: HashMap<IpKey, u32, MAX_NODE_ADDRESSES> = HashMap::new();
+
+#[btf_map]
+static DELIVERIES: LruHashMap<DeliveryKey, u32, MAX_DELIVERIES> = LruHashMap::new();
 
 #[btf_map]
 static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
@@ -261,6 +271,7 @@ pub fn ambit_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         _ => {}
     }
     1
@@ -311,6 +322,57 @@ fn on_close(ctx: &SockOpsContext) {
     // needs Linux 5.15 (Ambit's floor). Only sockets that asked for state callbacks get here.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let _ = ORIGINAL_DESTINATIONS.remove(connection_key(ctx, netns));
+}
+
+/// The app starts listening: mark the socket, so that the connections it accepts from the
+/// tunnel's transparent deliveries (and their SYN-ACKs) are routed back to the tunnel by the
+/// pod's delivery rule. The kernel calls this for every listen(), whatever the socket's flags.
+/// No ENROLLED_NETNS check: the program is attached to the pod's cgroup before the agent marks
+/// the listeners already open, so that none is missed; a mark is inert in a netns without the
+/// delivery rule.
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    set_reply_mark(ctx.as_ptr(), true);
+}
+
+/// Sets (or clears) Ambit's bits of a full socket's mark, keeping the others.
+#[inline(always)]
+fn set_reply_mark(sk: *mut core::ffi::c_void, on: bool) {
+    let mut mark: u32 = 0;
+    // bpf_getsockopt(SO_MARK) may be refused on an older kernel: the mark is then taken as 0.
+    let got = unsafe {
+        bpf_getsockopt(
+            sk,
+            SOL_SOCKET as i32,
+            SO_MARK as i32,
+            &mut mark as *mut u32 as *mut _,
+            4,
+        )
+    };
+    if got != 0 {
+        mark = 0;
+    }
+    let mut new = mark & !APP_REPLY_MARK_MASK;
+    if on {
+        new |= APP_REPLY_MARK;
+    } else if mark & APP_REPLY_MARK_MASK != APP_REPLY_MARK {
+        return; // not ours
+    }
+    if new == mark {
+        return;
+    }
+    let set = unsafe {
+        bpf_setsockopt(
+            sk,
+            SOL_SOCKET as i32,
+            SO_MARK as i32,
+            &mut new as *mut u32 as *mut _,
+            4,
+        )
+    };
+    if set != 0 {
+        count(Counter::Errors);
+    }
 }
 
 /// The app's end of the loopback hop, as the tunnel's accepted socket sees its peer.
@@ -392,6 +454,23 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
     // so the spoofer never completes the handshake and no byte reaches the app. A pod on
     // another node is routed back the same way. This is the trust istio-cni gives the address
     // it SNATs the kubelet's probes to (169.254.7.127), here without rewriting the source.
+    // The tunnel's own delivery of a connection to the app, from the client's address: it
+    // announced the exact connection just before its connect().
+    let remote_port = u16::from_be(unsafe { read_volatile(&(*lookup).remote_port) });
+    let delivery = DeliveryKey {
+        pod: local,
+        client: remote,
+        pod_port: local_port as u16,
+        client_port: remote_port,
+    };
+    if unsafe { DELIVERIES.get(delivery) }.is_some() {
+        count(Counter::InboundPassed);
+        debug!(
+            &ctx,
+            "sk_lookup: port {} delivered by the tunnel", local_port
+        );
+        return SK_PASS;
+    }
     if unsafe { NODE_ADDRESSES.get(remote) }.is_some() {
         count(Counter::InboundPassed);
         debug!(
@@ -430,6 +509,68 @@ unsafe fn read_v6(words: &[u32; 4]) -> [u32; 4] {
             read_volatile(&words[3]),
         ]
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delivery: the marks of sockets that existed before enrollment, and after it
+// ---------------------------------------------------------------------------------------------
+
+/// The context of an iter/tcp program (`struct bpf_iter__tcp`). The verifier types
+/// `sk_common` from the kernel's BTF: a `struct sock_common *`, or null at the end.
+#[repr(C)]
+pub struct IterTcp {
+    meta: *mut core::ffi::c_void,
+    sk_common: *mut u8,
+    uid: u32,
+}
+
+/// `skc_state` in `struct sock_common`: after the address pair (8 bytes), the hash (4), the
+/// port pair (4) and the family (2). Rust eBPF has no CO-RE field relocations, so the offset is
+/// fixed; it has been 18 in every kernel since sock_common's layout settled (before 4.0), and
+/// the verifier checks it against the running kernel's BTF (a wrong offset fails the load).
+const SKC_STATE_OFFSET: usize = 18;
+/// `skc_num`, the local port in host byte order: after the address pair, the hash and
+/// `skc_dport`.
+const SKC_NUM_OFFSET: usize = 14;
+const TCP_LISTEN: u8 = 10;
+
+/// Run by the agent inside a pod's netns right after enrolling it: marks the listeners that
+/// were open before (`ambit_sockops` marks those opened after). iter/tcp may call
+/// bpf_setsockopt since Linux 5.15.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn ambit_mark_listeners(ctx: &IterTcp) -> i32 {
+    let sk = ctx.sk_common;
+    if sk.is_null() {
+        return 0;
+    }
+    let state = unsafe { read_volatile(sk.add(SKC_STATE_OFFSET)) };
+    // The tunnel's own listeners in the pod (made by the node, outside the pod's cgroup, so
+    // sock_ops never sees them) must not be marked: their replies go to the network. The
+    // tunnel's ports are the tunnel's alone in an enrolled pod (`ambit_bind4/6`).
+    let port = unsafe { read_volatile(sk.add(SKC_NUM_OFFSET) as *const u16) };
+    if state == TCP_LISTEN
+        && port != OUTBOUND_PORT
+        && port != INBOUND_PLAINTEXT_PORT
+        && port != HBONE_PORT
+    {
+        set_reply_mark(sk as *mut _, true);
+    }
+    0
+}
+
+/// Run by the agent inside a pod's netns when it leaves the mesh: takes Ambit's mark off every
+/// socket that has it (listeners and the connections they accepted). Sockets that are not full
+/// sockets (TIME_WAIT, SYN_RECV) refuse bpf_setsockopt; they carry no mark to route by.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn ambit_unmark_sockets(ctx: &IterTcp) -> i32 {
+    let sk = ctx.sk_common;
+    if sk.is_null() {
+        return 0;
+    }
+    set_reply_mark(sk as *mut _, false);
+    0
 }
 
 #[cfg(not(test))]

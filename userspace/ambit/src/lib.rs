@@ -27,6 +27,7 @@ pub mod node;
 pub mod observability;
 pub mod policy;
 pub mod proxy;
+pub mod routing;
 pub mod socket;
 pub mod state;
 pub mod tls;

@@ -96,10 +96,13 @@ impl Netns {
         Ok(f())
     }
 
-    /// A sysctl of this netns, e.g. `net/ipv4/tcp_tw_reuse` (its path under /proc/sys).
-    pub fn sysctl(&self, name: &str) -> Result<String> {
-        let path = Path::new("/proc/sys").join(name);
-        // /proc/sys/net shows the netns of the thread that opens the file.
+    /// A sysctl of this netns, e.g. `net/ipv4/fwmark_reflect`, read through the procfs at
+    /// `proc_root` (its path under `<proc_root>/sys`).
+    pub fn sysctl(&self, proc_root: &Path, name: &str) -> Result<String> {
+        let path = proc_root.join("sys").join(name);
+        // /proc/sys/net shows the netns of the thread that opens the file, whichever procfs
+        // mount it is opened through (in a DaemonSet: the host's, as the container's own
+        // /proc/sys is read-only).
         let value = self
             .run(|| std::fs::read_to_string(&path))?
             .with_context(|| {
@@ -112,8 +115,8 @@ impl Netns {
         Ok(value.trim().to_owned())
     }
 
-    pub fn set_sysctl(&self, name: &str, value: &str) -> Result<()> {
-        let path = Path::new("/proc/sys").join(name);
+    pub fn set_sysctl(&self, proc_root: &Path, name: &str, value: &str) -> Result<()> {
+        let path = proc_root.join("sys").join(name);
         self.run(|| std::fs::write(&path, value))?.with_context(|| {
             format!(
                 "writing {value} to {} in netns {}",

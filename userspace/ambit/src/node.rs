@@ -122,8 +122,10 @@ impl Node {
             certs,
             metrics.clone(),
         ));
+        crate::agent::fwmark_reflect::check_writable(&args.proc_root)?;
         let mut agent = Agent::new(datapath, cgroup_root, proxy.clone());
         agent.set_node_addresses(args.node_addresses.clone());
+        agent.set_proc_root(args.proc_root.clone());
         if let Some(annotator) = annotator {
             agent.on_enrollment_change(move |pod, captured| annotator.mark(pod, captured));
         }
@@ -297,6 +299,8 @@ fn proxy_context(
     ProxyContext {
         state,
         original_destinations: datapath.original_destinations(),
+        deliveries: datapath.deliveries(),
+        node_addresses: Default::default(),
         capture: args.capture,
         connect_timeout: args.connect_timeout,
         certs: certs.clone(),

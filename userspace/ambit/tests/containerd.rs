@@ -507,6 +507,18 @@ fn a_mesh_pods_first_connection_under_containerd_is_captured() {
         plaintext.is_empty(),
         "web got plaintext: {plaintext:#?}\n{log}"
     );
+    // The agent runs as in the DaemonSet, with a read-only /proc/sys: the setting delivery
+    // needs in web's netns was written through the host's procfs all the same.
+    let reflect = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", web.netns.display()))
+        .args(["sysctl", "-n", "net.ipv4.fwmark_reflect"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&reflect.stdout).trim(),
+        "1",
+        "fwmark_reflect in web's netns: {reflect:?}"
+    );
 
     // (c) The container restarts (kubelet creates attempt 1 in the same sandbox): the pod keeps
     // its one enrollment, and the new process's connection is captured as well.

@@ -79,7 +79,7 @@ fn a_pod_found_through_an_app_process_stays_enrolled_when_that_process_exits() {
         .send(("/api/v1/pods".to_owned(), added(pod)))
         .expect("the agent watches the pods");
     agent.wait_log("pod enrolled");
-    let first = format!("/proc/{}/ns/net", pids[0]);
+    let first = format!("{}/{}/ns/net", agent.proc_root().display(), pids[0]);
     assert!(
         agent.log().contains(&format!("netns={first}")),
         "not enrolled through the oldest process ({first}):\n{}",

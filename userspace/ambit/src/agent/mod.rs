@@ -11,9 +11,9 @@
 //! connection of the enrolled pods (see `set_capture_all`).
 
 pub mod cni;
+pub mod fwmark_reflect;
 pub mod kubernetes;
 pub mod source;
-mod time_wait;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -37,6 +37,7 @@ use crate::{
     datapath::{self, Datapath},
     netns::Netns,
     proxy::{PodListeners, PodTunnel, ProxyContext},
+    routing,
     state::{EnrolledPodSpec, PodKey, State},
 };
 
@@ -58,7 +59,7 @@ struct Enrolled {
     netns: Arc<Netns>,
     cgroup: cgroup::PodCgroup,
     tunnel: PodTunnel,
-    time_wait: time_wait::TimeWaitReuse,
+    fwmark_reflect: fwmark_reflect::FwmarkReflect,
     /// The pod's default gateways: the node as the pod sees it (kubelet probes come from there).
     gateways: Vec<IpAddr>,
 }
@@ -141,6 +142,8 @@ pub struct Agent {
     capture_all: bool,
     /// `--node-address`.
     node_addresses: Vec<IpAddr>,
+    /// `--proc-root`: pods' sysctls are written through it.
+    proc_root: PathBuf,
 }
 
 impl Agent {
@@ -156,8 +159,14 @@ impl Agent {
             draining: false,
             capture_all: false,
             node_addresses: Vec::new(),
+            proc_root: PathBuf::from("/proc"),
             report: watch::Sender::new(EnrollmentReport::default()),
         }
+    }
+
+    /// The procfs through which pods' sysctls are written (`--proc-root`).
+    pub fn set_proc_root(&mut self, proc_root: PathBuf) {
+        self.proc_root = proc_root;
     }
 
     /// The enrollment report, updated after every change.
@@ -238,7 +247,17 @@ impl Agent {
             .collect();
         self.datapath
             .sync_node_addresses(&addresses)
-            .context("syncing node addresses")
+            .context("syncing node addresses")?;
+        if *self.proxy.node_addresses.read().unwrap() != addresses {
+            for pod in self.pods.values() {
+                if let Err(e) = routing::sync_node_addresses(&pod.netns, &pod.spec.ips, &addresses)
+                {
+                    error!(pod = %pod.spec.key, "updating the pod's delivery table: {e:#}");
+                }
+            }
+            *self.proxy.node_addresses.write().unwrap() = addresses;
+        }
+        Ok(())
     }
 
     async fn reconcile(&mut self, state: &State) -> Result<()> {
@@ -363,7 +382,26 @@ impl Agent {
             })
             .collect();
 
+        // Delivery from the clients' addresses: the pod's rule and table first, then the marks
+        // (sock_ops, attached with the other programs, marks new listeners; the iterator those
+        // already open), all before inbound connections are steered to the tunnel.
+        let gateways = read_gateways(&spec.key, &netns);
+        let node_addresses: BTreeSet<IpAddr> = self
+            .proxy
+            .node_addresses
+            .read()
+            .unwrap()
+            .iter()
+            .chain(&gateways)
+            .copied()
+            .collect();
+        let fwmark_reflect = fwmark_reflect::FwmarkReflect::enable(&netns, &self.proc_root)?;
+        routing::install(&netns, &spec.ips, &node_addresses)
+            .context("installing the pod's delivery rule")?;
+        // An enrollment that fails below leaves no rule behind.
+        let routes = RemoveRoutesOnError(Some(&netns));
         self.datapath.attach_pod(&spec.key, cgroup.dir(), &netns)?;
+        self.datapath.mark_listeners(&netns)?;
         for (ip, fd) in &inbound {
             self.datapath.enroll_inbound(*ip, &Fd(*fd))?;
         }
@@ -376,16 +414,13 @@ impl Agent {
         );
         self.datapath
             .enroll_netns(netns.cookie(), self.enrolled_value())?;
-        // Last, as nothing can fail after it: an enrollment that fails leaves the pod's own
-        // value in place.
-        let time_wait = time_wait::TimeWaitReuse::enable(&netns);
-        let gateways = read_gateways(&spec.key, &netns);
+        routes.disarm();
         Ok(Enrolled {
             spec: spec.clone(),
             netns,
             cgroup,
             tunnel,
-            time_wait,
+            fwmark_reflect,
             gateways,
         })
     }
@@ -401,7 +436,10 @@ impl Agent {
                 .iter()
                 .try_for_each(|ip| self.datapath.unenroll_inbound(*ip)),
             self.datapath.detach_pod(key),
-            pod.time_wait.restore(&pod.netns),
+            // After sock_ops is detached, so that no new listener gets the mark.
+            self.datapath.unmark_sockets(&pod.netns),
+            routing::remove(&pod.netns),
+            pod.fwmark_reflect.restore(&pod.netns, &self.proc_root),
         ];
         for step in steps {
             if let Err(e) = step {
@@ -524,6 +562,25 @@ fn read_gateways(pod: &str, netns: &Netns) -> Vec<IpAddr> {
         Err(e) => {
             warn!(pod, "reading the pod's default gateways: {e:#}");
             Vec::new()
+        }
+    }
+}
+
+/// Removes a pod's delivery rule when dropped armed: an enrollment that failed half-way.
+struct RemoveRoutesOnError<'a>(Option<&'a Netns>);
+
+impl RemoveRoutesOnError<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveRoutesOnError<'_> {
+    fn drop(&mut self) {
+        if let Some(netns) = self.0 {
+            if let Err(e) = routing::remove(netns) {
+                warn!(netns = %netns.path().display(), "removing a delivery rule: {e:#}");
+            }
         }
     }
 }

@@ -12,19 +12,19 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use ambit_abi::{
-    map_names as m, program_names as p, ConnectionKey, DestinationKey, EnrolledPod, InboundPod,
-    IpKey, MeshDestination as AbiMeshDestination, OriginalDestination, PendingConnect,
-    DESTINATION_KIND_SERVICE, DESTINATION_KIND_WORKLOAD, NODE_ADDRESS_PRESENT,
+    map_names as m, program_names as p, ConnectionKey, DeliveryKey, DestinationKey, EnrolledPod,
+    InboundPod, IpKey, MeshDestination as AbiMeshDestination, OriginalDestination, PendingConnect,
+    DELIVERY_PRESENT, DESTINATION_KIND_SERVICE, DESTINATION_KIND_WORKLOAD, NODE_ADDRESS_PRESENT,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{HashMap, MapData, SockHash},
-    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps},
-    Ebpf, EbpfLoader,
+    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, Iter, SkLookup, SockOps},
+    Btf, Ebpf, EbpfLoader,
 };
 use tracing::{debug, info};
 
@@ -50,6 +50,7 @@ pub struct Datapath {
     inbound_listeners: SockHash<MapData, IpKey>,
     node_addresses: HashMap<MapData, IpKey, u32>,
     original_destinations: OriginalDestinations,
+    deliveries: Deliveries,
 }
 
 impl Datapath {
@@ -102,6 +103,14 @@ impl Datapath {
         program::<SkLookup>(&mut ebpf, p::SK_LOOKUP)?
             .load()
             .with_context(|| format!("verifier rejected {}", p::SK_LOOKUP))?;
+        // iter/tcp programs are typed against the running kernel's BTF.
+        let btf =
+            Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+        for name in [p::MARK_LISTENERS, p::UNMARK_SOCKETS] {
+            program::<Iter>(&mut ebpf, name)?
+                .load("tcp", &btf)
+                .with_context(|| format!("verifier rejected {name}"))?;
+        }
 
         if ebpf_log != EbpfLogLevel::Off {
             forward_ebpf_logs(&mut ebpf)?;
@@ -118,6 +127,9 @@ impl Datapath {
         let original_destinations = OriginalDestinations(Arc::new(HashMap::try_from(take(
             m::ORIGINAL_DESTINATIONS,
         )?)?));
+        let deliveries = Deliveries(Arc::new(Mutex::new(HashMap::try_from(take(
+            m::DELIVERIES,
+        )?)?)));
         info!(pins = %pins.root().display(), "eBPF programs loaded");
         Ok(Self {
             ebpf,
@@ -129,6 +141,7 @@ impl Datapath {
             inbound_listeners,
             node_addresses,
             original_destinations,
+            deliveries,
         })
     }
 
@@ -140,6 +153,36 @@ impl Datapath {
         self.original_destinations.clone()
     }
 
+    pub fn deliveries(&self) -> Deliveries {
+        self.deliveries.clone()
+    }
+
+    /// Puts `APP_REPLY_MARK` on every listening socket in `netns` (those opened before the pod
+    /// was enrolled; `ambit_sockops` marks those opened after).
+    pub fn mark_listeners(&mut self, netns: &Netns) -> Result<()> {
+        self.run_socket_iterator(p::MARK_LISTENERS, netns)
+    }
+
+    /// Takes `APP_REPLY_MARK` off every socket in `netns` (the pod leaves the mesh).
+    pub fn unmark_sockets(&mut self, netns: &Netns) -> Result<()> {
+        self.run_socket_iterator(p::UNMARK_SOCKETS, netns)
+    }
+
+    /// Runs an iter/tcp program over the TCP sockets of `netns`: the iterator walks the netns
+    /// of the thread that creates it, so it is created from inside; reading it to the end runs
+    /// the program once per socket.
+    fn run_socket_iterator(&mut self, name: &str, netns: &Netns) -> Result<()> {
+        let prog = program::<Iter>(&mut self.ebpf, name)?;
+        let id = prog.attach().with_context(|| format!("attaching {name}"))?;
+        let link = prog.take_link(id)?;
+        let mut iterator = netns
+            .run(|| link.into_file())?
+            .with_context(|| format!("creating the {name} iterator"))?;
+        std::io::copy(&mut iterator, &mut std::io::sink())
+            .with_context(|| format!("running {name} in {}", netns.path().display()))?;
+        Ok(())
+    }
+
     /// Attaches the capture programs to a pod's cgroup and netns and pins the links.
     ///
     /// Make-before-break: a link pinned by an earlier node process is replaced only after the
@@ -148,9 +191,12 @@ impl Datapath {
     pub fn attach_pod(&mut self, pod: &str, cgroup: &File, netns: &Netns) -> Result<()> {
         let dir = self.pins.pod_dir(pod);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // sock_ops marks the app's listeners (delivery from the client's address), whatever
+        // captures the pod's outbound connections.
+        self.attach_sock_ops(pod, cgroup)?;
         if self.capture == Capture::Iptables {
             // No outbound capture of our own: drop any left by an earlier `--capture ebpf` run.
-            for name in [p::CONNECT4, p::CONNECT6, p::SOCKOPS] {
+            for name in [p::CONNECT4, p::CONNECT6] {
                 match fs::remove_file(dir.join(name)) {
                     Err(e) if e.kind() != ErrorKind::NotFound => {
                         return Err(e).with_context(|| format!("unpinning {name} of {pod}"))
@@ -190,6 +236,10 @@ impl Datapath {
         for name in [p::CONNECT4, p::CONNECT6] {
             self.attach_sock_addr(pod, cgroup, name)?;
         }
+        Ok(())
+    }
+
+    fn attach_sock_ops(&mut self, pod: &str, cgroup: &File) -> Result<()> {
         let dir = self.pins.pod_dir(pod);
         let prog = program::<SockOps>(&mut self.ebpf, p::SOCKOPS)?;
         let id = prog
@@ -395,7 +445,7 @@ where
 /// Every map of the eBPF object: its name (`ambit_abi::map_names`) and the key and value sizes
 /// this userspace reads it with. A test (tests/bpftool.rs) holds it against what the kernel
 /// made from the eBPF crate's statics.
-pub fn map_layout() -> [(&'static str, usize, usize); 8] {
+pub fn map_layout() -> [(&'static str, usize, usize); 9] {
     use std::mem::size_of;
     [
         (
@@ -422,6 +472,7 @@ pub fn map_layout() -> [(&'static str, usize, usize); 8] {
         (m::INBOUND_LISTENERS, size_of::<IpKey>(), size_of::<u32>()),
         (m::COUNTERS, size_of::<u32>(), size_of::<u64>()),
         (m::NODE_ADDRESSES, size_of::<IpKey>(), size_of::<u32>()),
+        (m::DELIVERIES, size_of::<DeliveryKey>(), size_of::<u32>()),
     ]
 }
 
@@ -519,6 +570,44 @@ impl OriginalDestinations {
         };
         let orig = self.0.get(&key, 0).ok()?;
         Some(SocketAddr::new(ip_from_key(orig.ip), orig.port))
+    }
+}
+
+/// Handle on `DELIVERIES`, shared with the proxy: the tunnel announces each connection it opens
+/// to an app from the client's address, so that `ambit_sk_lookup` lets it through.
+#[derive(Clone)]
+pub struct Deliveries(Arc<Mutex<HashMap<MapData, DeliveryKey, u32>>>);
+
+impl Deliveries {
+    /// Announces the connection `client` → `pod` until the returned guard is dropped.
+    pub fn announce(&self, client: SocketAddr, pod: SocketAddr) -> Result<Announced> {
+        let key = DeliveryKey {
+            pod: ip_key(pod.ip()),
+            client: ip_key(client.ip()),
+            pod_port: pod.port(),
+            client_port: client.port(),
+        };
+        self.0
+            .lock()
+            .unwrap()
+            .insert(key, DELIVERY_PRESENT, 0)
+            .context("writing DELIVERIES")?;
+        Ok(Announced {
+            deliveries: self.0.clone(),
+            key,
+        })
+    }
+}
+
+/// A delivery announced in `DELIVERIES`; removed on drop.
+pub struct Announced {
+    deliveries: Arc<Mutex<HashMap<MapData, DeliveryKey, u32>>>,
+    key: DeliveryKey,
+}
+
+impl Drop for Announced {
+    fn drop(&mut self) {
+        let _ = self.deliveries.lock().unwrap().remove(&self.key);
     }
 }
 

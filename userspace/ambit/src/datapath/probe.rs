@@ -99,6 +99,27 @@ impl KernelFeatures {
                 required: false,
                 present: map(MapType::RingBuf),
             },
+            // Delivery from the client's address: the listeners' mark is put on (and taken
+            // off) by iter/tcp programs, typed against the kernel's BTF; they may call
+            // bpf_setsockopt since 5.15 (not probed: loading them fails naming the program).
+            Feature {
+                name: "kernel BTF (/sys/kernel/btf/vmlinux)",
+                since: "5.4 with CONFIG_DEBUG_INFO_BTF",
+                required: true,
+                present: std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
+            },
+            Feature {
+                name: "TCP socket iterator (iter/tcp)",
+                since: "5.9",
+                required: true,
+                present: has_btf_function("bpf_iter_tcp"),
+            },
+            Feature {
+                name: "bpf_setsockopt in iter/tcp",
+                since: "5.15",
+                required: true,
+                present: version.is_none() || at_least(5, 15),
+            },
             // Not probed by loading: bpf_link for cgroups (5.7) is what pinned, adoptable
             // capture needs; attach fails clearly without it. SO_NETNS_COOKIE (5.14) is checked
             // when the first netns is opened.
@@ -164,6 +185,14 @@ impl fmt::Display for KernelFeatures {
         }
         Ok(())
     }
+}
+
+/// Whether the kernel's BTF has a function of that name (an iterator's target, e.g.).
+fn has_btf_function(name: &str) -> bool {
+    aya::Btf::from_sys_fs().is_ok_and(|btf| {
+        btf.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Func)
+            .is_ok()
+    })
 }
 
 fn short(name: &str) -> String {

@@ -17,6 +17,7 @@ use tokio::{net::TcpStream, sync::watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument as _};
 
+use super::delivery::AppDelivery;
 use super::{
     admit::{admit, Admission, InboundConnection, Transport},
     ProxyContext,
@@ -29,9 +30,8 @@ use crate::{
         request::{check_connect, Refusal},
         HboneSettings,
     },
-    netns::Netns,
     observability::{Outcome, ResponseFlag},
-    socket::{accept, connect_tcp},
+    socket::accept,
     tls::{self, Identity, WorkloadCert},
 };
 
@@ -39,7 +39,7 @@ pub struct HboneServer {
     ctx: Arc<ProxyContext>,
     pod: String,
     identity: Identity,
-    netns: Arc<Netns>,
+    delivery: Arc<AppDelivery>,
     /// Closed when the pod's tunnel is dropped (un-enrolled, or its netns vanished).
     pod_gone: watch::Receiver<()>,
     /// The server config for the current certificate; rebuilt when the certificate rotates.
@@ -51,14 +51,14 @@ impl HboneServer {
         ctx: Arc<ProxyContext>,
         pod: String,
         identity: Identity,
-        netns: Arc<Netns>,
+        delivery: Arc<AppDelivery>,
         pod_gone: watch::Receiver<()>,
     ) -> Self {
         Self {
             ctx,
             pod,
             identity,
-            netns,
+            delivery,
             pod_gone,
             config: Mutex::new(None),
         }
@@ -192,7 +192,9 @@ impl HboneServer {
                 return Ok(());
             }
         };
-        let app = match connect_tcp(&self.netns, target, self.ctx.connect_timeout).await {
+        // The app sees the HBONE connection's peer, the client workload's address, as ztunnel
+        // delivers it.
+        let app = match self.delivery.connect(peer.ip(), target).await {
             Ok(app) => app,
             Err(e) => {
                 let error = format!("{e:#}");

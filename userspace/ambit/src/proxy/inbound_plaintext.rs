@@ -1,7 +1,6 @@
 //! Inbound plaintext: connections to an enrolled pod's IP that `ambit_sk_lookup` handed to this
 //! listener. The accepted socket's local address is the original destination. The tunnel then
-//! connects to the app inside the pod's netns, from the pod's own address, which sk_lookup lets
-//! through (it never captures a connection from the pod to itself).
+//! connects to the app inside the pod's netns, from the client's address (`delivery`).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -11,25 +10,25 @@ use tracing::{debug, info};
 
 use ambit_abi::TUNNEL_PORTS;
 
+use super::delivery::AppDelivery;
 use super::{
     admit::{admit, Admission, InboundConnection, Transport},
     ProxyContext,
 };
 use crate::{
-    netns::Netns,
     observability::{Outcome, ResponseFlag},
-    socket::{accept, connect_tcp, relay},
+    socket::{accept, relay},
 };
 
 pub struct InboundPlaintext {
     ctx: Arc<ProxyContext>,
     pod: String,
-    netns: Arc<Netns>,
+    delivery: Arc<AppDelivery>,
 }
 
 impl InboundPlaintext {
-    pub fn new(ctx: Arc<ProxyContext>, pod: String, netns: Arc<Netns>) -> Self {
-        Self { ctx, pod, netns }
+    pub fn new(ctx: Arc<ProxyContext>, pod: String, delivery: Arc<AppDelivery>) -> Self {
+        Self { ctx, pod, delivery }
     }
 
     async fn handle(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {
@@ -71,7 +70,10 @@ impl InboundPlaintext {
         };
         debug!(original_dst = %original, "captured inbound connection");
         stream.set_nodelay(true)?;
-        let app = match connect_tcp(&self.netns, original, self.ctx.connect_timeout).await {
+        // This connection is a socket in the pod's netns from `peer` to `original`: no delivery
+        // may use the same four-tuple while it is open.
+        let _held = self.delivery.hold_plaintext_peer(peer, original.port());
+        let app = match self.delivery.connect(peer.ip(), original).await {
             Ok(app) => app,
             Err(e) => {
                 record.close(Outcome::Failed {

@@ -13,14 +13,16 @@
 
 pub mod admit;
 pub mod connector;
+pub mod delivery;
 pub mod inbound;
 pub mod inbound_plaintext;
 pub mod outbound;
 pub mod tracker;
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -30,7 +32,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::debug;
 
 use crate::{
-    datapath::{Capture, OriginalDestinations},
+    datapath::{Capture, Deliveries, OriginalDestinations},
     drain::Drain,
     hbone::{client::HboneClient, HboneSettings},
     netns::Netns,
@@ -44,6 +46,10 @@ use crate::{
 pub struct ProxyContext {
     pub state: watch::Receiver<Arc<State>>,
     pub original_destinations: OriginalDestinations,
+    /// Announces the tunnel's deliveries to apps, so that sk_lookup lets them through.
+    pub deliveries: Deliveries,
+    /// The node's addresses as its pods see them (`NODE_ADDRESSES`), kept by the agent.
+    pub node_addresses: RwLock<BTreeSet<IpAddr>>,
     pub capture: Capture,
     pub connect_timeout: Duration,
     pub certs: Arc<CertManager>,
@@ -54,6 +60,12 @@ pub struct ProxyContext {
     pub tracker: Arc<tracker::ConnectionTracker>,
     /// Open connections, and the shutdown signal (SIGTERM).
     pub drain: Arc<Drain>,
+}
+
+impl ProxyContext {
+    pub fn is_node_address(&self, ip: IpAddr) -> bool {
+        self.node_addresses.read().unwrap().contains(&ip)
+    }
 }
 
 /// One pod's tunnel: its listeners and accept loops. Dropping it closes the listeners (so
@@ -143,6 +155,7 @@ impl PodTunnel {
     ) -> Self {
         let mut accept_loops = Vec::new();
         let (gone, gone_rx) = watch::channel(());
+        let delivery = Arc::new(delivery::AppDelivery::new(ctx.clone(), netns.clone()));
         for listener in listeners.outbound {
             let handler = outbound::Outbound::new(ctx.clone(), pod.clone(), netns.clone());
             accept_loops.push(tokio::spawn(accept::serve(listener, Arc::new(handler))));
@@ -151,8 +164,11 @@ impl PodTunnel {
             .into_iter()
             .flatten()
         {
-            let handler =
-                inbound_plaintext::InboundPlaintext::new(ctx.clone(), pod.clone(), netns.clone());
+            let handler = inbound_plaintext::InboundPlaintext::new(
+                ctx.clone(),
+                pod.clone(),
+                delivery.clone(),
+            );
             accept_loops.push(tokio::spawn(accept::serve(listener, Arc::new(handler))));
         }
         for listener in listeners.hbone {
@@ -160,7 +176,7 @@ impl PodTunnel {
                 ctx.clone(),
                 pod.clone(),
                 identity.clone(),
-                netns.clone(),
+                delivery.clone(),
                 gone_rx.clone(),
             );
             accept_loops.push(tokio::spawn(accept::serve(listener, Arc::new(server))));

@@ -5,5 +5,6 @@
 pub mod accept;
 pub mod connect;
 pub mod relay;
+pub mod transparent;
 
 pub use connect::{connect_tcp, TUNNEL_SOCKET_MARK};

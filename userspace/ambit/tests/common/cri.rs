@@ -213,6 +213,11 @@ impl Cri {
         ] {
             fs::create_dir_all(self.dir.join(sub))?;
         }
+        // As on a Kubernetes node, where the runtime's netns dir is a shared mount: the
+        // sandboxes' netns files mounted here later reach an agent that runs in a mount
+        // namespace of its own (tests/common/kube_agent.rs, as the DaemonSet's HostToContainer
+        // mounts). Unmounted with everything else under the dir.
+        shared_mount(&self.dir)?;
         for plugin in fs::read_dir(CNI_DIR)? {
             let plugin = plugin?;
             symlink(plugin.path(), self.cni_bin_dir().join(plugin.file_name()))?;
@@ -1165,6 +1170,33 @@ fn unescape_octal(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Bind-mounts `dir` on itself and makes it a shared mount (`mount --make-shared`).
+fn shared_mount(dir: &Path) -> Result<()> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: valid NUL-terminated paths; null fstype and data are allowed for these flags.
+    unsafe {
+        if libc::mount(
+            path.as_ptr(),
+            path.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+            || libc::mount(
+                std::ptr::null(),
+                path.as_ptr(),
+                std::ptr::null(),
+                libc::MS_SHARED,
+                std::ptr::null(),
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("making {} a shared mount", dir.display()));
+        }
+    }
+    Ok(())
 }
 
 fn mounts_under(dir: &Path) -> Vec<PathBuf> {

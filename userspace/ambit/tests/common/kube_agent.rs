@@ -28,6 +28,15 @@ pub struct KubeAgent {
 impl KubeAgent {
     /// Starts the agent for node `node`, its files (kubeconfig, CA, log, CNI socket) in `dir`,
     /// watching the API server at `api_url`; returns once it logged "node ready".
+    /// Where the agent sees the host's procfs (`--proc-root`), as the DaemonSet's /host/proc.
+    pub fn proc_root(&self) -> PathBuf {
+        Self::proc_root_in(&self.dir)
+    }
+
+    fn proc_root_in(dir: &Path) -> PathBuf {
+        dir.join("host-proc")
+    }
+
     pub fn start(dir: &Path, node: &str, api_url: &str) -> KubeAgent {
         fs::create_dir_all(dir).unwrap();
         let kubeconfig = dir.join("kubeconfig");
@@ -61,8 +70,23 @@ impl KubeAgent {
                 .to_string()
         };
         let log = fs::File::create(Self::log_path(dir)).unwrap();
-        let child = Command::new(AMBIT)
+        // As the DaemonSet runs it: in a mount namespace of its own where /proc/sys is
+        // read-only (as a container runtime mounts it), with the host's procfs at another
+        // path (the DaemonSet's /host/proc), through which it writes pods' sysctls. Mounts
+        // made on the host later (the runtime's netns files) reach it (HostToContainer).
+        let host_proc = Self::proc_root_in(dir);
+        fs::create_dir_all(&host_proc).unwrap();
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "slave", "--", "sh", "-c"])
+            .arg(
+                "mount --bind /proc \"$0\" && mount --bind /proc/sys /proc/sys && \
+                 mount -o remount,bind,ro /proc/sys && exec \"$@\"",
+            )
+            .arg(&host_proc)
+            .arg(AMBIT)
             .args(["node", "--source", "kubernetes", "--node", node])
+            .arg("--proc-root")
+            .arg(&host_proc)
             .arg("--cni-socket")
             .arg(Self::socket_in(dir))
             .arg("--ca-dir")

@@ -1,0 +1,155 @@
+//! Apps see their real clients: the tunnel delivers every inbound connection from the client's
+//! own address (HBONE: the client workload's; plaintext: the peer's), and policies on source
+//! addresses see that client too. The app is an unmodified Python HTTP server that answers with
+//! the peer address of its accepted socket (tests/tools/whoami.py).
+
+mod common;
+
+use ambit_lab::{pod, LabConfig};
+use common::{assert_ok, stdout, TestLab};
+
+/// whoami in pod c on `port` (IPv4 only, or `dual` for [::] with both families).
+fn start_whoami(t: &mut TestLab, port: u16, dual: bool) {
+    let mut cmd = t.lab.pod_command("c", "python3");
+    cmd.arg(common::tool("whoami.py")).arg(port.to_string());
+    if dual {
+        cmd.arg("dual");
+    }
+    t.lab.spawn(&format!("whoami in c :{port}"), cmd).unwrap();
+    t.lab.wait_listening("c", port, "whoami listening").unwrap();
+}
+
+/// What whoami in c answered `from` for `url`.
+fn client_seen(t: &TestLab, from: &str, url: &str) -> String {
+    let out = t.curl(from, url);
+    assert_ok(&out, &format!("curl {from} → {url}"));
+    stdout(&out).trim().to_owned()
+}
+
+fn in_c(t: &TestLab, program: &str, args: &[&str]) -> String {
+    let out = t.lab.run_in_pod("c", program, args).unwrap();
+    assert_ok(&out, &format!("{program} {args:?} in c"));
+    stdout(&out)
+}
+
+#[test]
+fn apps_see_their_clients_address_over_hbone_and_plaintext() {
+    // c's first server listens before c joins the mesh (an app already running when its
+    // namespace is labelled), the second after.
+    let mut t = TestLab::start(&["a"]);
+    start_whoami(&mut t, 8081, false);
+    t.set_enrolled("n2", &["a", "c"]);
+    start_whoami(&mut t, 8082, true);
+    let (a, b, c) = (pod("a").ip, pod("b").ip, pod("c").ip);
+
+    // HBONE from a (enrolled) and plaintext from b (outside the mesh, permissive mode).
+    let old_listener = format!("http://{c}:8081/");
+    let new_listener = format!("http://{c}:8082/");
+    assert_eq!(client_seen(&t, "a", &old_listener), format!("client {a}"));
+    assert_eq!(client_seen(&t, "b", &old_listener), format!("client {b}"));
+    assert_eq!(
+        client_seen(&t, "a", &new_listener),
+        format!("client ::ffff:{a}")
+    );
+    assert_eq!(
+        client_seen(&t, "b", &new_listener),
+        format!("client ::ffff:{b}")
+    );
+    t.wait_log(
+        "n2",
+        "src_identity=spiffe://cluster.local/ns/default/sa/sleep",
+        1,
+    );
+
+    // The pod to itself, by its address and over loopback: untouched.
+    assert_eq!(client_seen(&t, "c", &old_listener), format!("client {c}"));
+    assert_eq!(
+        client_seen(&t, "c", "http://127.0.0.1:8081/"),
+        "client 127.0.0.1"
+    );
+
+    // A port nobody listens on is refused at once, not after the connect timeout: the reset
+    // the pod's kernel answers the delivery with comes back to the tunnel.
+    let out = t.curl("a", &format!("http://{c}:8099/"));
+    assert!(!out.status.success(), "nothing listens on c:8099");
+    t.wait_log("n2", "Connection refused", 1);
+
+    // What enrollment added to c: its rule, its table, the listeners' mark, fwmark_reflect.
+    assert!(in_c(&t, "ip", &["rule"]).contains("lookup 15006"));
+    assert!(in_c(&t, "ss", &["-tlnHe", "sport = :8081"]).contains("fwmark:0x530000"));
+    assert_eq!(
+        in_c(&t, "sysctl", &["-n", "net.ipv4.fwmark_reflect"]).trim(),
+        "1"
+    );
+
+    // c leaves the mesh: all of it is gone, and b reaches the app directly.
+    t.set_enrolled("n2", &["a"]);
+    let rules = in_c(&t, "ip", &["rule"]);
+    assert!(
+        !rules.contains("15006"),
+        "delivery rule left behind: {rules}"
+    );
+    let table = in_c(&t, "ip", &["route", "show", "table", "15006"]);
+    assert!(
+        table.trim().is_empty(),
+        "delivery table left behind: {table}"
+    );
+    for port in [":8081", ":8082"] {
+        let listener = in_c(&t, "ss", &["-tlnHe", &format!("sport = {port}")]);
+        assert!(
+            !listener.contains("fwmark"),
+            "mark left on the listener: {listener}"
+        );
+    }
+    assert_eq!(
+        in_c(&t, "sysctl", &["-n", "net.ipv4.fwmark_reflect"]).trim(),
+        "0",
+        "the pod's own value is back"
+    );
+    assert_eq!(client_seen(&t, "b", &old_listener), format!("client {b}"));
+}
+
+/// Deny by source address, as an AuthorizationPolicy with `ipBlocks` is sent to ztunnel.
+fn deny_from(ip: &str) -> String {
+    format!(
+        "- name: deny-{ip}
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - sourceIps: [{ip}/32]"
+    )
+}
+
+#[test]
+fn policies_on_source_addresses_see_the_real_client() {
+    let (a, b, c) = (pod("a").ip, pod("b").ip, pod("c").ip);
+    let url = format!("http://{c}:8080/");
+    let policies = deny_from(b);
+    fn config(policies: &str) -> LabConfig<'_> {
+        LabConfig {
+            enrolled: &["a", "c"],
+            policies,
+            ..Default::default()
+        }
+    }
+    let t = TestLab::start_with(&config(&policies), &[]);
+    // b's plaintext is denied by its address; a's HBONE is not.
+    let out = t.curl("b", &url);
+    assert!(
+        !out.status.success() || stdout(&out).is_empty(),
+        "b got through a policy denying its address"
+    );
+    assert_ok(&t.curl("a", &url), "curl a → c");
+
+    // The other way round: a's HBONE is denied by a's address, b's plaintext gets in.
+    let policies = deny_from(a);
+    t.write_config(&t.lab.config_yaml_with(&config(&policies)), &["n1", "n2"]);
+    let out = t.curl("a", &url);
+    assert!(
+        !out.status.success(),
+        "a got through a policy denying its address"
+    );
+    t.wait_log("n2", &format!("deny-{a}"), 1);
+    assert_ok(&t.curl("b", &url), "curl b → c");
+}

@@ -122,7 +122,9 @@ impl Node {
             certs,
             metrics.clone(),
         ));
-        crate::agent::fwmark_reflect::check_writable(&args.proc_root)?;
+        if args.deliver_from == ambit_settings::DeliverFrom::Client {
+            crate::agent::fwmark_reflect::check_writable(&args.proc_root)?;
+        }
         let mut agent = Agent::new(datapath, cgroup_root, proxy.clone());
         agent.set_node_addresses(args.node_addresses.clone());
         agent.set_proc_root(args.proc_root.clone());
@@ -301,6 +303,7 @@ fn proxy_context(
         original_destinations: datapath.original_destinations(),
         deliveries: datapath.deliveries(),
         node_addresses: Default::default(),
+        deliver_from: args.deliver_from,
         capture: args.capture,
         connect_timeout: args.connect_timeout,
         certs: certs.clone(),

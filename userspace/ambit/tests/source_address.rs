@@ -153,3 +153,27 @@ fn policies_on_source_addresses_see_the_real_client() {
     t.wait_log("n2", &format!("deny-{a}"), 1);
     assert_ok(&t.curl("b", &url), "curl b → c");
 }
+
+/// `--deliver-from pod`, the escape hatch: the app sees the pod's own address, and nothing is
+/// added to the pod.
+#[test]
+fn with_deliver_from_pod_apps_see_the_pods_address_and_the_pod_is_unchanged() {
+    let mut t = TestLab::start_with(
+        &LabConfig {
+            enrolled: &["a", "c"],
+            ..Default::default()
+        },
+        &["--deliver-from", "pod"],
+    );
+    start_whoami(&mut t, 8081, false);
+    let c = pod("c").ip;
+    assert_eq!(
+        client_seen(&t, "a", &format!("http://{c}:8081/")),
+        format!("client {c}")
+    );
+    assert!(!in_c(&t, "ip", &["rule"]).contains("15006"));
+    assert_eq!(
+        in_c(&t, "sysctl", &["-n", "net.ipv4.fwmark_reflect"]).trim(),
+        "0"
+    );
+}

@@ -167,6 +167,12 @@ pub struct NodeArgs {
     /// (REDIRECT rules installed in each pod by someone else; for comparison benchmarks).
     #[arg(long, value_enum, default_value = "ebpf")]
     pub capture: Capture,
+    /// Whose address an app in the mesh sees on the connections the tunnel delivers to it:
+    /// `client` (the client's own, as without a mesh; a routing rule and `fwmark_reflect` in
+    /// each enrolled pod), or `pod` (the pod's own address, nothing changed in the pod; the
+    /// escape hatch, and the benchmark's previous delivery).
+    #[arg(long, value_enum, default_value = "client")]
+    pub deliver_from: DeliverFrom,
     /// On SIGTERM: how long open connections may go on before the node exits anyway. Keep it
     /// below the pod's terminationGracePeriodSeconds.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
@@ -254,6 +260,13 @@ pub enum Capture {
     /// baseline, to measure what eBPF capture saves). The cgroup programs are not attached; the
     /// original destination comes from `SO_ORIGINAL_DST`; inbound still uses sk_lookup.
     Iptables,
+}
+
+/// The source address of the tunnel's connections to the apps (`--deliver-from`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeliverFrom {
+    Client,
+    Pod,
 }
 
 /// Levels of the eBPF programs' own logging (aya-log's numbering; 0 is off).

@@ -11,6 +11,8 @@
 //! - **ambit**: eBPF capture + HBONE mTLS between the two lab nodes (a on n1 → c on n2);
 //! - **ambit-pqc**: ambit with both nodes on `--compliance-policy pqc` (X25519MLKEM768 only):
 //!   what the post-quantum key exchange costs;
+//! - **ambit-pod-source**: ambit with both nodes on `--deliver-from pod`: the delivery from the
+//!   pod's own address that ambit's delivery from the client's address replaced;
 //! - **ambit-same-node**: the same between two pods of one node (a → b, both on n1);
 //! - **ztunnel**: Istio's ztunnel instead of Ambit, in dedicated mode in pods a and c (its own
 //!   iptables capture in a), with as many worker threads as Ambit's nodes: the reference, from

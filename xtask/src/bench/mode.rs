@@ -18,6 +18,9 @@ pub enum Mode {
     /// `Ambit` with both nodes on `--compliance-policy pqc` (X25519MLKEM768 only): what the
     /// post-quantum key exchange costs, against `Ambit` in the same run.
     AmbitPqc,
+    /// `Ambit` with both nodes on `--deliver-from pod`: the previous delivery (the app sees
+    /// the pod's own address), against `Ambit`'s delivery from the client's address.
+    AmbitPodSource,
     /// eBPF capture + HBONE between two pods of one node (a → b, both on n1).
     AmbitSameNode,
     /// Istio's ztunnel instead of Ambit: one in dedicated mode in each of pods a and c, its
@@ -29,12 +32,13 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, in the order one repetition runs them.
-    pub const ALL: [Mode; 8] = [
+    pub const ALL: [Mode; 9] = [
         Mode::Plain,
         Mode::Relay,
         Mode::Iptables,
         Mode::Ambit,
         Mode::AmbitPqc,
+        Mode::AmbitPodSource,
         Mode::AmbitSameNode,
         Mode::Ztunnel,
         Mode::AmbitSockmap,
@@ -47,6 +51,7 @@ impl Mode {
             Mode::Iptables => "iptables",
             Mode::Ambit => "ambit",
             Mode::AmbitPqc => "ambit-pqc",
+            Mode::AmbitPodSource => "ambit-pod-source",
             Mode::AmbitSameNode => "ambit-same-node",
             Mode::Ztunnel => "ztunnel",
             Mode::AmbitSockmap => "ambit+sockmap",
@@ -66,6 +71,10 @@ impl Mode {
             Mode::Ambit => "pod a → pod c, eBPF capture + HBONE mTLS between the two lab nodes",
             Mode::AmbitPqc => {
                 "ambit with both nodes on --compliance-policy pqc (X25519MLKEM768 key exchange only)"
+            }
+            Mode::AmbitPodSource => {
+                "ambit with both nodes on --deliver-from pod (apps see the pod's own address, \
+                 the delivery before client addresses)"
             }
             Mode::AmbitSameNode => "pod a → pod b (both on n1), eBPF capture + HBONE mTLS",
             Mode::Ztunnel => {
@@ -138,6 +147,7 @@ impl Mode {
         match self {
             Mode::Iptables => &["--capture", "iptables"],
             Mode::AmbitPqc => &["--compliance-policy", "pqc"],
+            Mode::AmbitPodSource => &["--deliver-from", "pod"],
             _ => &[],
         }
     }
@@ -187,6 +197,8 @@ mod tests {
         assert_eq!(Mode::Iptables.node_flags(), ["--capture", "iptables"]);
         assert_eq!(Mode::AmbitPqc.nodes(), ["n1", "n2"]);
         assert_eq!(Mode::AmbitPqc.node_flags(), ["--compliance-policy", "pqc"]);
+        assert_eq!(Mode::AmbitPodSource.node_flags(), ["--deliver-from", "pod"]);
+        assert_eq!(Mode::AmbitPodSource.nodes(), ["n1", "n2"]);
         // The ztunnel mode runs no `ambit node`: its ztunnels are in the pods themselves.
         assert!(Mode::Ztunnel.nodes().is_empty());
         assert_eq!(Mode::Ztunnel.destination(), pod("c").ip);

@@ -27,6 +27,7 @@ use std::{
 };
 
 use ambit_abi::{EnrolledPod, OUTBOUND_PORT};
+use ambit_settings::DeliverFrom;
 use anyhow::{Context as _, Result};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -248,7 +249,8 @@ impl Agent {
         self.datapath
             .sync_node_addresses(&addresses)
             .context("syncing node addresses")?;
-        if *self.proxy.node_addresses.read().unwrap() != addresses {
+        let from_clients = self.proxy.deliver_from == DeliverFrom::Client;
+        if from_clients && *self.proxy.node_addresses.read().unwrap() != addresses {
             for pod in self.pods.values() {
                 if let Err(e) = routing::sync_node_addresses(&pod.netns, &pod.spec.ips, &addresses)
                 {
@@ -386,22 +388,31 @@ impl Agent {
         // (sock_ops, attached with the other programs, marks new listeners; the iterator those
         // already open), all before inbound connections are steered to the tunnel.
         let gateways = read_gateways(&spec.key, &netns);
-        let node_addresses: BTreeSet<IpAddr> = self
-            .proxy
-            .node_addresses
-            .read()
-            .unwrap()
-            .iter()
-            .chain(&gateways)
-            .copied()
-            .collect();
-        let fwmark_reflect = fwmark_reflect::FwmarkReflect::enable(&netns, &self.proc_root)?;
-        routing::install(&netns, &spec.ips, &node_addresses)
-            .context("installing the pod's delivery rule")?;
+        let from_clients = self.proxy.deliver_from == DeliverFrom::Client;
+        let mut fwmark_reflect = fwmark_reflect::FwmarkReflect::default();
+        if from_clients {
+            fwmark_reflect = fwmark_reflect::FwmarkReflect::enable(&netns, &self.proc_root)?;
+            let node_addresses: BTreeSet<IpAddr> = self
+                .proxy
+                .node_addresses
+                .read()
+                .unwrap()
+                .iter()
+                .chain(&gateways)
+                .copied()
+                .collect();
+            routing::install(&netns, &spec.ips, &node_addresses)
+                .context("installing the pod's delivery rule")?;
+        } else {
+            // What an earlier run with `--deliver-from client` left.
+            routing::remove(&netns).context("removing the pod's delivery rule")?;
+        }
         // An enrollment that fails below leaves no rule behind.
-        let routes = RemoveRoutesOnError(Some(&netns));
+        let routes = RemoveRoutesOnError(from_clients.then_some(&*netns));
         self.datapath.attach_pod(&spec.key, cgroup.dir(), &netns)?;
-        self.datapath.mark_listeners(&netns)?;
+        if from_clients {
+            self.datapath.mark_listeners(&netns)?;
+        }
         for (ip, fd) in &inbound {
             self.datapath.enroll_inbound(*ip, &Fd(*fd))?;
         }

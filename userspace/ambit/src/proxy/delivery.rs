@@ -19,7 +19,9 @@
 //! TIME_WAIT by an earlier delivery, so deliveries do not run out of ports when clients close
 //! first (the kernel's own choice would need `tcp_tw_reuse=1` in the pod).
 //!
-//! Connections the tunnel cannot deliver that way come from the pod's own address as before:
+//! With `--deliver-from pod`, every delivery comes from the pod's own address and the pod is
+//! not changed (no rule, no sysctl). Else connections the tunnel cannot deliver from the
+//! client's address come from the pod's own as well:
 //! a client of the other address family than the app's address, and a client at one of the
 //! node's addresses (the pod's rule sends replies to those to the node, for the kubelet).
 
@@ -30,6 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ambit_settings::DeliverFrom;
 use anyhow::{bail, Result};
 use rand::Rng as _;
 use tokio::net::TcpStream;
@@ -76,7 +79,8 @@ impl AppDelivery {
     pub async fn connect(&self, client: IpAddr, app: SocketAddr) -> Result<TcpStream> {
         let timeout = self.ctx.connect_timeout;
         let client = client.to_canonical();
-        if client.is_ipv4() != app.is_ipv4()
+        if self.ctx.deliver_from == DeliverFrom::Pod
+            || client.is_ipv4() != app.is_ipv4()
             || client.is_unspecified()
             || self.ctx.is_node_address(client)
         {

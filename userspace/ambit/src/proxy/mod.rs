@@ -50,6 +50,8 @@ pub struct ProxyContext {
     pub deliveries: Deliveries,
     /// The node's addresses as its pods see them (`NODE_ADDRESSES`), kept by the agent.
     pub node_addresses: RwLock<BTreeSet<IpAddr>>,
+    /// `--deliver-from`.
+    pub deliver_from: ambit_settings::DeliverFrom,
     pub capture: Capture,
     pub connect_timeout: Duration,
     pub certs: Arc<CertManager>,

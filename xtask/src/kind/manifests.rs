@@ -938,7 +938,7 @@ spec:
             ("daemonset", "- --bpffs\n", "- --bpf-fs\n", "containers[ambit].args: passes --bpf-fs, which `ambit node` does not have"),
             ("daemonset", "/healthz/ready\n            port: 15021", "/healthz/ready\n            port: 15022", "containers[ambit].readinessProbe must be httpGet /healthz/ready on port 15021"),
             ("daemonset", "maxSurge: 0", "maxSurge: 1", "spec.updateStrategy.rollingUpdate.maxSurge must be 0"),
-            ("daemonset", "/host/proc\n          readOnly: true\n        #", "/host/proc\n        #", "containers[ambit].volumeMounts: --proc-root /host/proc: mount must be readOnly"),
+            ("daemonset", "mountPath: /host/proc\n        # The container", "mountPath: /host/proc\n          readOnly: true\n        # The container", "containers[ambit].volumeMounts: --proc-root /host/proc: mount must be writable"),
             ("daemonset", "        - --token-file\n", "        - --ca-dir\n        - /var/run/secrets/istio\n        - --token-file\n", "containers[ambit].args: --ca-dir puts the mesh CA's key on every node"),
             ("daemonset", "audience: istio-ca", "audience: kubernetes", "--token-file /var/run/secrets/tokens/istio-token: volume istio-token must be token:istio-ca"),
             ("daemonset", "        configMap:\n          name: istio-ca-root-cert", "        secret:\n          secretName: cacerts", "volumes: istiod-ca-cert is a Secret: the agent needs none"),

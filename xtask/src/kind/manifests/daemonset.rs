@@ -86,9 +86,10 @@ const PATH_FLAGS: &[PathFlag] = &[
     PathFlag {
         flag: "--proc-root",
         volume: Volume::HostPath(Some("/proc")),
-        read_only: true,
+        // Writable: pods' fwmark_reflect is written through <proc-root>/sys.
+        read_only: false,
         propagation: &["None", ""],
-        why: "the node's processes, for pods' netns and cgroups",
+        why: "the node's processes, for pods' netns and cgroups, and pods' sysctls",
     },
     PathFlag {
         flag: "--xds-root-cert",

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use ambit_lab::{pod, Lab, WEB_VIP};
+use ambit_lab::{pod, Lab, WEB_VIP, WEB_VIP6};
 use anyhow::{bail, Context as _, Result};
 
 use crate::util::workspace_root;
@@ -117,10 +117,22 @@ pub fn run(once: bool, source: Source) -> Result<()> {
 }
 
 fn demo(lab: &Lab, logs: &[PathBuf]) -> Result<()> {
-    let c = pod("c").ip;
+    let (c, c6) = (pod("c").ip, pod("c").ip6);
+    // One request of each kind over each family: the lab is dual-stack.
     for (what, url) in [
-        ("pod a → pod c by pod IP", format!("http://{c}:8080/")),
-        ("pod a → service web by VIP", format!("http://{WEB_VIP}/")),
+        ("pod a → pod c by pod IP, IPv4", format!("http://{c}:8080/")),
+        (
+            "pod a → pod c by pod IP, IPv6",
+            format!("http://[{c6}]:8080/"),
+        ),
+        (
+            "pod a → service web by VIP, IPv4",
+            format!("http://{WEB_VIP}/"),
+        ),
+        (
+            "pod a → service web by VIP, IPv6",
+            format!("http://[{WEB_VIP6}]/"),
+        ),
     ] {
         println!("\n$ ip netns exec {PREFIX}-a curl -sS {url}     # {what}");
         let out = lab.run_in_pod("a", "curl", &["-sS", "--max-time", "10", &url])?;
@@ -158,6 +170,7 @@ fn print_where_to_look(lab: &Lab, config: &Path, logs: &[PathBuf], ambit: &Path)
       {config}
   logs:         tail -f {log1} {log2}
   a request:    ip netns exec {p}-a curl http://{c}:8080/     (b and d are outside the mesh)
+                ip netns exec {p}-a curl 'http://[{c6}]:8080/'     (the same over IPv6)
   kernel state: {ambit} inspect --node {n1}
   node:         ip netns exec {p}-n1 curl -s 127.0.0.1:15020/metrics | grep istio_tcp
                 ip netns exec {p}-n1 curl -s 127.0.0.1:15000/config_dump
@@ -173,6 +186,7 @@ fn print_where_to_look(lab: &Lab, config: &Path, logs: &[PathBuf], ambit: &Path)
         log2 = logs[1].display(),
         p = PREFIX,
         c = pod("c").ip,
+        c6 = pod("c").ip6,
         ambit = ambit.display(),
         cg = lab.pod_cgroup("a").display(),
         ca = config.with_file_name("ca").join("root-cert.pem").display(),

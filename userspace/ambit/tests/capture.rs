@@ -3,56 +3,61 @@
 
 mod common;
 
-use ambit_lab::{pod, WEB_VIP};
-use common::{assert_ok, stdout, TestLab};
+use ambit_lab::{pod, WEB_VIP, WEB_VIP6};
+use common::{assert_ok, host_port, http_url, stdout, TestLab};
 
 #[test]
 fn curl_by_pod_ip_and_by_service_vip_is_captured() {
     let t = TestLab::start_tcp(&["a", "c"]);
-    let c = pod("c").ip;
+    // Over IPv4, then over IPv6 (native: connect6 with an IPv6 destination).
+    for (c, vip) in [(pod("c").ip, WEB_VIP), (pod("c").ip6, WEB_VIP6)] {
+        let c_8080 = host_port(c, 8080);
+        let out = t.curl("a", &http_url(c, 8080));
+        assert_ok(&out, &format!("curl a → c by pod IP {c}"));
+        assert_eq!(stdout(&out), "hello from pod c\n");
+        t.wait_log(
+            "n1",
+            &format!("captured outbound connection original_dst={c_8080}"),
+            1,
+        );
+        // Node 2 captured it on the way in.
+        t.wait_log(
+            "n2",
+            &format!("captured inbound connection original_dst={c_8080}"),
+            1,
+        );
 
-    let out = t.curl("a", &format!("http://{c}:8080/"));
-    assert_ok(&out, "curl a → c by pod IP");
-    assert_eq!(stdout(&out), "hello from pod c\n");
-    t.wait_log(
-        "n1",
-        &format!("captured outbound connection original_dst={c}:8080"),
-        1,
-    );
-    // Node 2 captured it on the way in.
-    t.wait_log(
-        "n2",
-        &format!("captured inbound connection original_dst={c}:8080"),
-        1,
-    );
-
-    let out = t.curl("a", &format!("http://{WEB_VIP}/"));
-    assert_ok(&out, "curl a → web service VIP");
-    assert_eq!(stdout(&out), "hello from pod c\n");
-    t.wait_log(
-        "n1",
-        &format!("captured outbound connection original_dst={WEB_VIP}:80 upstream={c}:8080"),
-        1,
-    );
+        let out = t.curl("a", &http_url(vip, 80));
+        assert_ok(&out, &format!("curl a → web service VIP {vip}"));
+        assert_eq!(stdout(&out), "hello from pod c\n");
+        t.wait_log(
+            "n1",
+            &format!(
+                "captured outbound connection original_dst={} upstream={c_8080}",
+                host_port(vip, 80)
+            ),
+            1,
+        );
+    }
 }
 
 #[test]
 fn pods_outside_the_mesh_and_destinations_outside_it_are_untouched() {
     let t = TestLab::start_tcp(&["a", "c"]);
-    let d = pod("d").ip;
-
-    // b is not enrolled, d is not in the mesh: straight through, no node sees it.
-    let out = t.curl("b", &format!("http://{d}:8080/"));
-    assert_ok(&out, "curl b → d");
-    // a is enrolled, but d is not a mesh destination: not redirected.
-    let before = common::counter(&t.inspect("n1"), "outbound_passed");
-    let out = t.curl("a", &format!("http://{d}:8080/"));
-    assert_ok(&out, "curl a → d");
-    assert_eq!(
-        common::counter(&t.inspect("n1"), "outbound_passed"),
-        before + 1
-    );
-    assert_eq!(common::counter(&t.inspect("n1"), "outbound_captured"), 0);
+    for d in common::both_ips("d") {
+        // b is not enrolled, d is not in the mesh: straight through, no node sees it.
+        let out = t.curl("b", &http_url(d, 8080));
+        assert_ok(&out, &format!("curl b → d at {d}"));
+        // a is enrolled, but d is not a mesh destination: not redirected.
+        let before = common::counter(&t.inspect("n1"), "outbound_passed");
+        let out = t.curl("a", &http_url(d, 8080));
+        assert_ok(&out, &format!("curl a → d at {d}"));
+        assert_eq!(
+            common::counter(&t.inspect("n1"), "outbound_passed"),
+            before + 1
+        );
+        assert_eq!(common::counter(&t.inspect("n1"), "outbound_captured"), 0);
+    }
 
     for node in ["n1", "n2"] {
         let log = t.log(node);
@@ -80,10 +85,12 @@ fn enrolling_and_unenrolling_by_config_edit_applies_without_restart() {
         !inspect.contains("netns "),
         "ENROLLED_NETNS not empty:\n{inspect}"
     );
-    assert!(
-        !inspect.contains(&format!("\n  {}\n", pod("a").ip)),
-        "INBOUND_PODS still has pod a:\n{inspect}"
-    );
+    for ip in common::both_ips("a") {
+        assert!(
+            !inspect.contains(&format!("\n  {ip}\n")),
+            "INBOUND_PODS still has pod a's {ip}:\n{inspect}"
+        );
+    }
     let listeners = t.lab.run_in_pod("a", "ss", &["-Htln"]).unwrap();
     assert!(
         !stdout(&listeners).contains(":15001") && !stdout(&listeners).contains(":15006"),
@@ -169,22 +176,30 @@ fn nc_through_capture_works() {
 fn while_a_node_is_down_captured_connections_fail_closed_and_it_recovers() {
     let mut t = TestLab::start_tcp(&["a", "c"]);
     let url = format!("http://{}:8080/", pod("c").ip);
+    let url6 = http_url(pod("c").ip6, 8080);
 
     // Node 1 down: pod a's capture stays attached (pinned), so its connection to a mesh
-    // destination is refused instead of leaving uncaptured.
+    // destination is refused instead of leaving uncaptured, over either family.
     t.lab.stop("ambit node n1").unwrap();
-    let out = t.curl("a", &url);
-    assert!(
-        !out.status.success(),
-        "pod a reached c while its node was down: plaintext leak"
-    );
+    for url in [&url, &url6] {
+        let out = t.curl("a", url);
+        assert!(
+            !out.status.success(),
+            "pod a reached {url} while its node was down: plaintext leak"
+        );
+    }
     // Node 2 down: plaintext to the enrolled pod c is refused, not handed to the app directly.
     t.lab.stop("ambit node n2").unwrap();
-    let out = t.curl("b", &url);
-    assert!(!out.status.success(), "b reached c around its stopped node");
+    for url in [&url, &url6] {
+        let out = t.curl("b", url);
+        assert!(
+            !out.status.success(),
+            "b reached {url} around its stopped node"
+        );
+    }
     let inspect = t.inspect("n2");
     assert!(
-        common::counter(&inspect, "inbound_refused") >= 1,
+        common::counter(&inspect, "inbound_refused") >= 2,
         "{inspect}"
     );
 
@@ -332,10 +347,13 @@ fn probes_from_the_node_reach_the_app_with_or_without_the_agent() {
     let c = pod("c").ip;
     let gateway = "10.201.2.1"; // node n2's bridge: pod c's default route
     let inspect = t.inspect("n2");
-    assert!(
-        inspect.contains(&format!("\n  node {gateway}\n")),
-        "NODE_ADDRESSES lacks pod c's gateway:\n{inspect}"
-    );
+    // Both of pod c's default gateways, IPv4 and IPv6 (n2's bridge addresses).
+    for gateway in [gateway, ambit_lab::NODES[1].bridge_ip6] {
+        assert!(
+            inspect.contains(&format!("\n  node {gateway}\n")),
+            "NODE_ADDRESSES lacks pod c's gateway {gateway}:\n{inspect}"
+        );
+    }
 
     // As the kubelet's httpGet probe: curl from the node's netns.
     let probe = |t: &TestLab| probe_c_from_n2(t, None);

@@ -18,7 +18,7 @@ use ambit::{
     tls::{self, BuiltinCa, CertificateAuthority, Identity, PluginCa},
 };
 use ambit_lab::{pod, LabConfig};
-use common::{assert_ok, stdout, TestLab, AMBIT};
+use common::{assert_ok, host_port, http_url, stdout, TestLab, AMBIT};
 
 #[test]
 fn curl_and_iperf3_cross_nodes_and_only_tls_to_15008_is_on_the_link() {
@@ -43,6 +43,36 @@ fn curl_and_iperf3_cross_nodes_and_only_tls_to_15008_is_on_the_link() {
     assert_eq!(stdout(&out), format!("{token}\n"));
     t.wait_log("n1", "HBONE connection established", 1);
     t.wait_log("n2", "HBONE stream accepted", 1);
+    // The same over IPv6: captured by connect6, tunnelled to c's IPv6 address on 15008.
+    let c6 = pod("c").ip6;
+    let out = t.curl("a", &format!("{}secret.txt", http_url(c6, 8080)));
+    assert_ok(&out, "curl a → c over HBONE, IPv6");
+    assert_eq!(stdout(&out), format!("{token}\n"));
+    t.wait_log("n2", "HBONE stream accepted", 2);
+    t.wait_log("n1", "connection complete", 2);
+    t.wait_log("n2", "connection complete", 2);
+    let n1 = t.log("n1");
+    let v6_hbone = format!("dst.hbone_addr={}", host_port(c6, 15008));
+    let line = n1
+        .lines()
+        .find(|l| l.contains("connection complete") && l.contains(&v6_hbone))
+        .unwrap_or_else(|| panic!("no access log line with {v6_hbone}:\n{n1}"));
+    for field in ["src.workload=a", "dst.workload=c", "direction=\"outbound\""] {
+        assert!(line.contains(field), "access log lacks {field}:\n{line}");
+    }
+    let n2 = t.log("n2");
+    let v6_dst = format!("dst.addr={}", host_port(c6, 8080));
+    let line = n2
+        .lines()
+        .find(|l| l.contains("connection complete") && l.contains(&v6_dst))
+        .unwrap_or_else(|| panic!("no access log line with {v6_dst}:\n{n2}"));
+    for field in [
+        "src.workload=a",
+        "src.identity=spiffe://cluster.local/ns/default/sa/sleep",
+        "direction=\"inbound\"",
+    ] {
+        assert!(line.contains(field), "access log lacks {field}:\n{line}");
+    }
 
     let mut server = t.lab.pod_command("c", "iperf3");
     server
@@ -342,9 +372,21 @@ fn the_hbone_server_answers_like_ztunnel_and_checks_the_client() {
 #[test]
 fn strict_mode_refuses_plaintext_and_permissive_accepts_it() {
     let t = TestLab::start(&["a", "c"]);
-    let url = format!("http://{}:8080/", pod("c").ip);
+    // Both families: sk_lookup takes inbound IPv6 to c's IPv6 address to the tunnel's IPv6
+    // plaintext listener as it takes IPv4 to the IPv4 one.
+    let urls = common::both_ips("c").map(|c| http_url(c, 8080));
     // b is outside the mesh: its plaintext reaches c in permissive mode...
-    assert_ok(&t.curl("b", &url), "plaintext b → c, permissive");
+    for url in &urls {
+        assert_ok(
+            &t.curl("b", url),
+            &format!("plaintext b → {url}, permissive"),
+        );
+        let accepted = format!(
+            "captured inbound connection original_dst={}",
+            url.trim_start_matches("http://").trim_end_matches('/')
+        );
+        t.wait_log("n2", &accepted, 1);
+    }
     // ...and not in strict mode, while a's HBONE still does.
     let strict = t.lab.config_yaml_with(&LabConfig {
         mtls_mode: "strict",
@@ -354,20 +396,22 @@ fn strict_mode_refuses_plaintext_and_permissive_accepts_it() {
     ambit_lab::write_atomically(&t.config, &strict).unwrap();
     t.wait_log("n1", "config applied", before[0] + 1);
     t.wait_log("n2", "config applied", before[1] + 1);
-    let out = t.curl("b", &url);
-    assert!(
-        !out.status.success() || stdout(&out).is_empty(),
-        "plaintext accepted in strict mode"
-    );
-    t.wait_log("n2", "plaintext inbound refused: strict mTLS", 1);
-    let out = t.curl("a", &url);
-    assert!(
-        out.status.success(),
-        "HBONE a → c, strict: {}\n--- n1 ---\n{}\n--- n2 ---\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        t.log("n1"),
-        t.log("n2")
-    );
+    for (i, url) in urls.iter().enumerate() {
+        let out = t.curl("b", url);
+        assert!(
+            !out.status.success() || stdout(&out).is_empty(),
+            "plaintext to {url} accepted in strict mode"
+        );
+        t.wait_log("n2", "plaintext inbound refused: strict mTLS", i + 1);
+        let out = t.curl("a", url);
+        assert!(
+            out.status.success(),
+            "HBONE a → {url}, strict: {}\n--- n1 ---\n{}\n--- n2 ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            t.log("n1"),
+            t.log("n2")
+        );
+    }
 }
 
 /// A new connection's first bytes travel with its CONNECT, not one round trip after it: node 2

@@ -420,9 +420,15 @@ fn after_a_crash_the_node_reconciles_and_captures_within_a_second_of_ready() {
         "capture worked only {captured_after:?} after readiness"
     );
 
-    // Exactly the desired state: a's entries and one link per program; nothing of b's.
-    for map in ["ENROLLED_NETNS", "INBOUND_PODS"] {
-        assert_eq!(t.map_entries("n1", map), 1, "{map}:\n{}", t.inspect("n1"));
+    // Exactly the desired state: a's entries (its netns, its two addresses: IPv4 and IPv6) and
+    // one link per program; nothing of b's.
+    for (map, entries) in [("ENROLLED_NETNS", 1), ("INBOUND_PODS", 2)] {
+        assert_eq!(
+            t.map_entries("n1", map),
+            entries,
+            "{map}:\n{}",
+            t.inspect("n1")
+        );
     }
     let links = |pod: &str| {
         t.bpftool(&["cgroup", "show", t.lab.pod_cgroup(pod).to_str().unwrap()])

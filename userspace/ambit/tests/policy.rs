@@ -69,6 +69,18 @@ fn a_deny_policy_on_a_port_refuses_it_at_the_destination_and_is_counted() {
     // Another port of the same pod still works.
     let (sent, received) = t.send("a", c, 9000, 4096);
     assert_eq!(sent, received);
+    // The same over IPv6: the policy names a port, not an address family.
+    let c6 = pod("c").ip6;
+    let out = t.curl("a", &common::http_url(c6, 8080));
+    assert!(
+        !out.status.success(),
+        "port 8080 reached over IPv6 despite the Deny policy: {}",
+        stdout(&out)
+    );
+    t.wait_log("n2", "HBONE request denied by policy", 2);
+    assert_eq!(t.outcomes("a", c6, 8080, 20, true), "reset=20");
+    let (sent, received) = t.send("a", c6, 9000, 4096);
+    assert_eq!(sent, received, "port 9000 over IPv6");
 
     let out = t
         .lab
@@ -95,14 +107,16 @@ fn a_deny_policy_on_a_port_refuses_it_at_the_destination_and_is_counted() {
 fn plaintext_is_denied_by_an_allow_policy_for_mesh_identities_only() {
     let t = TestLab::start(&["a", "c"]);
     set_policies(&t, ONLY_SLEEP);
-    let url = format!("http://{}:8080/", pod("c").ip);
-    assert_ok(&t.curl("a", &url), "a (sa/sleep over HBONE) is allowed");
-    let out = t.curl("b", &url);
-    assert!(
-        !out.status.success() || stdout(&out).is_empty(),
-        "plaintext from b allowed"
-    );
-    t.wait_log("n2", "plaintext inbound denied by policy", 1);
+    for (i, c) in common::both_ips("c").into_iter().enumerate() {
+        let url = common::http_url(c, 8080);
+        assert_ok(&t.curl("a", &url), "a (sa/sleep over HBONE) is allowed");
+        let out = t.curl("b", &url);
+        assert!(
+            !out.status.success() || stdout(&out).is_empty(),
+            "plaintext from b to {url} allowed"
+        );
+        t.wait_log("n2", "plaintext inbound denied by policy", i + 1);
+    }
 }
 
 #[test]

@@ -7,13 +7,16 @@ mod common;
 
 use common::{assert_ok, stdout, TestLab};
 
-/// Tries to bind (TCP and, for good measure, on both loopback and the wildcard) each port in a
-/// pod; prints `port:errno-name` per attempt.
+/// Where `TRY_BIND` binds: the wildcard and loopback of each family.
+const BIND_HOSTS: [&str; 4] = ["0.0.0.0", "127.0.0.1", "::", "::1"];
+
+/// Tries to bind (TCP, on the wildcard and loopback of both families) each port in a pod;
+/// prints `host:port:errno-name` per attempt.
 const TRY_BIND: &str = r#"
 import errno, socket, sys
 for port in map(int, sys.argv[1:]):
-    for host in ("0.0.0.0", "127.0.0.1"):
-        s = socket.socket()
+    for host in ("0.0.0.0", "127.0.0.1", "::", "::1"):
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
@@ -44,7 +47,7 @@ fn an_enrolled_pod_cannot_bind_the_tunnel_ports_even_while_the_node_is_down() {
         }
         let text = try_bind(&t, "a", &tunnel_ports);
         for port in tunnel_ports {
-            for host in ["0.0.0.0", "127.0.0.1"] {
+            for host in BIND_HOSTS {
                 assert!(
                     text.contains(&format!("{host}:{port}:EPERM")),
                     "pod a bound {host}:{port} (node running: {running}):\n{text}"
@@ -52,9 +55,12 @@ fn an_enrolled_pod_cannot_bind_the_tunnel_ports_even_while_the_node_is_down() {
             }
         }
         // Other ports are the app's.
-        assert!(try_bind(&t, "a", &["8081"]).contains("0.0.0.0:8081:ok"));
+        let text = try_bind(&t, "a", &["8081"]);
+        for host in BIND_HOSTS {
+            assert!(text.contains(&format!("{host}:8081:ok")), "{text}");
+        }
     }
-    assert!(common::counter(&t.inspect("n1"), "bind_refused") >= 12);
+    assert!(common::counter(&t.inspect("n1"), "bind_refused") >= 24);
 
     // A pod outside the mesh is not affected.
     let text = try_bind(&t, "b", &tunnel_ports);
@@ -65,7 +71,8 @@ fn an_enrolled_pod_cannot_bind_the_tunnel_ports_even_while_the_node_is_down() {
 /// data in one call) instead of connect(); prints the HTTP status line it gets back.
 const FAST_OPEN_GET: &str = r#"
 import socket, sys
-s = socket.socket()  # blocking: a timeout would make sendto return EINPROGRESS
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(family)  # blocking: a timeout would make sendto return EINPROGRESS
 s.sendto(b"GET / HTTP/1.0\r\n\r\n", socket.MSG_FASTOPEN, (sys.argv[1], 8080))
 print(s.recv(4096).split(b"\r\n")[0].decode())
 "#;
@@ -73,20 +80,24 @@ print(s.recv(4096).split(b"\r\n")[0].decode())
 #[test]
 fn tcp_fast_open_does_not_bypass_capture() {
     let t = TestLab::start(&["a", "c"]);
-    let c = ambit_lab::pod("c").ip;
-    let out = t
-        .lab
-        .run_in_pod("a", "timeout", &["10", "python3", "-c", FAST_OPEN_GET, c])
-        .unwrap();
-    assert_ok(&out, "sendto(MSG_FASTOPEN) from pod a");
-    assert!(stdout(&out).starts_with("HTTP/1.0 200"), "{}", stdout(&out));
-    // It went through the tunnel: captured on node 1, arrived over HBONE on node 2.
-    t.wait_log(
-        "n1",
-        &format!("captured outbound connection original_dst={c}:8080"),
-        1,
-    );
-    t.wait_log("n2", "HBONE stream accepted", 1);
+    for (i, c) in common::both_ips("c").into_iter().enumerate() {
+        let out = t
+            .lab
+            .run_in_pod("a", "timeout", &["10", "python3", "-c", FAST_OPEN_GET, c])
+            .unwrap();
+        assert_ok(&out, &format!("sendto(MSG_FASTOPEN) from pod a to {c}"));
+        assert!(stdout(&out).starts_with("HTTP/1.0 200"), "{}", stdout(&out));
+        // It went through the tunnel: captured on node 1, arrived over HBONE on node 2.
+        t.wait_log(
+            "n1",
+            &format!(
+                "captured outbound connection original_dst={}",
+                common::host_port(c, 8080)
+            ),
+            1,
+        );
+        t.wait_log("n2", "HBONE stream accepted", i + 1);
+    }
 }
 
 /// Opens N connections to HOST:15008 and sends the first bytes of a TLS record on each, never

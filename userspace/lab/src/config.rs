@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, path::PathBuf};
 use serde::Serialize;
 
 use crate::{
-    topology::{pod, WEB_VIP},
+    topology::{pod, WEB_VIP, WEB_VIP6},
     Lab,
 };
 
@@ -42,7 +42,7 @@ const HEADER: &str = "# Ambit lab: ztunnel's local config format, plus Ambit's `
 const EDIT_HINT: &str = "# Edit and save: the nodes apply it without restarting (a bad edit is \
                          reported and ignored).\n";
 
-/// The lab's `web` service: port 80 of its VIP, served by pod c's 8080.
+/// The lab's `web` service: port 80 of its VIPs (one of each family), served by pod c's 8080.
 const WEB_HOSTNAME: &str = "web.default.svc.cluster.local";
 
 #[derive(Serialize)]
@@ -65,7 +65,8 @@ struct Workload<'a> {
     namespace: &'a str,
     workload_name: &'a str,
     service_account: &'a str,
-    workload_ips: [&'a str; 1],
+    /// IPv4, then IPv6.
+    workload_ips: [&'static str; 2],
     protocol: &'a str,
     node: String,
     /// Service key (`<namespace>/<hostname>`) → service port → target port.
@@ -115,7 +116,7 @@ impl Lab {
     }
 
     /// The same with every option of `LabConfig`: a is the client `sleep`, c the server `web`
-    /// behind the service VIP `WEB_VIP`.
+    /// behind the service VIPs `WEB_VIP` and `WEB_VIP6`.
     pub fn config_yaml_with(&self, options: &LabConfig<'_>) -> String {
         let mut c = self.workload("c", "web", options.protocol);
         let web_ports = Ports::from([(80, 8080)]);
@@ -133,7 +134,7 @@ impl Lab {
                 name: "web",
                 namespace: "default",
                 hostname: WEB_HOSTNAME,
-                vips: vec![format!("/{WEB_VIP}")],
+                vips: vec![format!("/{WEB_VIP}"), format!("/{WEB_VIP6}")],
                 ports: web_ports,
             }],
             policies: serde_yaml::from_str(options.policies)
@@ -178,7 +179,7 @@ impl Lab {
             namespace: "default",
             workload_name: name,
             service_account,
-            workload_ips: [spec.ip],
+            workload_ips: [spec.ip, spec.ip6],
             protocol,
             node: self.node_name(spec.node),
             services: BTreeMap::new(),

@@ -57,10 +57,16 @@ impl Lab {
         for node in &NODES {
             let ns = self.netns(node.name);
             add_netns(&ns)?;
+            sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+            sysctl(&ns, "net.ipv6.conf.all.forwarding", "1")?;
             ip_in(&ns, "link add br0 type bridge")?;
             ip_in(&ns, &format!("addr add {}/24 dev br0", node.bridge_ip))?;
+            // `nodad`: no duplicate address detection, so no tentative address to wait for.
+            ip_in(
+                &ns,
+                &format!("addr add {}/64 dev br0 nodad", node.bridge_ip6),
+            )?;
             ip_in(&ns, "link set br0 up")?;
-            sysctl(&ns, "net.ipv4.ip_forward", "1")?;
         }
         let n2 = self.netns("n2");
         let link = format!("link add link0 type veth peer name link0 netns {n2}");
@@ -68,10 +74,16 @@ impl Lab {
         for (node, peer) in [(&NODES[0], &NODES[1]), (&NODES[1], &NODES[0])] {
             let ns = self.netns(node.name);
             ip_in(&ns, &format!("addr add {}/30 dev link0", node.link_ip))?;
+            ip_in(
+                &ns,
+                &format!("addr add {}/126 dev link0 nodad", node.link_ip6),
+            )?;
             ip_in(&ns, "link set link0 up")?;
             let route = format!("route add {} via {}", peer.pod_subnet, peer.link_ip);
             ip_in(&ns, &route)?;
-            // The service VIP exists nowhere: only capture makes it reachable.
+            let route = format!("route add {} via {}", peer.pod_subnet6, peer.link_ip6);
+            ip_in(&ns, &route)?;
+            // The service VIPs exist nowhere: only capture makes them reachable.
         }
         fs::create_dir_all(self.cgroup_dir())?;
         for pod in &PODS {
@@ -81,9 +93,14 @@ impl Lab {
             let veth = format!("link add eth0 type veth peer name {host_side} netns {node_ns}");
             ip_in(&ns, &veth)?;
             ip_in(&ns, &format!("addr add {}/24 dev eth0", pod.ip))?;
+            ip_in(&ns, &format!("addr add {}/64 dev eth0 nodad", pod.ip6))?;
             ip_in(&ns, "link set eth0 up")?;
-            let gateway = node(pod.node).bridge_ip;
-            ip_in(&ns, &format!("route add default via {gateway}"))?;
+            let gateway = node(pod.node);
+            ip_in(&ns, &format!("route add default via {}", gateway.bridge_ip))?;
+            ip_in(
+                &ns,
+                &format!("-6 route add default via {}", gateway.bridge_ip6),
+            )?;
             ip_in(&node_ns, &format!("link set {host_side} master br0"))?;
             ip_in(&node_ns, &format!("link set {host_side} up"))?;
             fs::create_dir_all(self.pod_cgroup(pod.name))?;
@@ -168,8 +185,14 @@ pub fn sweep(prefix: &str) -> Result<()> {
     Ok(())
 }
 
+/// A new netns with its loopback up, in which no IPv6 address is ever tentative: interfaces
+/// made from now on skip duplicate address detection (`accept_dad=0`), their link-local
+/// addresses too. A node forwarding to a neighbour it has not resolved yet sends its Neighbor
+/// Solicitation from its link-local address, and does not send it at all while that address is
+/// tentative: with DAD, the first IPv6 connection across the lab would wait ~2 s for it.
 fn add_netns(ns: &str) -> Result<()> {
     ip(&["netns", "add", ns])?;
+    sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")?;
     ip_in(ns, "link set lo up")
 }
 

@@ -136,11 +136,11 @@ impl Lab {
         self.pid(&format!("ambit node {node}"))
     }
 
-    /// Starts an HTTP server (python3 http.server) in a pod, serving `dir`, and waits until it
-    /// accepts connections.
+    /// Starts an HTTP server (python3 http.server) in a pod, serving `dir` on both families (it
+    /// binds `::` with `IPV6_V6ONLY` off), and waits until it accepts connections.
     pub fn start_http_server(&mut self, pod: &str, port: u16, dir: &Path) -> Result<()> {
         let mut cmd = self.pod_command(pod, "python3");
-        cmd.args(["-m", "http.server", &port.to_string(), "--bind", "0.0.0.0"])
+        cmd.args(["-m", "http.server", &port.to_string(), "--bind", "::"])
             .arg("--directory")
             .arg(dir)
             .stdin(Stdio::null())

@@ -435,6 +435,27 @@ pub fn tool(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// `ip:port` as a socket address is written, in URLs and in the nodes' logs: `[ip]:port` for
+/// IPv6.
+pub fn host_port(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+/// `http://<ip>:<port>/` for an address of either family.
+pub fn http_url(ip: &str, port: u16) -> String {
+    format!("http://{}/", host_port(ip, port))
+}
+
+/// The lab pod's IPv4 and IPv6 address, in that order: the two families a test runs for.
+pub fn both_ips(pod: &str) -> [&'static str; 2] {
+    let spec = ambit_lab::pod(pod);
+    [spec.ip, spec.ip6]
+}
+
 /// A counter's value from `ambit inspect` output.
 pub fn counter(inspect: &str, name: &str) -> u64 {
     inspect

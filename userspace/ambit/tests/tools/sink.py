@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Test server: accepts connections on PORT; for each, reads until the client half-closes,
-then answers "<bytes> <sha256>\n" and closes. Proves large transfers arrive intact and that a
-half-closed connection still carries the answer back."""
+"""Test server: accepts connections on PORT (IPv4 and IPv6); for each, reads until the client
+half-closes, then answers "<bytes> <sha256>\n" and closes. Proves large transfers arrive intact
+and that a half-closed connection still carries the answer back."""
 import hashlib
 import socket
 import sys
@@ -19,9 +19,10 @@ def serve(conn):
         conn.sendall(f"{total} {digest.hexdigest()}\n".encode())
 
 def main():
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", int(sys.argv[1])))
+    srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too, v4-mapped
+    srv.bind(("::", int(sys.argv[1])))
     srv.listen(4096)  # a burst of 1000 connections must not overflow the accept queue
     while True:
         conn, _ = srv.accept()

@@ -833,6 +833,52 @@ mod endpoint_tests {
         seen
     }
 
+    /// A dual-stack pod (`status.podIPs`: one address per family) is one workload with both
+    /// addresses, enrolled with both (each gets its inbound listener); a dual-stack service's
+    /// VIPs (`spec.clusterIPs`) each lead to the endpoint's address of their own family.
+    #[test]
+    fn a_dual_stack_pod_and_service_have_both_families() {
+        let mut c = Cluster::default();
+        let mut web = pod("demo", "web", "worker", "10.244.1.7");
+        web["status"]["podIPs"] = json!([{"ip": "10.244.1.7"}, {"ip": "fd00:10:244:1::7"}]);
+        c.pod(web);
+        c.service(
+            "demo",
+            "web",
+            "10.96.0.10",
+            json!([{"port": 80, "protocol": "TCP", "targetPort": 8080}]),
+            json!({"clusterIPs": ["10.96.0.10", "fd00:96::10"], "ipFamilyPolicy": "PreferDualStack"}),
+        );
+        c.slice(
+            "demo",
+            "web",
+            json!([endpoint(
+                "demo",
+                "web",
+                "worker",
+                "10.244.1.7",
+                json!({"ready": true})
+            )]),
+            json!([{"port": 8080, "protocol": "TCP"}]),
+        );
+        let s = c.state("worker");
+        let both: Vec<IpAddr> = ["10.244.1.7", "fd00:10:244:1::7"]
+            .map(|ip| ip.parse().unwrap())
+            .to_vec();
+        assert_eq!(s.enrolled["demo/web"].ips, both);
+        assert_eq!(s.workloads["demo/web"].ips, both);
+        for ip in &both {
+            assert!(s
+                .mesh_destinations()
+                .contains(&MeshDestination::Workload(*ip)));
+        }
+        assert_eq!(upstreams(&s, "10.96.0.10:80"), ["10.244.1.7:8080 Hbone"]);
+        assert_eq!(
+            upstreams(&s, "[fd00:96::10]:80"),
+            ["[fd00:10:244:1::7]:8080 Hbone"]
+        );
+    }
+
     #[test]
     fn an_unnamed_port_goes_to_its_slices_target_port() {
         let mut c = Cluster::default();

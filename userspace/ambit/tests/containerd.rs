@@ -436,7 +436,14 @@ fn a_mesh_pods_first_connection_under_containerd_is_captured() {
             &[
                 "sh",
                 "-c",
-                &format!("echo first connection | nc -w 10 {} 8080; exit 3", web.ip),
+                // The line comes from a file, not a pipe: web's nc, whose stdin is empty,
+                // closes its side at once, and a client nc that sees that EOF before `echo`
+                // has written to its pipe exits without sending (measured under load: the
+                // connection tunnelled, 0 bytes). From a file it is read before the EOF.
+                &format!(
+                    "echo first connection > /tmp/line && nc -w 10 {} 8080 < /tmp/line; exit 3",
+                    web.ip
+                ),
             ],
         )
         .unwrap();
@@ -531,7 +538,8 @@ fn a_mesh_pods_first_connection_under_containerd_is_captured() {
                 "sh",
                 "-c",
                 &format!(
-                    "echo after the restart | nc -w 10 {} 8080; sleep 600",
+                    "echo after the restart > /tmp/line && nc -w 10 {} 8080 < /tmp/line; \
+                     sleep 600",
                     web.ip
                 ),
             ],

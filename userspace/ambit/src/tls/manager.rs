@@ -330,11 +330,14 @@ mod tests {
     #[test]
     fn during_a_renewal_the_current_certificate_serves() {
         let id = Identity::new("cluster.local", "default", "sleep");
-        let (manager, entered, release) = gated(&id, Duration::from_secs(2));
+        // 4 s: a certificate's notAfter is whole seconds, so it may end up to 1 s early; with
+        // 2 s the first one could expire right after the refresh point, and then it may not
+        // serve (seen under load).
+        let (manager, entered, release) = gated(&id, Duration::from_secs(4));
         release.send(()).unwrap();
         let first = manager.get(&id).unwrap();
         entered.recv().unwrap();
-        std::thread::sleep(Duration::from_millis(1100)); // past the refresh point
+        std::thread::sleep(Duration::from_millis(2100)); // past the refresh point (≤ 2 s)
         let m = manager.clone();
         let renewing_id = id.clone();
         let renewing = std::thread::spawn(move || m.get(&renewing_id).unwrap());

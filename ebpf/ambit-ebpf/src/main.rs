@@ -456,6 +456,10 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
     // it SNATs the kubelet's probes to (169.254.7.127), here without rewriting the source.
     // The tunnel's own delivery of a connection to the app, from the client's address: it
     // announced the exact connection just before its connect().
+    // Kernel-version note: until 5.19 `remote_port` was a u32 holding the port in network order
+    // in its first two bytes (little-endian); since then a __be16 with 16 bits of padding. A
+    // 2-byte load at its offset reads the same port on both (a narrow ctx load, which the
+    // verifier allows either way).
     let remote_port = u16::from_be(unsafe { read_volatile(&(*lookup).remote_port) });
     let delivery = DeliveryKey {
         pod: local,

@@ -389,9 +389,19 @@ impl Agent {
         // already open), all before inbound connections are steered to the tunnel.
         let gateways = read_gateways(&spec.key, &netns);
         let from_clients = self.proxy.deliver_from == DeliverFrom::Client;
-        let mut fwmark_reflect = fwmark_reflect::FwmarkReflect::default();
+        // An enrollment that fails below leaves neither the rule nor the sysctls behind.
+        let mut setup = DeliverySetup {
+            netns: &netns,
+            proc_root: &self.proc_root,
+            fwmark_reflect: None,
+            routes: false,
+        };
         if from_clients {
-            fwmark_reflect = fwmark_reflect::FwmarkReflect::enable(&netns, &self.proc_root)?;
+            setup.fwmark_reflect = Some(fwmark_reflect::FwmarkReflect::enable(
+                &netns,
+                &self.proc_root,
+            )?);
+            setup.routes = true; // a half-made rule is removed as well
             let node_addresses: BTreeSet<IpAddr> = self
                 .proxy
                 .node_addresses
@@ -407,8 +417,6 @@ impl Agent {
             // What an earlier run with `--deliver-from client` left.
             routing::remove(&netns).context("removing the pod's delivery rule")?;
         }
-        // An enrollment that fails below leaves no rule behind.
-        let routes = RemoveRoutesOnError(from_clients.then_some(&*netns));
         self.datapath.attach_pod(&spec.key, cgroup.dir(), &netns)?;
         if from_clients {
             self.datapath.mark_listeners(&netns)?;
@@ -425,7 +433,7 @@ impl Agent {
         );
         self.datapath
             .enroll_netns(netns.cookie(), self.enrolled_value())?;
-        routes.disarm();
+        let fwmark_reflect = setup.keep();
         Ok(Enrolled {
             spec: spec.clone(),
             netns,
@@ -577,20 +585,33 @@ fn read_gateways(pod: &str, netns: &Netns) -> Vec<IpAddr> {
     }
 }
 
-/// Removes a pod's delivery rule when dropped armed: an enrollment that failed half-way.
-struct RemoveRoutesOnError<'a>(Option<&'a Netns>);
+/// What an enrollment set up for delivery from the clients' addresses; undone when dropped,
+/// unless kept (the enrollment failed half-way).
+struct DeliverySetup<'a> {
+    netns: &'a Netns,
+    proc_root: &'a Path,
+    fwmark_reflect: Option<fwmark_reflect::FwmarkReflect>,
+    routes: bool,
+}
 
-impl RemoveRoutesOnError<'_> {
-    fn disarm(mut self) {
-        self.0 = None;
+impl DeliverySetup<'_> {
+    fn keep(mut self) -> fwmark_reflect::FwmarkReflect {
+        self.routes = false;
+        self.fwmark_reflect.take().unwrap_or_default()
     }
 }
 
-impl Drop for RemoveRoutesOnError<'_> {
+impl Drop for DeliverySetup<'_> {
     fn drop(&mut self) {
-        if let Some(netns) = self.0 {
+        let netns = self.netns;
+        if self.routes {
             if let Err(e) = routing::remove(netns) {
                 warn!(netns = %netns.path().display(), "removing a delivery rule: {e:#}");
+            }
+        }
+        if let Some(reflect) = self.fwmark_reflect.take() {
+            if let Err(e) = reflect.restore(netns, self.proc_root) {
+                warn!(netns = %netns.path().display(), "restoring fwmark_reflect: {e:#}");
             }
         }
     }

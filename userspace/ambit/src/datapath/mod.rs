@@ -24,7 +24,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{HashMap, MapData, SockHash},
     programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, Iter, SkLookup, SockOps},
-    Btf, Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader,
 };
 use tracing::{debug, info};
 
@@ -104,11 +104,13 @@ impl Datapath {
             .load()
             .with_context(|| format!("verifier rejected {}", p::SK_LOOKUP))?;
         // iter/tcp programs are typed against the running kernel's BTF.
-        let btf =
-            Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+        let btf = features
+            .btf
+            .as_ref()
+            .context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
         for name in [p::MARK_LISTENERS, p::UNMARK_SOCKETS] {
             program::<Iter>(&mut ebpf, name)?
-                .load("tcp", &btf)
+                .load("tcp", btf)
                 .with_context(|| format!("verifier rejected {name}"))?;
         }
 

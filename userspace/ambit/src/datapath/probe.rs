@@ -25,6 +25,9 @@ struct Feature {
 pub struct KernelFeatures {
     pub version: Option<KernelVersion>,
     features: Vec<Feature>,
+    /// The kernel's BTF, parsed once: probed here, and what the iter/tcp programs are loaded
+    /// against (parsing it takes tens of milliseconds and megabytes).
+    pub btf: Option<aya::Btf>,
 }
 
 impl KernelFeatures {
@@ -35,6 +38,7 @@ impl KernelFeatures {
         let version = KernelVersion::current().ok();
         let at_least =
             |major, minor| version.is_some_and(|v| v >= KernelVersion::new(major, minor, 0));
+        let btf = aya::Btf::from_sys_fs().ok();
         let features = vec![
             Feature {
                 name: "cgroup sock_addr programs (connect4/connect6)",
@@ -106,13 +110,16 @@ impl KernelFeatures {
                 name: "kernel BTF (/sys/kernel/btf/vmlinux)",
                 since: "5.4 with CONFIG_DEBUG_INFO_BTF",
                 required: true,
-                present: std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
+                present: btf.is_some(),
             },
             Feature {
                 name: "TCP socket iterator (iter/tcp)",
                 since: "5.9",
                 required: true,
-                present: has_btf_function("bpf_iter_tcp"),
+                present: btf.as_ref().is_some_and(|btf| {
+                    btf.id_by_type_name_kind("bpf_iter_tcp", aya_obj::btf::BtfKind::Func)
+                        .is_ok()
+                }),
             },
             Feature {
                 name: "bpf_setsockopt in iter/tcp",
@@ -137,7 +144,11 @@ impl KernelFeatures {
                 present: at_least(6, 6),
             },
         ];
-        Self { version, features }
+        Self {
+            version,
+            features,
+            btf,
+        }
     }
 
     /// Logs every probe result; fails naming each missing required feature.
@@ -187,14 +198,6 @@ impl fmt::Display for KernelFeatures {
     }
 }
 
-/// Whether the kernel's BTF has a function of that name (an iterator's target, e.g.).
-fn has_btf_function(name: &str) -> bool {
-    aya::Btf::from_sys_fs().is_ok_and(|btf| {
-        btf.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Func)
-            .is_ok()
-    })
-}
-
 fn short(name: &str) -> String {
     name.split(" (").next().unwrap_or(name).replace(' ', "_")
 }
@@ -221,6 +224,7 @@ mod tests {
                     present: false,
                 },
             ],
+            btf: None,
         };
         let err = features.require().unwrap_err().to_string();
         assert!(err.contains("sk_lookup programs (Linux 5.9)"), "{err}");

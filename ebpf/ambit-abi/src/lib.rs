@@ -22,7 +22,8 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const NODE_ADDRESSES: &str = "NODE_ADDRESSES";
     pub const DELIVERIES: &str = "DELIVERIES";
-    pub const ALL: [&str; 9] = [
+    pub const FAST_PATH_COUNTERS: &str = "FAST_COUNTERS";
+    pub const ALL: [&str; 10] = [
         ENROLLED_NETNS,
         MESH_DESTINATIONS,
         PENDING_CONNECTS,
@@ -32,7 +33,13 @@ pub mod map_names {
         COUNTERS,
         NODE_ADDRESSES,
         DELIVERIES,
+        FAST_PATH_COUNTERS,
     ];
+    /// The fast path's maps (see `LoopbackKey`). Not pinned: they live with the programs of
+    /// the node process that loaded them (a new process starts new ones), so they are not in
+    /// `ALL`.
+    pub const LOOPBACK_SOCKETS: &str = "LOOPBACK_SOCKS";
+    pub const LOOPBACK_FLAGS: &str = "LOOPBACK_FLAGS";
 }
 
 /// Program names (function names in the eBPF object; `bpftool prog show` shows the first 15
@@ -47,6 +54,10 @@ pub mod program_names {
     /// Iterators (iter/tcp), run once per enrollment and un-enrollment, not attached to a pod.
     pub const MARK_LISTENERS: &str = "ambit_mark_listeners";
     pub const UNMARK_SOCKETS: &str = "ambit_unmark_sockets";
+    /// The fast path (`--fast-path on`): sock_ops on the node process's own cgroup, and the
+    /// sk_msg program attached to `LOOPBACK_SOCKETS`.
+    pub const TUNNEL_SOCKOPS: &str = "ambit_tunnel_sockops";
+    pub const LOOPBACK_MSG: &str = "ambit_loopback_msg";
 }
 
 /// Map sizes. Large enough for a busy node; hash maps only use memory for live entries.
@@ -261,6 +272,120 @@ pub const MAX_DELIVERIES: usize = 65536;
 pub const APP_REPLY_MARK: u32 = 0x0053_0000;
 pub const APP_REPLY_MARK_MASK: u32 = 0x00ff_0000;
 
+/// `LOOPBACK_SOCKETS` key: one end of a loopback hop (the app's socket and the tunnel's on the
+/// client side; the tunnel's delivery socket and the app's accepted one on the server side),
+/// as that socket sees itself. A socket's peer has the key with local and remote swapped.
+///
+/// The four-tuple alone is not unique: every pod has its own loopback (hence the netns), and a
+/// four-tuple is used again while the socket that had it before is still open, its connection
+/// in TIME_WAIT (`tcp_tw_reuse` on loopback, the tunnel's explicit-port deliveries). A new
+/// socket under the old key would replace the old one in the map, and the kernel drops the
+/// unread bytes of a socket taken out of the map. So the key also holds both initial sequence
+/// numbers (+1, as `snd_una` and `rcv_nxt` are when the handshake completes): each end knows
+/// both, and they differ between two uses of a four-tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LoopbackKey {
+    pub netns_cookie: u64,
+    pub local: IpKey,
+    pub remote: IpKey,
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    /// This end's initial sequence number + 1.
+    pub local_seq: u32,
+    /// The other end's initial sequence number + 1.
+    pub remote_seq: u32,
+    pub _pad: u32,
+}
+
+impl LoopbackKey {
+    /// The key of the socket at the other end of the same connection.
+    pub const fn peer(&self) -> Self {
+        Self {
+            netns_cookie: self.netns_cookie,
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            local_seq: self.remote_seq,
+            remote_seq: self.local_seq,
+            _pad: 0,
+        }
+    }
+}
+
+/// `LOOPBACK_FLAGS` value (socket-local storage of each socket in `LOOPBACK_SOCKETS`): what the
+/// fast path did with the socket (`LOOPBACK_*` bits), and its peer's key, which sock_ops knows
+/// (sequence numbers) and sk_msg does not.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LoopbackState {
+    pub flags: u32,
+    pub _pad: u32,
+    /// Bytes this socket's writes moved into its peer so far (see `LOOPBACK_BUDGET`).
+    pub redirected: u64,
+    pub peer: LoopbackKey,
+}
+
+/// How many bytes each socket's writes may move straight into its peer; the rest of the
+/// connection's bytes in that direction go through TCP. The kernel's sockmap has no
+/// backpressure (a redirected write never waits for the reader: a fast writer and a slower
+/// reader fill the host's TCP memory, until writes fail with ENOMEM), so the budget is what
+/// bounds the bytes a socket can have queued unread: never more than TCP's own receive buffer
+/// would hold. Switching to TCP keeps the order: a socket reads everything redirected to it
+/// before anything from TCP, and no write of this socket is redirected after the switch.
+pub const LOOPBACK_BUDGET: u64 = 1 << 20;
+
+/// Sockets in `LOOPBACK_SOCKETS`: two per connection on the fast path.
+pub const MAX_LOOPBACK_SOCKETS: usize = 2 * MAX_TRACKED_CONNECTIONS;
+
+/// `LoopbackState::flags` bits: what the fast path did with a socket.
+/// The socket is in `LOOPBACK_SOCKETS`; set by sock_ops when it adds it.
+pub const LOOPBACK_IN_MAP: u32 = 1;
+/// At least one of its writes went straight into its peer's receive queue.
+pub const LOOPBACK_REDIRECTED: u32 = 2;
+/// A write went through TCP: it found no peer (not added yet, or gone), or the socket's
+/// `LOOPBACK_BUDGET` was spent. From then on every write of this socket does, so that its
+/// peer never gets bytes out of order (see `ambit_loopback_msg`).
+pub const LOOPBACK_FELL_BACK: u32 = 4;
+
+/// Indices of the per-CPU `FAST_PATH_COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FastPathCounter {
+    /// A loopback socket added to `LOOPBACK_SOCKETS` at establishment.
+    SocketAdded = 0,
+    /// A loopback socket left out: it had already received bytes (TCP Fast Open data), or the
+    /// map or its storage was full.
+    SocketSkipped = 1,
+    /// A write moved straight into the peer socket.
+    Redirected = 2,
+    /// A write that went through TCP (no peer in the map, the socket's budget spent, or an
+    /// earlier write did).
+    Passed = 3,
+}
+
+impl FastPathCounter {
+    pub const COUNT: u32 = 4;
+    pub const ALL: [FastPathCounter; 4] = [
+        FastPathCounter::SocketAdded,
+        FastPathCounter::SocketSkipped,
+        FastPathCounter::Redirected,
+        FastPathCounter::Passed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            FastPathCounter::SocketAdded => "fast_path_sockets_added",
+            FastPathCounter::SocketSkipped => "fast_path_sockets_skipped",
+            FastPathCounter::Redirected => "fast_path_writes_redirected",
+            FastPathCounter::Passed => "fast_path_writes_passed",
+        }
+    }
+}
+
 /// Indices of the per-CPU `COUNTERS` array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -323,6 +448,8 @@ mod user {
     unsafe impl aya::Pod for super::ConnectionKey {}
     unsafe impl aya::Pod for super::InboundPod {}
     unsafe impl aya::Pod for super::DeliveryKey {}
+    unsafe impl aya::Pod for super::LoopbackKey {}
+    unsafe impl aya::Pod for super::LoopbackState {}
 }
 
 #[cfg(test)]
@@ -341,6 +468,8 @@ mod tests {
         assert_eq!(size_of::<ConnectionKey>(), 32);
         assert_eq!(size_of::<InboundPod>(), 8);
         assert_eq!(size_of::<DeliveryKey>(), 36);
+        assert_eq!(size_of::<LoopbackKey>(), 56);
+        assert_eq!(size_of::<LoopbackState>(), 72);
     }
 
     #[test]

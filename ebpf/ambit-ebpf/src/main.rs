@@ -15,17 +15,22 @@
 //! - `ambit_mark_listeners` / `ambit_unmark_sockets` (iter/tcp, run by the agent inside a pod's
 //!   netns at enrollment and un-enrollment): put the mark on listeners that existed before the
 //!   pod was enrolled, and take it off every socket when it leaves.
+//! - The fast path (`--fast-path on`, see "Fast path" below): `ambit_sockops` and
+//!   `ambit_tunnel_sockops` (sock_ops on the node process's own cgroup) add both ends of each
+//!   loopback hop to `LOOPBACK_SOCKETS`, and `ambit_loopback_msg` (sk_msg on that map) moves
+//!   each write straight into the other end's receive queue, skipping loopback TCP.
 #![no_std]
 #![no_main]
 
 use core::ptr::read_volatile;
 
 use ambit_abi::{
-    ConnectionKey, Counter, DeliveryKey, DestinationKey, EnrolledPod, InboundPod, IpKey,
-    MeshDestination, OriginalDestination, PendingConnect, AF_INET, AF_INET6, APP_REPLY_MARK,
-    APP_REPLY_MARK_MASK, HBONE_PORT, INBOUND_PLAINTEXT_PORT, MAX_DELIVERIES, MAX_ENROLLED_PODS,
-    MAX_MESH_DESTINATIONS, MAX_NODE_ADDRESSES, MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT,
-    POD_FLAG_CAPTURE_ALL,
+    ConnectionKey, Counter, DeliveryKey, DestinationKey, EnrolledPod, FastPathCounter, InboundPod,
+    IpKey, LoopbackKey, LoopbackState, MeshDestination, OriginalDestination, PendingConnect,
+    AF_INET, AF_INET6, APP_REPLY_MARK, APP_REPLY_MARK_MASK, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
+    LOOPBACK_BUDGET, LOOPBACK_FELL_BACK, LOOPBACK_IN_MAP, LOOPBACK_REDIRECTED, MAX_DELIVERIES,
+    MAX_ENROLLED_PODS, MAX_LOOPBACK_SOCKETS, MAX_MESH_DESTINATIONS, MAX_NODE_ADDRESSES,
+    MAX_TRACKED_CONNECTIONS, OUTBOUND_PORT, POD_FLAG_CAPTURE_ALL,
 };
 // eBPF-side logging (aya-log): off unless the node is started with --ebpf-log. The level is a
 // load-time constant (AYA_LOG_LEVEL, patched by the loader), so with logging off the verifier
@@ -33,14 +38,18 @@ use ambit_abi::{
 use aya_ebpf::{
     bindings::{
         sk_action::{SK_DROP, SK_PASS},
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, SOL_SOCKET,
-        SO_MARK,
+        BPF_F_INGRESS, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, SOL_SOCKET, SO_MARK,
     },
-    btf_maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_setsockopt},
-    macros::{btf_map, cgroup_sock_addr, sk_lookup, sock_ops},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray, SkStorage, SockHash},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_setsockopt,
+        bpf_sk_storage_get,
+    },
+    macros::{btf_map, cgroup_sock_addr, sk_lookup, sk_msg, sock_ops},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
     EbpfContext as _,
 };
 use aya_log_ebpf::{debug, error, warn};
@@ -86,10 +95,34 @@ static DELIVERIES: LruHashMap<DeliveryKey, u32, MAX_DELIVERIES> = LruHashMap::ne
 #[btf_map]
 static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
 
+#[btf_map]
+static FAST_COUNTERS: PerCpuArray<u64, { FastPathCounter::COUNT as usize }> = PerCpuArray::new();
+
+/// Both ends of every loopback hop on the fast path, by `LoopbackKey`.
+#[btf_map]
+static LOOPBACK_SOCKS: SockHash<LoopbackKey, MAX_LOOPBACK_SOCKETS> = SockHash::new();
+
+/// Each socket in `LOOPBACK_SOCKS`: what the fast path did with it, and its peer's key.
+/// Socket-local storage, freed with the socket, readable by the tunnel for its own sockets.
+#[btf_map]
+static LOOPBACK_FLAGS: SkStorage<LoopbackState> = SkStorage::new();
+
+/// Load-time constant (patched by the loader): 1 when the node runs with `--fast-path on`.
+/// With 0 no socket is ever added to `LOOPBACK_SOCKS`, and the verifier prunes the code.
+#[unsafe(no_mangle)]
+static FAST_PATH: u8 = 0;
+
 #[inline(always)]
 fn count(counter: Counter) {
     if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
         // Per-CPU slot: no other CPU writes it, a plain add is enough.
+        unsafe { *value += 1 };
+    }
+}
+
+#[inline(always)]
+fn count_fast(counter: FastPathCounter) {
+    if let Some(value) = FAST_COUNTERS.get_ptr_mut(counter as u32) {
         unsafe { *value += 1 };
     }
 }
@@ -270,6 +303,12 @@ pub fn ambit_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // The app accepted the tunnel's delivery: its end of the server-side hop.
+            if is_delivery(&ctx, Side::Pod) {
+                add_loopback_socket(&ctx);
+            }
+        }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         _ => {}
@@ -304,6 +343,8 @@ fn on_established(ctx: &SockOpsContext) {
     let _ = PENDING_CONNECTS.remove(cookie);
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     count(Counter::OriginalDestinationRecorded);
+    // The app's end of the client-side hop (to the tunnel's outbound listener).
+    add_loopback_socket(ctx);
     debug!(
         ctx,
         "sockops: original destination recorded for app port {}", key.port
@@ -575,6 +616,225 @@ pub fn ambit_unmark_sockets(ctx: &IterTcp) -> i32 {
     }
     set_reply_mark(sk as *mut _, false);
     0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fast path: the loopback hops without loopback TCP
+// ---------------------------------------------------------------------------------------------
+//
+// Each captured connection crosses loopback twice: app → tunnel in the client's pod, tunnel →
+// app in the server's. Both ends of each hop go into LOOPBACK_SOCKS when they are established,
+// and ambit_loopback_msg hands every write of one end to the other end's receive queue
+// (bpf_msg_redirect_hash with BPF_F_INGRESS): no segments, no ACKs, no softirq.
+//
+// The key is the netns, the four-tuple and both initial sequence numbers (see LoopbackKey: a
+// four-tuple alone can belong to two open sockets, one of them in TIME_WAIT). sk_msg cannot
+// read sequence numbers, so sock_ops stores each socket's peer key in its LOOPBACK_FLAGS.
+//
+// Order is the one thing to guard. A socket's reads return what was redirected to it before
+// what came through TCP, so a receiver must never get both: if a write finds no peer in the
+// map (the peer's handshake not yet processed, under load), it goes through TCP and so does
+// every later write of that socket (LOOPBACK_FELL_BACK, sticky). And a socket that already
+// received bytes through TCP before it was established (TCP Fast Open data in the SYN) is not
+// added at all.
+
+/// Sock_ops on the node process's own cgroup: the tunnel's ends of the hops. Its accepted
+/// sockets on a pod's outbound listener (client side), and its delivery sockets (server side,
+/// announced in `DELIVERIES` around their connect()).
+#[sock_ops]
+pub fn ambit_tunnel_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            let Some(pod) = (unsafe { ENROLLED_NETNS.get(netns) }).copied() else {
+                return 1;
+            };
+            if ctx.local_port() == u32::from(pod.outbound_port) {
+                add_loopback_socket(&ctx);
+            }
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            if is_delivery(&ctx, Side::Tunnel) {
+                add_loopback_socket(&ctx);
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+/// Which end of a delivery a sock_ops callback sees.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// The tunnel's socket: local = the client's address, remote = the app.
+    Tunnel,
+    /// The app's accepted socket: local = the app, remote = the client's address.
+    Pod,
+}
+
+#[inline(always)]
+fn is_delivery(ctx: &SockOpsContext, side: Side) -> bool {
+    if unsafe { read_volatile(&FAST_PATH) } == 0 {
+        return false;
+    }
+    let key = sock_ops_key(ctx, 0);
+    let (pod, pod_port, client, client_port) = if side == Side::Pod {
+        (key.local, key.local_port, key.remote, key.remote_port)
+    } else {
+        (key.remote, key.remote_port, key.local, key.local_port)
+    };
+    let delivery = DeliveryKey {
+        pod,
+        client,
+        pod_port,
+        client_port,
+    };
+    unsafe { DELIVERIES.get(delivery) }.is_some()
+}
+
+/// Adds an established loopback socket to `LOOPBACK_SOCKS`, with its flags.
+#[inline(always)]
+fn add_loopback_socket(ctx: &SockOpsContext) {
+    if unsafe { read_volatile(&FAST_PATH) } == 0 {
+        return;
+    }
+    let ops = ctx.ops;
+    // Bytes already received through TCP (Fast Open data in the SYN) would be read after the
+    // ones redirected later: such a connection stays off the fast path.
+    if unsafe { read_volatile(&(*ops).bytes_received) } != 0 {
+        count_fast(FastPathCounter::SocketSkipped);
+        return;
+    }
+    let sk = unsafe { (*ops).__bindgen_anon_2.sk };
+    // Verifier: `sk` in sock_ops is "sock_or_null" (a request socket has none), and helpers
+    // taking a socket need it checked first.
+    if sk.is_null() {
+        return;
+    }
+    // Kernel note: bpf_sk_storage_get in sock_ops needs `sk` in bpf_sock_ops (5.10); the node
+    // turns the fast path off where it is missing (datapath::probe).
+    let state = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&LOOPBACK_FLAGS).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    } as *mut LoopbackState;
+    if state.is_null() {
+        // Without its state a socket's writes could not find the peer, nor fall back for good.
+        count_fast(FastPathCounter::SocketSkipped);
+        return;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = sock_ops_key(ctx, netns);
+    unsafe {
+        (*state).peer = key.peer();
+        (*state).flags = 0;
+        (*state).redirected = 0;
+    }
+    // SAFETY: the context is the `bpf_sock_ops` the kernel passed in.
+    if LOOPBACK_SOCKS
+        .update(key, unsafe { &mut *ops }, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        count_fast(FastPathCounter::SocketSkipped);
+        return;
+    }
+    unsafe { (*state).flags = LOOPBACK_IN_MAP };
+    count_fast(FastPathCounter::SocketAdded);
+}
+
+/// A sock_ops socket's `LoopbackKey`, at establishment (the IPv4 and IPv6 fields are all read
+/// unconditionally, at constant offsets: see `connection_key`). `local_port` is in host byte
+/// order; `remote_port` holds the port in network byte order in its upper 16 bits on little-
+/// endian (the kernel shifts `skc_dport` left by 16), so `u32::from_be` gives the port. When
+/// the handshake completes and no data has moved, `snd_una` is this end's ISN + 1 and
+/// `rcv_nxt` the other end's.
+#[inline(always)]
+fn sock_ops_key(ctx: &SockOpsContext, netns_cookie: u64) -> LoopbackKey {
+    let ops = ctx.ops;
+    let (family, local4, remote4, local6, remote6) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_ip4),
+            read_volatile(&(*ops).remote_ip4),
+            read_v6(&(*ops).local_ip6),
+            read_v6(&(*ops).remote_ip6),
+        )
+    };
+    let (local_port, remote_port, snd_una, rcv_nxt) = unsafe {
+        (
+            read_volatile(&(*ops).local_port),
+            read_volatile(&(*ops).remote_port),
+            read_volatile(&(*ops).snd_una),
+            read_volatile(&(*ops).rcv_nxt),
+        )
+    };
+    let (local, remote) = if family == u32::from(AF_INET) {
+        (IpKey::from_v4_raw(local4), IpKey::from_v4_raw(remote4))
+    } else {
+        (IpKey::from_v6_raw(local6), IpKey::from_v6_raw(remote6))
+    };
+    LoopbackKey {
+        netns_cookie,
+        local,
+        remote,
+        local_port: local_port as u16,
+        remote_port: u32::from_be(remote_port) as u16,
+        local_seq: snd_una,
+        remote_seq: rcv_nxt,
+        _pad: 0,
+    }
+}
+
+/// sk_msg on `LOOPBACK_SOCKS`: runs for every write (sendmsg, sendfile, splice) of a socket in
+/// the map, before TCP sees it.
+#[sk_msg]
+pub fn ambit_loopback_msg(ctx: SkMsgContext) -> u32 {
+    let msg = ctx.msg;
+    let sk = unsafe { (*msg).__bindgen_anon_3.sk };
+    if sk.is_null() {
+        return SK_PASS;
+    }
+    let state = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&LOOPBACK_FLAGS).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    } as *mut LoopbackState;
+    if state.is_null() {
+        return SK_PASS; // not added by us: leave it to TCP
+    }
+    if unsafe { (*state).flags } & LOOPBACK_FELL_BACK != 0 {
+        count_fast(FastPathCounter::Passed);
+        return SK_PASS;
+    }
+    // The budget bounds what the peer can have queued unread (no backpressure: see
+    // LOOPBACK_BUDGET). Past it, this write and every later one go through TCP.
+    let size = u64::from(ctx.size());
+    if unsafe { (*state).redirected } + size > LOOPBACK_BUDGET {
+        unsafe { (*state).flags |= LOOPBACK_FELL_BACK };
+        count_fast(FastPathCounter::Passed);
+        return SK_PASS;
+    }
+    let mut peer = unsafe { (*state).peer };
+    // The helper returns SK_DROP (and redirects nothing) when the peer is not in the map;
+    // the program's own SK_PASS then sends the bytes through TCP.
+    if LOOPBACK_SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS)
+    {
+        unsafe {
+            (*state).flags |= LOOPBACK_REDIRECTED;
+            (*state).redirected += size;
+        }
+        count_fast(FastPathCounter::Redirected);
+    } else {
+        unsafe { (*state).flags |= LOOPBACK_FELL_BACK };
+        count_fast(FastPathCounter::Passed);
+    }
+    SK_PASS
 }
 
 #[cfg(not(test))]

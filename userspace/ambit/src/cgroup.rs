@@ -27,6 +27,46 @@ pub fn find_cgroup2(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
+/// The node process's own cgroup directory, as this process sees the cgroup tree: the cgroup2
+/// mount whose root is the root of this process's cgroup namespace, joined with the path in
+/// `/proc/self/cgroup`. In a container with a private cgroup namespace that is the container's
+/// own cgroup mount at /sys/fs/cgroup (path "/"); elsewhere the host's mount and the full path.
+/// `None` when the process is in the host's root cgroup: nothing may be attached there (every
+/// process on the host would run it).
+pub fn own_cgroup() -> Result<Option<PathBuf>> {
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let membership =
+        std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let Some(path) = membership.lines().find_map(|l| l.strip_prefix("0::")) else {
+        bail!("/proc/self/cgroup has no cgroup v2 line (0::...)");
+    };
+    let Some(mount) = find_namespace_root_cgroup2(&mountinfo) else {
+        bail!("no cgroup2 mount shows this process's cgroup namespace root");
+    };
+    let dir = resolve(&mount, Path::new(path));
+    // Only the root of the whole hierarchy lacks cgroup.events.
+    if !dir.join("cgroup.events").exists() {
+        return Ok(None);
+    }
+    Ok(Some(dir))
+}
+
+/// A cgroup2 mount whose mountinfo root is "/": mountinfo shows a cgroup2 mount's root relative
+/// to the reader's cgroup namespace, so a mount of an outer namespace's tree shows `/..`.
+pub fn find_namespace_root_cgroup2(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mut fields = left.split_whitespace();
+        let root = fields.nth(3)?;
+        let mountpoint = fields.next()?;
+        (root == "/").then(|| PathBuf::from(mountpoint))
+    })
+}
+
 /// Resolves a pod's cgroup from the config: absolute, or relative to the cgroup2 mount.
 pub fn resolve(root: &Path, cgroup: &Path) -> PathBuf {
     if cgroup.starts_with(root) {
@@ -89,6 +129,33 @@ mod tests {
         assert_eq!(find_cgroup2(unified), Some(PathBuf::from("/sys/fs/cgroup")));
         let v1_only = "32 30 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
         assert_eq!(find_cgroup2(v1_only), None);
+    }
+
+    #[test]
+    fn the_own_cgroup_mount_is_the_one_rooted_at_the_namespace_root() {
+        // A DaemonSet container: its own cgroup mount (private cgroup namespace), and the
+        // node's tree mounted by the init container, which shows as outside the namespace.
+        let container = "\
+40 30 0:27 /../../.. /run/ambit/cgroupv2 rw - cgroup2 none rw
+41 30 0:27 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup rw
+";
+        assert_eq!(
+            find_namespace_root_cgroup2(container),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        let host = "31 30 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            find_namespace_root_cgroup2(host),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn this_process_has_a_cgroup_of_its_own_or_is_in_the_root() {
+        // Whatever the machine, the answer is an existing cgroup directory (or the root).
+        if let Some(dir) = own_cgroup().unwrap() {
+            assert!(dir.join("cgroup.procs").exists(), "{}", dir.display());
+        }
     }
 
     #[test]

@@ -4,8 +4,8 @@
 use std::{fs, net::SocketAddr};
 
 use ambit_abi::{
-    map_names as m, Counter, DestinationKey, EnrolledPod, InboundPod, IpKey, MeshDestination,
-    DESTINATION_KIND_SERVICE,
+    map_names as m, Counter, DestinationKey, EnrolledPod, FastPathCounter, InboundPod, IpKey,
+    MeshDestination, DESTINATION_KIND_SERVICE,
 };
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
@@ -72,6 +72,13 @@ pub fn print(pins: &PinLayout) -> Result<()> {
     for counter in Counter::ALL {
         let total: u64 = counters.get(&(counter as u32), 0)?.iter().sum();
         println!("  {:<32} {total}", counter.name());
+    }
+    // Pinned by Ambit versions with the fast path (absent before).
+    if let Ok(fast) = open::<PerCpuArray<MapData, u64>>(pins, m::FAST_PATH_COUNTERS) {
+        for counter in FastPathCounter::ALL {
+            let total: u64 = fast.get(&(counter as u32), 0)?.iter().sum();
+            println!("  {:<32} {total}", counter.name());
+        }
     }
     Ok(())
 }

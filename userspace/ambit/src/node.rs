@@ -111,10 +111,24 @@ impl Node {
         let certs = Arc::new(
             CertManager::new(ca, args.cert_lifetime).with_compliance_policy(args.compliance_policy),
         );
-        let datapath = Datapath::open(&args.bpffs, &args.node, args.ebpf_log, args.capture)?;
+        let mut datapath = Datapath::open(
+            &args.bpffs,
+            &args.node,
+            args.ebpf_log,
+            args.capture,
+            args.fast_path,
+        )?;
+        if datapath.loopback_flags().is_some() {
+            attach_to_own_cgroup(&mut datapath)?;
+        }
         let (state, state_rx) = watch::channel(initial.clone());
         let metrics = Metrics::new();
-        metrics.watch_ebpf_counters(&datapath.pins().map(ambit_abi::map_names::COUNTERS))?;
+        metrics.watch_ebpf_counters(
+            &datapath.pins().map(ambit_abi::map_names::COUNTERS),
+            &datapath
+                .pins()
+                .map(ambit_abi::map_names::FAST_PATH_COUNTERS),
+        )?;
         let proxy = Arc::new(proxy_context(
             &args,
             state_rx,
@@ -302,6 +316,7 @@ fn proxy_context(
         state,
         original_destinations: datapath.original_destinations(),
         deliveries: datapath.deliveries(),
+        loopback_flags: datapath.loopback_flags(),
         node_addresses: Default::default(),
         deliver_from: args.deliver_from,
         capture: args.capture,
@@ -401,6 +416,23 @@ fn xds_settings(args: &NodeArgs) -> XdsSettings {
 }
 
 /// Each captured connection holds a few sockets: raise the soft fd limit to the hard one.
+/// The fast path needs the tunnel's own sockets seen by sock_ops: attach it to the node
+/// process's cgroup (a DaemonSet container's; the lab gives each node one). In the host's root
+/// cgroup it would run for every process on the host, so the node refuses to start there
+/// with the fast path on.
+fn attach_to_own_cgroup(datapath: &mut Datapath) -> Result<()> {
+    let Some(path) = cgroup::own_cgroup()? else {
+        bail!(
+            "--fast-path on needs the node in a cgroup of its own (it is in the host's root \
+             cgroup, where the fast path's sock_ops program would run for every process): run it \
+             in a container or a cgroup of its own, or pass --fast-path off"
+        );
+    };
+    let dir = std::fs::File::open(&path)
+        .with_context(|| format!("opening the node's own cgroup {}", path.display()))?;
+    datapath.attach_tunnel_cgroup(&dir, &path)
+}
+
 fn raise_fd_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

@@ -6,7 +6,7 @@ use std::{
     ffi::CString,
     fs,
     os::unix::process::CommandExt as _,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     thread,
     time::{Duration, Instant},
@@ -36,23 +36,14 @@ impl Lab {
     pub fn command_in(&self, netns_of: &str, cgroup: &Path, program: &str) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.netns(netns_of), program]);
-        let procs = CString::new(cgroup.join("cgroup.procs").to_str().unwrap()).unwrap();
-        // SAFETY: between fork and exec only async-signal-safe calls (open, write, close).
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                libc::close(fd);
-                if !ok {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        join_cgroup(&mut cmd, cgroup);
         cmd
+    }
+
+    /// The cgroup a lab node's `ambit node` runs in: one of its own, as a DaemonSet pod's
+    /// container has (the fast path attaches a program to it).
+    pub fn node_cgroup(&self, node: &str) -> PathBuf {
+        self.cgroup_dir().join(format!("node-{node}"))
     }
 
     /// A command that runs inside a lab node's netns (not in any pod cgroup). `nsenter`, not
@@ -182,6 +173,9 @@ impl Lab {
         extra: &[&str],
     ) -> Result<()> {
         let mut cmd = self.node_command(node, ambit.to_str().unwrap());
+        let cgroup = self.node_cgroup(node);
+        fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+        join_cgroup(&mut cmd, &cgroup);
         cmd.args(["node", "--node", &self.node_name(node), "--config"])
             .arg(config)
             .args(extra)
@@ -267,6 +261,26 @@ impl Lab {
 }
 
 /// SIGTERM, then SIGKILL if `child` has not exited within 5 s.
+/// Makes `cmd` join the cgroup directory `cgroup` (cgroup v2) before it executes.
+pub fn join_cgroup(cmd: &mut Command, cgroup: &Path) {
+    let procs = CString::new(cgroup.join("cgroup.procs").to_str().unwrap()).unwrap();
+    // SAFETY: between fork and exec only async-signal-safe calls (open, write, close).
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+            libc::close(fd);
+            if !ok {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 pub(crate) fn terminate(mut child: Child) {
     // SAFETY: signalling a child we own.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -173,6 +173,13 @@ pub struct NodeArgs {
     /// escape hatch, and the benchmark's previous delivery).
     #[arg(long, value_enum, default_value = "client")]
     pub deliver_from: DeliverFrom,
+    /// `on`: the loopback hops between apps and the tunnel (app → tunnel in the client's
+    /// pod, tunnel → app in the server's) skip loopback TCP: eBPF (sockhash + sk_msg) moves
+    /// each write straight into the other socket. Experimental, off by default: the kernel's
+    /// sockmap has no backpressure, splice() readers never see the bytes, and a burst test
+    /// loses answers (docs/fast-path.md). Kernels with known sockmap bugs get `off` anyway.
+    #[arg(long, value_enum, default_value = "off")]
+    pub fast_path: FastPath,
     /// On SIGTERM: how long open connections may go on before the node exits anyway. Keep it
     /// below the pod's terminationGracePeriodSeconds.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
@@ -267,6 +274,13 @@ pub enum Capture {
 pub enum DeliverFrom {
     Client,
     Pod,
+}
+
+/// `--fast-path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FastPath {
+    On,
+    Off,
 }
 
 /// Levels of the eBPF programs' own logging (aya-log's numbering; 0 is off).

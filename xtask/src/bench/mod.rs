@@ -18,8 +18,8 @@
 //!   iptables capture in a), with as many worker threads as Ambit's nodes: the reference, from
 //!   the same run. Measured when `ambit_lab::Ztunnel::find` finds its binary, else listed as
 //!   skipped with the reason;
-//! - **ambit+sockmap**: the optional sk_msg local-hop bypass. Ambit does not implement it, so it
-//!   is listed as "not implemented" and never measured.
+//! - **ambit+sockmap**: ambit with both nodes on `--fast-path on`: the loopback hops (app →
+//!   tunnel, tunnel → app) carried by sockhash + sk_msg instead of loopback TCP.
 //!
 //! Figures (`stats.rs`): single- and 8-stream throughput (iperf3); request/response latency
 //! p50/p90/p99 for 1 B, 100 B and 1 KiB messages over a long-lived connection; new connections
@@ -72,8 +72,8 @@ pub struct Args {
     /// Seconds per throughput and connection-rate measurement.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     seconds: u32,
-    /// Modes to run, comma-separated, in the order given (ambit+sockmap is not implemented, and
-    /// ztunnel needs its binary: listed in the output, never measured without).
+    /// Modes to run, comma-separated, in the order given (ztunnel needs its binary: listed in
+    /// the output, never measured without).
     #[arg(long, value_delimiter = ',', default_values_t = Mode::ALL)]
     modes: Vec<Mode>,
 }

@@ -26,7 +26,8 @@ pub enum Mode {
     /// Istio's ztunnel instead of Ambit: one in dedicated mode in each of pods a and c, its
     /// own iptables capture in pod a, HBONE between them. Measured when its binary is found.
     Ztunnel,
-    /// `AmbitSameNode` with an sk_msg local-hop bypass: not implemented in Ambit.
+    /// `Ambit` with both nodes on `--fast-path on`: the loopback hops (app → tunnel on n1,
+    /// tunnel → app on n2) carried by sk_msg instead of loopback TCP.
     AmbitSockmap,
 }
 
@@ -81,13 +82,10 @@ impl Mode {
                 "pod a → pod c, Istio's ztunnel in dedicated mode in each pod (its iptables \
                  capture in pod a), HBONE mTLS between them"
             }
-            Mode::AmbitSockmap => "ambit-same-node with the optional sk_msg local-hop bypass",
+            Mode::AmbitSockmap => {
+                "ambit with both nodes on --fast-path on (the loopback hops by sockhash + sk_msg)"
+            }
         }
-    }
-
-    /// False for a mode Ambit does not have: it is listed as "not implemented", never faked.
-    pub fn implemented(self) -> bool {
-        self != Mode::AmbitSockmap
     }
 
     /// The pod the clients run in.
@@ -98,7 +96,7 @@ impl Mode {
     /// The pod the servers (echo server, iperf3 -s) run in.
     pub fn server(self) -> &'static str {
         match self {
-            Mode::AmbitSameNode | Mode::AmbitSockmap => "b",
+            Mode::AmbitSameNode => "b",
             _ => "c",
         }
     }
@@ -115,7 +113,7 @@ impl Mode {
     /// The pods this mode enrolls in Ambit (none: no `ambit node` runs).
     pub fn enrolled(self) -> Vec<&'static str> {
         match self {
-            Mode::Plain | Mode::Relay | Mode::Ztunnel | Mode::AmbitSockmap => Vec::new(),
+            Mode::Plain | Mode::Relay | Mode::Ztunnel => Vec::new(),
             _ => vec![self.client(), self.server()],
         }
     }
@@ -148,6 +146,7 @@ impl Mode {
             Mode::Iptables => &["--capture", "iptables"],
             Mode::AmbitPqc => &["--compliance-policy", "pqc"],
             Mode::AmbitPodSource => &["--deliver-from", "pod"],
+            Mode::AmbitSockmap => &["--fast-path", "on"],
             _ => &[],
         }
     }
@@ -193,7 +192,8 @@ mod tests {
         assert_eq!(Mode::Iptables.nodes(), ["n1", "n2"]);
         assert_eq!(Mode::AmbitSameNode.enrolled(), ["a", "b"]);
         assert_eq!(Mode::AmbitSameNode.nodes(), ["n1"]);
-        assert!(!Mode::AmbitSockmap.implemented());
+        assert_eq!(Mode::AmbitSockmap.nodes(), ["n1", "n2"]);
+        assert_eq!(Mode::AmbitSockmap.node_flags(), ["--fast-path", "on"]);
         assert_eq!(Mode::Iptables.node_flags(), ["--capture", "iptables"]);
         assert_eq!(Mode::AmbitPqc.nodes(), ["n1", "n2"]);
         assert_eq!(Mode::AmbitPqc.node_flags(), ["--compliance-policy", "pqc"]);

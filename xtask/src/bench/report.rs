@@ -70,6 +70,9 @@ fn notes(results: &Results) -> Vec<String> {
             mode.description()
         ));
     }
+    for (mode, what) in &results.failed {
+        notes.push(format!("{}: failed: {what}", mode.name()));
+    }
     notes
 }
 
@@ -150,20 +153,26 @@ pub fn json(results: &Results, machine: Value, settings: Value) -> Value {
                 }),
             );
         }
+        let failed: Vec<&String> = results
+            .failed
+            .iter()
+            .filter(|(m, _)| *m == mode)
+            .map(|(_, what)| what)
+            .collect();
         modes.insert(
             mode.name().into(),
-            json!({ "description": mode.description(), "status": "measured", "figures": figures }),
+            json!({
+                "description": mode.description(),
+                "status": "measured",
+                "figures": figures,
+                "failed": failed,
+            }),
         );
     }
     for (mode, reason) in &results.skipped {
-        let status = if mode.implemented() {
-            "skipped"
-        } else {
-            "not implemented"
-        };
         modes.insert(
             mode.name().into(),
-            json!({ "description": mode.description(), "status": status, "reason": reason }),
+            json!({ "description": mode.description(), "status": "skipped", "reason": reason }),
         );
     }
     json!({ "machine": machine, "settings": settings, "modes": modes })
@@ -172,10 +181,12 @@ pub fn json(results: &Results, machine: Value, settings: Value) -> Value {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::bench::stats::Figures;
 
-    /// Three repetitions of plain and ambit, and sockmap listed.
+    /// Three repetitions of plain and ambit, and ztunnel skipped.
     pub(crate) fn sample_results() -> Results {
-        let mut r = Results::new(&[Mode::Plain, Mode::Ambit, Mode::AmbitSockmap], 3);
+        let mut r = Results::new(&[Mode::Plain, Mode::Ambit, Mode::Ztunnel], 3);
+        r.skip(Mode::Ztunnel, "no ztunnel binary".into());
         for (p, a) in [(40.0, 4.0), (42.0, 5.0), (41.0, 6.0)] {
             r.push(Mode::Plain, Figure::Throughput1, p);
             r.push(Mode::Ambit, Figure::Throughput1, a);
@@ -189,6 +200,10 @@ pub(crate) mod tests {
             r.push(Mode::Ambit, Figure::RssIdle, a + 10.0);
         }
         r.push(Mode::Ambit, Figure::RssPer1000, 1.25);
+        let mut failed = Figures::default();
+        failed.fail("throughput, 8 streams: ENOMEM".into());
+        r.add(Mode::Ambit, &failed);
+        r.add(Mode::Ambit, &failed);
         r
     }
 
@@ -209,13 +224,13 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn text_table_is_aligned_and_lists_sockmap() {
+    fn text_table_is_aligned_and_lists_skipped_modes() {
         let t = text_table(&sample_results());
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("figure"));
         assert!(lines[0].contains("plain") && lines[0].contains("ambit"));
         assert!(
-            !lines[0].contains("sockmap"),
+            !lines[0].contains("ztunnel"),
             "no column for an unmeasured mode"
         );
         // The plain column starts at the same character in every row.
@@ -226,7 +241,7 @@ pub(crate) mod tests {
             assert!(before.ends_with("  "), "{line:?}");
         }
         assert!(t.contains("throughput, 1 stream (Gbit/s)"));
-        assert!(t.contains("ambit+sockmap: not implemented"));
+        assert!(t.contains("ztunnel: no ztunnel binary"));
     }
 
     #[test]
@@ -237,7 +252,9 @@ pub(crate) mod tests {
         assert_eq!(table[1], "|---|---|---|");
         // 2 throughputs, 3 latency percentiles, RSS idle, RSS per 1,000.
         assert_eq!(table.len(), 2 + 7);
-        assert!(md.contains("- ambit+sockmap: not implemented"));
+        assert!(md.contains("- ztunnel: no ztunnel binary"));
+        assert!(md.contains("- ambit: failed: throughput, 8 streams: ENOMEM"));
+        assert_eq!(md.matches("ENOMEM").count(), 1, "each failure once");
     }
 
     #[test]
@@ -251,7 +268,11 @@ pub(crate) mod tests {
             v["modes"]["plain"]["figures"]["throughput_1_stream_gbit_s"]["ratio_to_plain"],
             Value::Null
         );
-        assert_eq!(v["modes"]["ambit+sockmap"]["status"], "not implemented");
+        assert_eq!(v["modes"]["ztunnel"]["status"], "skipped");
+        assert_eq!(
+            v["modes"]["ambit"]["failed"][0],
+            "throughput, 8 streams: ENOMEM"
+        );
         assert_eq!(v["machine"]["nproc"], 2);
     }
 }

@@ -121,9 +121,18 @@ pub fn size_label(bytes: u32) -> String {
 
 /// One measurement of one mode: the figures it produced (a figure a mode lacks is absent).
 #[derive(Debug, Clone, Default)]
-pub struct Figures(BTreeMap<Figure, f64>);
+pub struct Figures(BTreeMap<Figure, f64>, Vec<String>);
 
 impl Figures {
+    /// A measurement of this repetition that failed (the others still count), and why.
+    pub fn fail(&mut self, what: String) {
+        self.1.push(what);
+    }
+
+    pub fn failures(&self) -> &[String] {
+        &self.1
+    }
+
     pub fn set(&mut self, figure: Figure, value: f64) {
         self.0.insert(figure, value);
     }
@@ -172,6 +181,8 @@ pub struct Results {
     pub modes: Vec<Mode>,
     /// Modes listed but not measured, and why: not implemented, or what they need is missing.
     pub skipped: Vec<(Mode, String)>,
+    /// Measurements that failed, per mode (each once, with the repetitions it failed in).
+    pub failed: Vec<(Mode, String)>,
     pub repetitions: u32,
     samples: BTreeMap<(Mode, Figure), Vec<f64>>,
 }
@@ -179,12 +190,9 @@ pub struct Results {
 impl Results {
     pub fn new(modes: &[Mode], repetitions: u32) -> Self {
         Results {
-            modes: modes.iter().copied().filter(|m| m.implemented()).collect(),
-            skipped: modes
-                .iter()
-                .filter(|m| !m.implemented())
-                .map(|&m| (m, "not implemented".to_owned()))
-                .collect(),
+            modes: modes.to_vec(),
+            skipped: Vec::new(),
+            failed: Vec::new(),
             repetitions,
             samples: BTreeMap::new(),
         }
@@ -201,6 +209,11 @@ impl Results {
     pub fn add(&mut self, mode: Mode, figures: &Figures) {
         for (&figure, &value) in &figures.0 {
             self.push(mode, figure, value);
+        }
+        for what in &figures.1 {
+            if !self.failed.iter().any(|(m, w)| *m == mode && w == what) {
+                self.failed.push((mode, what.clone()));
+            }
         }
     }
 
@@ -280,9 +293,9 @@ mod tests {
 
     #[test]
     fn results_ratio_to_plain_uses_medians() {
-        let mut r = Results::new(&[Mode::Plain, Mode::Ambit, Mode::AmbitSockmap], 3);
+        let mut r = Results::new(&[Mode::Plain, Mode::Ambit], 3);
         assert_eq!(r.modes, [Mode::Plain, Mode::Ambit]);
-        assert_eq!(r.skipped, [(Mode::AmbitSockmap, "not implemented".into())]);
+        assert!(r.skipped.is_empty());
         for (p, a) in [(10.0, 4.0), (12.0, 6.0), (100.0, 5.0)] {
             r.push(Mode::Plain, Figure::Throughput1, p);
             r.push(Mode::Ambit, Figure::Throughput1, a);
@@ -301,8 +314,8 @@ mod tests {
     fn a_skipped_mode_moves_to_the_skipped_list() {
         let mut r = Results::new(&[Mode::Plain, Mode::Ztunnel, Mode::AmbitSockmap], 1);
         r.skip(Mode::Ztunnel, "no ztunnel binary".into());
-        assert_eq!(r.modes, [Mode::Plain]);
-        assert_eq!(r.skipped[1], (Mode::Ztunnel, "no ztunnel binary".into()));
+        assert_eq!(r.modes, [Mode::Plain, Mode::AmbitSockmap]);
+        assert_eq!(r.skipped[0], (Mode::Ztunnel, "no ztunnel binary".into()));
     }
 
     #[test]

@@ -186,11 +186,7 @@ fn draw_panel(svg: &mut String, results: &Results, panel: &Panel, top: f64) {
         let centre = gx + group_width / 2.0;
         text(svg, centre, plot_bottom + 18.0, "middle", "", mode.name());
         if !results.modes.contains(&mode) {
-            let why = if mode.implemented() {
-                "not measured"
-            } else {
-                "not implemented"
-            };
+            let why = "not measured";
             text(
                 svg,
                 centre,
@@ -291,7 +287,7 @@ mod tests {
     }
 
     #[test]
-    fn chart_has_bars_values_legend_and_sockmap() {
+    fn chart_has_bars_values_legend_and_skipped_modes() {
         let svg = chart(&sample_results());
         // 2 modes × (3 latency + 2 throughput series).
         assert_eq!(svg.matches("class=\"bar\"").count(), 10);
@@ -310,7 +306,7 @@ mod tests {
             svg.contains(">5.00<"),
             "the ambit 1-stream median is written on its bar"
         );
-        assert_eq!(svg.matches("not implemented").count(), 2);
+        assert_eq!(svg.matches("not measured").count(), 2);
         assert_well_formed(&svg);
     }
 

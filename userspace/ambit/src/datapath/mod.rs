@@ -17,19 +17,21 @@ use std::{
 
 use ambit_abi::{
     map_names as m, program_names as p, ConnectionKey, DeliveryKey, DestinationKey, EnrolledPod,
-    InboundPod, IpKey, MeshDestination as AbiMeshDestination, OriginalDestination, PendingConnect,
-    DELIVERY_PRESENT, DESTINATION_KIND_SERVICE, DESTINATION_KIND_WORKLOAD, NODE_ADDRESS_PRESENT,
+    FastPathCounter, InboundPod, IpKey, LoopbackKey, LoopbackState,
+    MeshDestination as AbiMeshDestination, OriginalDestination, PendingConnect, DELIVERY_PRESENT,
+    DESTINATION_KIND_SERVICE, DESTINATION_KIND_WORKLOAD, LOOPBACK_FELL_BACK, LOOPBACK_IN_MAP,
+    LOOPBACK_REDIRECTED, NODE_ADDRESS_PRESENT,
 };
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{HashMap, MapData, SockHash},
-    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, Iter, SkLookup, SockOps},
+    maps::{HashMap, MapData, SkStorage, SockHash},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, Iter, SkLookup, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use crate::{netns::Netns, state::MeshDestination};
-pub use ambit_settings::{Capture, EbpfLogLevel};
+use crate::{netns::Netns, observability::FastPathUse, state::MeshDestination};
+pub use ambit_settings::{Capture, EbpfLogLevel, FastPath};
 pub use pins::PinLayout;
 
 /// cgroup programs attach through bpf_link (5.7+), and bpf_links on a cgroup always coexist
@@ -51,6 +53,15 @@ pub struct Datapath {
     node_addresses: HashMap<MapData, IpKey, u32>,
     original_destinations: OriginalDestinations,
     deliveries: Deliveries,
+    /// The fast path's maps, when it is on (`--fast-path on` on a kernel that has it).
+    fast_path: Option<FastPathMaps>,
+}
+
+/// The fast path's maps. The sockhash is kept open for as long as the node runs: the sk_msg
+/// program is attached to it, and a new node process starts its own.
+struct FastPathMaps {
+    _sockets: SockHash<MapData, LoopbackKey>,
+    flags: LoopbackFlags,
 }
 
 impl Datapath {
@@ -62,6 +73,7 @@ impl Datapath {
         node: &str,
         ebpf_log: EbpfLogLevel,
         capture: Capture,
+        fast_path: FastPath,
     ) -> Result<Self> {
         if !pins::is_bpffs(bpffs) {
             bail!(
@@ -75,6 +87,14 @@ impl Datapath {
         if ebpf_log != EbpfLogLevel::Off && !features.has_ring_buffers() {
             bail!("--ebpf-log needs BPF ring buffers (Linux 5.8)");
         }
+        let fast_path = fast_path == FastPath::On
+            && match features.fast_path_unsafe() {
+                None => true,
+                Some(why) => {
+                    warn!("the fast path is off on this kernel: {why}");
+                    false
+                }
+            };
         let pins = PinLayout::new(bpffs, node)?;
         fs::create_dir_all(pins.pods_dir())
             .with_context(|| format!("creating {}", pins.pods_dir().display()))?;
@@ -89,6 +109,8 @@ impl Datapath {
         // A load-time constant: with 0 the verifier removes the log calls entirely.
         let level = ebpf_log as u8;
         loader.override_global("AYA_LOG_LEVEL", &level, true);
+        let fast_path_global = u8::from(fast_path);
+        loader.override_global("FAST_PATH", &fast_path_global, true);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
@@ -114,6 +136,15 @@ impl Datapath {
                 .with_context(|| format!("verifier rejected {name}"))?;
         }
 
+        if fast_path {
+            program::<SockOps>(&mut ebpf, p::TUNNEL_SOCKOPS)?
+                .load()
+                .with_context(|| format!("verifier rejected {}", p::TUNNEL_SOCKOPS))?;
+            program::<SkMsg>(&mut ebpf, p::LOOPBACK_MSG)?
+                .load()
+                .with_context(|| format!("verifier rejected {}", p::LOOPBACK_MSG))?;
+        }
+
         if ebpf_log != EbpfLogLevel::Off {
             forward_ebpf_logs(&mut ebpf)?;
         }
@@ -132,7 +163,25 @@ impl Datapath {
         let deliveries = Deliveries(Arc::new(Mutex::new(HashMap::try_from(take(
             m::DELIVERIES,
         )?)?)));
-        info!(pins = %pins.root().display(), "eBPF programs loaded");
+        let fast_path = if fast_path {
+            let sockets: SockHash<MapData, LoopbackKey> =
+                SockHash::try_from(take(m::LOOPBACK_SOCKETS)?)?;
+            let flags = LoopbackFlags(Arc::new(SkStorage::try_from(take(m::LOOPBACK_FLAGS)?)?));
+            program::<SkMsg>(&mut ebpf, p::LOOPBACK_MSG)?
+                .attach(sockets.fd())
+                .with_context(|| format!("attaching {} to its sockhash", p::LOOPBACK_MSG))?;
+            Some(FastPathMaps {
+                _sockets: sockets,
+                flags,
+            })
+        } else {
+            None
+        };
+        info!(
+            pins = %pins.root().display(),
+            fast_path = fast_path.is_some(),
+            "eBPF programs loaded"
+        );
         Ok(Self {
             ebpf,
             capture,
@@ -144,7 +193,33 @@ impl Datapath {
             node_addresses,
             original_destinations,
             deliveries,
+            fast_path,
         })
+    }
+
+    /// The fast path's per-socket flags, when the fast path is on.
+    pub fn loopback_flags(&self) -> Option<LoopbackFlags> {
+        self.fast_path.as_ref().map(|f| f.flags.clone())
+    }
+
+    /// Attaches `ambit_tunnel_sockops` to the node process's own cgroup, so that the tunnel's
+    /// ends of the loopback hops join the fast path. The link is not pinned: it belongs to this
+    /// process and goes with it.
+    pub fn attach_tunnel_cgroup(&mut self, cgroup: &File, path: &Path) -> Result<()> {
+        if self.fast_path.is_none() {
+            return Ok(());
+        }
+        program::<SockOps>(&mut self.ebpf, p::TUNNEL_SOCKOPS)?
+            .attach(cgroup, LINK_MODE)
+            .with_context(|| {
+                format!(
+                    "attaching {} to the node's own cgroup {}",
+                    p::TUNNEL_SOCKOPS,
+                    path.display()
+                )
+            })?;
+        info!(cgroup = %path.display(), "fast path on");
+        Ok(())
     }
 
     pub fn pins(&self) -> &PinLayout {
@@ -447,7 +522,7 @@ where
 /// Every map of the eBPF object: its name (`ambit_abi::map_names`) and the key and value sizes
 /// this userspace reads it with. A test (tests/bpftool.rs) holds it against what the kernel
 /// made from the eBPF crate's statics.
-pub fn map_layout() -> [(&'static str, usize, usize); 9] {
+pub fn map_layout() -> [(&'static str, usize, usize); 10] {
     use std::mem::size_of;
     [
         (
@@ -475,6 +550,7 @@ pub fn map_layout() -> [(&'static str, usize, usize); 9] {
         (m::COUNTERS, size_of::<u32>(), size_of::<u64>()),
         (m::NODE_ADDRESSES, size_of::<IpKey>(), size_of::<u32>()),
         (m::DELIVERIES, size_of::<DeliveryKey>(), size_of::<u32>()),
+        (m::FAST_PATH_COUNTERS, size_of::<u32>(), size_of::<u64>()),
     ]
 }
 
@@ -502,14 +578,19 @@ fn check_pinned_maps(pins: &PinLayout) -> Result<()> {
         }
         // COUNTERS grows when a program learns to count something new (bind_refused did): an
         // older, shorter array would be adopted as is and the new counters silently lost.
-        if name == m::COUNTERS && info.max_entries() != ambit_abi::Counter::COUNT {
+        let counters = match name {
+            m::COUNTERS => Some(ambit_abi::Counter::COUNT),
+            m::FAST_PATH_COUNTERS => Some(FastPathCounter::COUNT),
+            _ => None,
+        };
+        if let Some(count) = counters.filter(|count| info.max_entries() != *count) {
             bail!(
                 "pinned map {} has {} counters but this Ambit counts {}: it was made by another \
                  Ambit version. Remove the node's pins with `ambit reset --node <node>` and start \
                  again.",
                 path.display(),
                 info.max_entries(),
-                ambit_abi::Counter::COUNT
+                count
             );
         }
     }
@@ -610,6 +691,25 @@ pub struct Announced {
 impl Drop for Announced {
     fn drop(&mut self) {
         let _ = self.deliveries.lock().unwrap().remove(&self.key);
+    }
+}
+
+/// Read-only handle on `LOOPBACK_FLAGS`, shared with the proxy: what the fast path did with
+/// one of the tunnel's sockets.
+#[derive(Clone)]
+pub struct LoopbackFlags(Arc<SkStorage<MapData, LoopbackState>>);
+
+impl LoopbackFlags {
+    /// One map lookup (a syscall), keyed by the socket itself.
+    pub fn of(&self, socket: &impl AsRawFd) -> FastPathUse {
+        let flags = self.0.get(socket, 0).map_or(0, |state| state.flags);
+        if flags & LOOPBACK_FELL_BACK != 0 {
+            FastPathUse::FellBack
+        } else if flags & (LOOPBACK_IN_MAP | LOOPBACK_REDIRECTED) != 0 {
+            FastPathUse::Yes
+        } else {
+            FastPathUse::No
+        }
     }
 }
 

@@ -136,6 +136,27 @@ impl KernelFeatures {
                 required: true,
                 present: version.is_none() || at_least(5, 7),
             },
+            // The fast path (`--fast-path`): optional, off where any of these is missing.
+            Feature {
+                name: "sk_msg programs (fast path)",
+                since: "4.17",
+                required: false,
+                present: prog(ProgramType::SkMsg),
+            },
+            Feature {
+                name: "socket-local storage in sock_ops and sk_msg (fast path)",
+                since: "5.10",
+                required: false,
+                present: map(MapType::SkStorage)
+                    && helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_sk_storage_get)
+                    && helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_sk_storage_get),
+            },
+            Feature {
+                name: FAST_PATH_BUGS_FIXED,
+                since: FAST_PATH_SAFE_SINCE_TEXT,
+                required: false,
+                present: version.is_some_and(fast_path_safe_kernel),
+            },
             Feature {
                 name:
                     "TCX (link-based tc; not used by Ambit, which attaches nothing to interfaces)",
@@ -173,6 +194,17 @@ impl KernelFeatures {
         Ok(())
     }
 
+    /// Why the fast path cannot run on this kernel, if it cannot.
+    pub fn fast_path_unsafe(&self) -> Option<String> {
+        let missing: Vec<String> = self
+            .features
+            .iter()
+            .filter(|f| f.name.contains("fast path") && !f.present)
+            .map(|f| format!("{} (Linux {})", f.name, f.since))
+            .collect();
+        (!missing.is_empty()).then(|| missing.join("; "))
+    }
+
     pub fn has_ring_buffers(&self) -> bool {
         self.features
             .iter()
@@ -205,6 +237,44 @@ fn short(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_path_gate_follows_each_branchs_fix() {
+        let v = KernelVersion::new;
+        for (kernel, safe) in [
+            (v(5, 10, 200), false),
+            (v(5, 15, 65), false),
+            (v(5, 15, 66), true),
+            (v(5, 15, 180), true),
+            (v(5, 19, 17), false),
+            (v(6, 0, 0), true),
+            (v(6, 1, 158), true),
+            (v(6, 18, 44), true),
+        ] {
+            assert_eq!(fast_path_safe_kernel(kernel), safe, "{kernel:?}");
+        }
+    }
+
+    #[test]
+    fn the_fast_path_is_off_where_a_piece_is_missing_and_says_which() {
+        let features = |present: bool| KernelFeatures {
+            version: Some(KernelVersion::new(6, 1, 0)),
+            features: vec![Feature {
+                name: "sk_msg programs (fast path)",
+                since: "4.17",
+                required: false,
+                present,
+            }],
+            btf: None,
+        };
+        assert_eq!(features(true).fast_path_unsafe(), None);
+        let why = features(false).fast_path_unsafe().unwrap();
+        assert!(
+            why.contains("sk_msg programs (fast path) (Linux 4.17)"),
+            "{why}"
+        );
+        features(false).require().unwrap();
+    }
 
     #[test]
     fn a_missing_required_feature_is_named_with_its_kernel() {
@@ -243,4 +313,20 @@ mod tests {
         }
         KernelFeatures::probe().require().unwrap();
     }
+}
+
+/// The fast path's kernel gate (docs/fast-path.md lists the bugs behind it).
+const FAST_PATH_BUGS_FIXED: &str =
+    "the sockmap fix for sk_msg ingress redirect, \"skmsg: Fix wrong last sg check in sk_msg_recvmsg()\" (fast path)";
+const FAST_PATH_SAFE_SINCE_TEXT: &str = "5.15.66 or 6.0";
+
+/// Whether kernel `v` has the sockmap fixes the fast path relies on. Stable branches get a fix
+/// at their own patch level: the NULL dereference in `sk_msg_recvmsg` that exactly this setup
+/// (sk_msg redirect to ingress, no verdict program) hits came with 5.16 (and into 5.15.y) and
+/// was fixed in 6.0 and 5.15.66; 5.16–5.19 are out of support with it.
+fn fast_path_safe_kernel(v: KernelVersion) -> bool {
+    if v >= KernelVersion::new(6, 0, 0) {
+        return true;
+    }
+    v >= KernelVersion::new(5, 15, 66) && v < KernelVersion::new(5, 16, 0)
 }

@@ -10,7 +10,7 @@ use std::{
 
 use tracing::info;
 
-use super::metrics::{Metrics, TcpLabels};
+use super::metrics::{FastPathLabels, Metrics, TcpLabels};
 use crate::{
     config::WorkloadTelemetry,
     state::{ServiceName, WorkloadInfo},
@@ -67,6 +67,8 @@ pub struct ConnectionRecord {
     mtls: bool,
     start: Instant,
     labels: TcpLabels,
+    /// Whether the loopback hop on this node took the fast path (`--fast-path on` only).
+    fast_path: Option<FastPathUse>,
 }
 
 /// Istio's `response_flags` label (and the access log's): how a connection ended.
@@ -106,6 +108,17 @@ pub enum Outcome {
     Denied { policy: String },
     /// Could not connect upstream (`Connect`) or TLS failed (`TlsFailure`).
     Failed { flag: ResponseFlag, error: String },
+}
+
+/// The fast path as one connection took it, seen from the tunnel's end of a loopback hop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FastPathUse {
+    /// The socket is in the fast path's sockhash, and none of its writes has fallen back to TCP.
+    Yes,
+    /// The socket is in the map, but a write of its own found no peer and went through TCP.
+    FellBack,
+    /// Not on the fast path (off, a Fast Open connection, the map full).
+    No,
 }
 
 /// What is known of a connection when it opens.
@@ -149,7 +162,31 @@ impl ConnectionRecord {
             mtls,
             start: Instant::now(),
             labels,
+            fast_path: None,
         }
+    }
+
+    /// Records whether this connection's loopback hop on this node (the app's connection to
+    /// the tunnel, or the tunnel's delivery to the app) is on the fast path, and counts it in
+    /// `ambit_fast_path_connections`.
+    pub fn set_fast_path(&mut self, fast_path: FastPathUse) {
+        let hop = match self.reporter {
+            Reporter::Source => "outbound",
+            Reporter::Destination => "inbound",
+        };
+        let label = match fast_path {
+            FastPathUse::Yes => "yes",
+            FastPathUse::FellBack => "fell_back",
+            FastPathUse::No => "no",
+        };
+        self.metrics
+            .fast_path
+            .get_or_create(&FastPathLabels {
+                hop,
+                fast_path: label,
+            })
+            .inc();
+        self.fast_path = Some(fast_path);
     }
 
     /// Counts the connection as closed (and failed, if it did) and writes the access log line.
@@ -227,6 +264,12 @@ impl ConnectionRecord {
             response_flags = flag.as_str(),
             policy = decision,
             error = error.unwrap_or("-"),
+            fast_path = match self.fast_path {
+                None => "-",
+                Some(FastPathUse::Yes) => "yes",
+                Some(FastPathUse::FellBack) => "fell_back",
+                Some(FastPathUse::No) => "no",
+            },
             "connection complete"
         );
     }

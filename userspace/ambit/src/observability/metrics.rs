@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use ambit_abi::Counter as EbpfCounter;
+use ambit_abi::{Counter as EbpfCounter, FastPathCounter};
 use aya::maps::{Map, MapData, PerCpuArray};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
@@ -49,6 +49,18 @@ struct EbpfLabels {
     event: String,
 }
 
+/// `ambit_fast_path_connections`: one per connection with a loopback hop on this node, by
+/// which hop (`outbound`: app → tunnel in the client's pod; `inbound`: tunnel → app in the
+/// server's) and what the fast path did (`yes`, `fell_back`, `no`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FastPathLabels {
+    pub hop: &'static str,
+    pub fast_path: &'static str,
+}
+
+/// A pinned per-CPU counter array and the event name of each index.
+type EbpfSource = (PerCpuArray<MapData, u64>, Vec<(u32, &'static str)>);
+
 pub struct Metrics {
     registry: Registry,
     pub opened: Family<TcpLabels, Counter>,
@@ -56,8 +68,9 @@ pub struct Metrics {
     pub failed: Family<TcpLabels, Counter>,
     pub sent_bytes: Family<TcpLabels, Counter>,
     pub received_bytes: Family<TcpLabels, Counter>,
+    pub fast_path: Family<FastPathLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
-    ebpf_source: Mutex<Option<PerCpuArray<MapData, u64>>>,
+    ebpf_sources: Mutex<Vec<EbpfSource>>,
 }
 
 impl Metrics {
@@ -69,6 +82,7 @@ impl Metrics {
         let sent_bytes = Family::<TcpLabels, Counter>::default();
         let received_bytes = Family::<TcpLabels, Counter>::default();
         let ebpf = Family::<EbpfLabels, Counter>::default();
+        let fast_path = Family::<FastPathLabels, Counter>::default();
         // prometheus-client adds the `_total` suffix of counters.
         registry.register(
             "istio_tcp_connections_opened",
@@ -100,6 +114,11 @@ impl Metrics {
             "Decisions of Ambit's eBPF programs (all CPUs)",
             ebpf.clone(),
         );
+        registry.register(
+            "ambit_fast_path_connections",
+            "Connections by loopback hop and whether the fast path (sk_msg) carried it",
+            fast_path.clone(),
+        );
         Arc::new(Self {
             registry,
             opened,
@@ -107,28 +126,49 @@ impl Metrics {
             failed,
             sent_bytes,
             received_bytes,
+            fast_path,
             ebpf,
-            ebpf_source: Mutex::new(None),
+            ebpf_sources: Mutex::new(Vec::new()),
         })
     }
 
-    /// Reads the eBPF counters from this pinned map from now on.
-    pub fn watch_ebpf_counters(&self, pinned: &std::path::Path) -> anyhow::Result<()> {
-        let map = Map::from_map_data(MapData::from_pin(pinned)?)?;
-        *self.ebpf_source.lock().unwrap() = Some(PerCpuArray::try_from(map)?);
+    /// Reads the eBPF counters from these pinned maps (`COUNTERS`, `FAST_PATH_COUNTERS`) from
+    /// now on.
+    pub fn watch_ebpf_counters(
+        &self,
+        counters: &std::path::Path,
+        fast_path_counters: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        let open = |pinned: &std::path::Path| -> anyhow::Result<PerCpuArray<MapData, u64>> {
+            let map = Map::from_map_data(MapData::from_pin(pinned)?)?;
+            Ok(PerCpuArray::try_from(map)?)
+        };
+        let mut sources = self.ebpf_sources.lock().unwrap();
+        sources.clear();
+        sources.push((
+            open(counters)?,
+            EbpfCounter::ALL
+                .iter()
+                .map(|c| (*c as u32, c.name()))
+                .collect(),
+        ));
+        sources.push((
+            open(fast_path_counters)?,
+            FastPathCounter::ALL
+                .iter()
+                .map(|c| (*c as u32, c.name()))
+                .collect(),
+        ));
         Ok(())
     }
 
     /// The OpenMetrics text of everything.
     pub fn render(&self) -> String {
-        if let Some(map) = self.ebpf_source.lock().unwrap().as_ref() {
-            for counter in EbpfCounter::ALL {
-                let total: u64 = map
-                    .get(&(counter as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
+        for (map, counters) in self.ebpf_sources.lock().unwrap().iter() {
+            for (index, name) in counters {
+                let total: u64 = map.get(index, 0).map(|v| v.iter().sum()).unwrap_or(0);
                 let metric = self.ebpf.get_or_create(&EbpfLabels {
-                    event: counter.name().to_owned(),
+                    event: (*name).to_owned(),
                 });
                 let seen = metric.get();
                 if total > seen {

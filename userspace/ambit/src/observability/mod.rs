@@ -7,5 +7,7 @@ pub mod connection;
 pub mod http;
 pub mod metrics;
 
-pub use connection::{ConnectionRecord, Opened, Outcome, Peer, Reporter, ResponseFlag};
+pub use connection::{
+    ConnectionRecord, FastPathUse, Opened, Outcome, Peer, Reporter, ResponseFlag,
+};
 pub use metrics::Metrics;

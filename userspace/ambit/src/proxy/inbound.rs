@@ -178,7 +178,7 @@ impl HboneServer {
                 },
             },
         );
-        let (record, mut tracked) = match admission {
+        let (mut record, mut tracked) = match admission {
             Admission::Admitted { record, tracked } => (record, tracked),
             Admission::Denied { record, policy, .. } => {
                 info!(dst = %target, policy, status = 401, "HBONE request denied by policy");
@@ -212,6 +212,7 @@ impl HboneServer {
                 return Ok(());
             }
         };
+        self.ctx.note_fast_path(&mut record, &app);
         // At debug, like the outbound side's "captured outbound connection": the access log
         // line at the end is the one info line per connection.
         debug!(dst = %target, src_identity = %peer_identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "-".into()), "HBONE stream accepted");

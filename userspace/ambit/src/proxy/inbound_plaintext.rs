@@ -50,7 +50,7 @@ impl InboundPlaintext {
                 transport: Transport::Plaintext,
             },
         );
-        let (record, mut tracked) = match admission {
+        let (mut record, mut tracked) = match admission {
             Admission::Admitted { record, tracked } => (record, tracked),
             // Closed without a byte, as ztunnel does for denied plaintext.
             Admission::Denied {
@@ -83,6 +83,7 @@ impl InboundPlaintext {
                 return Ok(());
             }
         };
+        self.ctx.note_fast_path(&mut record, &app);
         let (t, result) = tokio::select! {
             r = relay::relay(stream, app) => r,
             reason = tracked.revoked() => {

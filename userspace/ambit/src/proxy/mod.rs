@@ -28,15 +28,19 @@ use std::{
 
 use ambit_abi::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use anyhow::{Context as _, Result};
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinHandle,
+};
 use tracing::debug;
 
 use crate::{
-    datapath::{Capture, Deliveries, OriginalDestinations},
+    datapath::{Capture, Deliveries, LoopbackFlags, OriginalDestinations},
     drain::Drain,
     hbone::{client::HboneClient, HboneSettings},
     netns::Netns,
-    observability::Metrics,
+    observability::{ConnectionRecord, Metrics},
     socket::accept,
     state::State,
     tls::{CertManager, Identity},
@@ -48,6 +52,8 @@ pub struct ProxyContext {
     pub original_destinations: OriginalDestinations,
     /// Announces the tunnel's deliveries to apps, so that sk_lookup lets them through.
     pub deliveries: Deliveries,
+    /// The fast path's per-socket flags (`--fast-path on`): whether a connection took it.
+    pub loopback_flags: Option<LoopbackFlags>,
     /// The node's addresses as its pods see them (`NODE_ADDRESSES`), kept by the agent.
     pub node_addresses: RwLock<BTreeSet<IpAddr>>,
     /// `--deliver-from`.
@@ -65,6 +71,14 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
+    /// With the fast path on: records on `record` whether the tunnel's end of this node's
+    /// loopback hop (`socket`) is on it. One map lookup per connection.
+    pub fn note_fast_path(&self, record: &mut ConnectionRecord, socket: &TcpStream) {
+        if let Some(flags) = &self.loopback_flags {
+            record.set_fast_path(flags.of(socket));
+        }
+    }
+
     pub fn is_node_address(&self, ip: IpAddr) -> bool {
         self.node_addresses.read().unwrap().contains(&ip)
     }

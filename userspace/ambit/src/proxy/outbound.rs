@@ -97,7 +97,7 @@ impl Outbound {
             addr: SocketAddr::new(pod_ip, peer.port()),
         };
         let hbone = upstream.protocol == Protocol::Hbone;
-        let record = ConnectionRecord::open(
+        let mut record = ConnectionRecord::open(
             self.ctx.metrics.clone(),
             Opened {
                 reporter: Reporter::Source,
@@ -111,6 +111,7 @@ impl Outbound {
                 service: upstream.service.clone(),
             },
         );
+        self.ctx.note_fast_path(&mut record, &stream);
         let connection = match connector::connect(&self.ctx, &source, &upstream).await {
             Ok(c) => c,
             Err(e) => {

@@ -76,7 +76,14 @@ impl KubeAgent {
         // made on the host later (the runtime's netns files) reach it (HostToContainer).
         let host_proc = Self::proc_root_in(dir);
         fs::create_dir_all(&host_proc).unwrap();
-        let child = Command::new("unshare")
+        // In a cgroup of its own, as a DaemonSet pod's container (the fast path attaches a
+        // program to the agent's cgroup). Named after the node, so that a sweep of the test's
+        // prefix finds it.
+        let cgroup = Self::cgroup_of(node);
+        fs::create_dir_all(&cgroup).unwrap();
+        let mut command = Command::new("unshare");
+        ambit_lab::join_cgroup(&mut command, &cgroup);
+        let child = command
             .args(["--mount", "--propagation", "slave", "--", "sh", "-c"])
             .arg(
                 "mount --bind /proc \"$0\" && mount --bind /proc/sys /proc/sys && \
@@ -207,6 +214,12 @@ impl KubeAgent {
             .collect()
     }
 
+    fn cgroup_of(node: &str) -> PathBuf {
+        ambit_lab::cgroup2_root()
+            .unwrap()
+            .join(format!("{node}-agent"))
+    }
+
     /// Its pins (`/sys/fs/bpf/ambit/<node>`).
     pub fn pins(&self) -> PathBuf {
         Path::new("/sys/fs/bpf/ambit").join(&self.node)
@@ -218,6 +231,7 @@ impl Drop for KubeAgent {
         self.stop();
         // What a killed agent left pinned (the links with it: unpinned, they detach).
         let _ = fs::remove_dir_all(self.pins());
+        let _ = fs::remove_dir(Self::cgroup_of(&self.node));
     }
 }
 

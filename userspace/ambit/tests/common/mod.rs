@@ -29,6 +29,16 @@ pub fn test_prefix() -> String {
     std::env::var("AMBIT_TEST_PREFIX").unwrap_or_else(|_| "ambit-t".to_owned())
 }
 
+/// Flags every lab node of the tests gets on top of each test's own: AMBIT_TEST_NODE_ARGS,
+/// whitespace-separated (`cargo xtask test` runs suites again with `--fast-path on`).
+pub fn node_args_from_env() -> Vec<String> {
+    std::env::var("AMBIT_TEST_NODE_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
 pub struct TestLab {
     pub lab: Lab,
     pub dir: PathBuf,
@@ -192,6 +202,7 @@ impl TestLab {
         (setup.ca)(&lab, &ca).expect("the lab's CA");
         let mut args = vec!["--ca-dir".to_owned(), ca.display().to_string()];
         args.extend(setup.node_args.iter().map(|a| a.to_string()));
+        args.extend(node_args_from_env());
         for pod in setup.http_pods {
             let www = dir.join(format!("www-{pod}"));
             fs::create_dir_all(&www).unwrap();

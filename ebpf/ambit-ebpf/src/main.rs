@@ -653,10 +653,8 @@ pub fn ambit_tunnel_sockops(ctx: SockOpsContext) -> u32 {
                 add_loopback_socket(&ctx);
             }
         }
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            if is_delivery(&ctx, Side::Tunnel) {
-                add_loopback_socket(&ctx);
-            }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB if is_delivery(&ctx, Side::Tunnel) => {
+            add_loopback_socket(&ctx);
         }
         _ => {}
     }

@@ -74,7 +74,13 @@ fn loopback_sockets(t: &TestLab, node: &str) -> usize {
         .find(|id| {
             let show: Value =
                 serde_json::from_str(&t.bpftool(&["-j", "map", "show", "id", id])).unwrap();
-            show["name"] == "LOOPBACK_SOCKS"
+            if show["name"] != "LOOPBACK_SOCKS" {
+                return false;
+            }
+            // The kernel's map (from the eBPF static) has the ABI's key.
+            let key = std::mem::size_of::<ambit_abi::LoopbackKey>() as u64;
+            assert_eq!(show["bytes_key"].as_u64(), Some(key), "{show}");
+            true
         })
         .unwrap_or_else(|| panic!("pid {pid} holds no LOOPBACK_SOCKS map"));
     let dump: Vec<Value> =

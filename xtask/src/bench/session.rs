@@ -72,7 +72,10 @@ impl Session {
         let config = env.dir.join(format!("{tag}.yaml"));
         fs::write(&config, lab.config_yaml_workloads(&mode.enrolled()))?;
         let ca = env.ca.to_str().context("CA path")?;
-        let mut args = vec!["--ca-dir", ca];
+        // Each mode starts from untouched pods: a node that keeps its capture when it stops
+        // (fail closed) also keeps the pod's delivery rule and the marks on its listeners, and
+        // the next mode's plaintext replies would follow them back to loopback.
+        let mut args = vec!["--ca-dir", ca, "--detach-on-exit"];
         args.extend(mode.node_flags());
         let workers = mode.worker_threads(env.cores).to_string();
         if !env.node_args.iter().any(|a| a == "--worker-threads") {

@@ -129,10 +129,6 @@ impl Figures {
         self.1.push(what);
     }
 
-    pub fn failures(&self) -> &[String] {
-        &self.1
-    }
-
     pub fn set(&mut self, figure: Figure, value: f64) {
         self.0.insert(figure, value);
     }

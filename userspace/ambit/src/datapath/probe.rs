@@ -234,6 +234,22 @@ fn short(name: &str) -> String {
     name.split(" (").next().unwrap_or(name).replace(' ', "_")
 }
 
+/// The fast path's kernel gate (docs/fast-path.md lists the bugs behind it).
+const FAST_PATH_BUGS_FIXED: &str =
+    "the sockmap fix for sk_msg ingress redirect, \"skmsg: Fix wrong last sg check in sk_msg_recvmsg()\" (fast path)";
+const FAST_PATH_SAFE_SINCE_TEXT: &str = "5.15.66 or 6.0";
+
+/// Whether kernel `v` has the sockmap fixes the fast path relies on. Stable branches get a fix
+/// at their own patch level: the NULL dereference in `sk_msg_recvmsg` that exactly this setup
+/// (sk_msg redirect to ingress, no verdict program) hits came with 5.16 (and into 5.15.y) and
+/// was fixed in 6.0 and 5.15.66; 5.16–5.19 are out of support with it.
+fn fast_path_safe_kernel(v: KernelVersion) -> bool {
+    if v >= KernelVersion::new(6, 0, 0) {
+        return true;
+    }
+    v >= KernelVersion::new(5, 15, 66) && v < KernelVersion::new(5, 16, 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,20 +329,4 @@ mod tests {
         }
         KernelFeatures::probe().require().unwrap();
     }
-}
-
-/// The fast path's kernel gate (docs/fast-path.md lists the bugs behind it).
-const FAST_PATH_BUGS_FIXED: &str =
-    "the sockmap fix for sk_msg ingress redirect, \"skmsg: Fix wrong last sg check in sk_msg_recvmsg()\" (fast path)";
-const FAST_PATH_SAFE_SINCE_TEXT: &str = "5.15.66 or 6.0";
-
-/// Whether kernel `v` has the sockmap fixes the fast path relies on. Stable branches get a fix
-/// at their own patch level: the NULL dereference in `sk_msg_recvmsg` that exactly this setup
-/// (sk_msg redirect to ingress, no verdict program) hits came with 5.16 (and into 5.15.y) and
-/// was fixed in 6.0 and 5.15.66; 5.16–5.19 are out of support with it.
-fn fast_path_safe_kernel(v: KernelVersion) -> bool {
-    if v >= KernelVersion::new(6, 0, 0) {
-        return true;
-    }
-    v >= KernelVersion::new(5, 15, 66) && v < KernelVersion::new(5, 16, 0)
 }

@@ -29,11 +29,15 @@ def recv_all(conn):
 
 
 def read_line(conn):
+    """The command line, or None for a connection closed before sending one (a readiness
+    probe)."""
     line = b""
     while not line.endswith(b"\n"):
         byte = conn.recv(1)
         if not byte:
-            raise EOFError("connection closed before the command")
+            if line:
+                raise EOFError(f"connection closed inside the command {line!r}")
+            return None
         line += byte
     return line.decode().split()
 
@@ -50,6 +54,8 @@ def pattern(n):
 def serve(conn):
     with conn:
         cmd = read_line(conn)
+        if cmd is None:
+            return
         if cmd[0] == "echo":  # echo until EOF, then close
             while True:
                 chunk = conn.recv(65536)

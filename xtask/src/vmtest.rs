@@ -1110,15 +1110,19 @@ impl BinaryResult {
     /// `failures:` list, and the failed tests' captured output in between.
     fn parse(binary: &str, planned: &[String], out: &str, rc: Option<i32>) -> Self {
         let finished = out.lines().any(|l| l.starts_with("test result: "));
-        let status = |name: &str, what: &str| {
+        let all_ok = rc == Some(0) && out.lines().any(|l| l.starts_with("test result: ok."));
+        // A test's child processes write to the same output, so its verdict can land on a line
+        // of its own after theirs (`test <name> ... <a child's traceback>` … `ok`): in a binary
+        // that exited 0 with "test result: ok", every test that started passed.
+        let passed_test = |name: &str| {
             let prefix = format!("test {name} ... ");
             out.lines()
-                .any(|l| l.starts_with(&prefix) && l.trim_end().ends_with(what))
+                .any(|l| l.starts_with(&prefix) && (all_ok || l.trim_end().ends_with(" ok")))
         };
         let mut passed = 0;
         let mut failed = Vec::new();
         for t in planned {
-            if status(t, " ok") {
+            if passed_test(t) {
                 passed += 1;
             } else {
                 failed.push(format!("{binary}::{t}"));
@@ -1362,6 +1366,27 @@ mod tests {
         assert!(hung.notes.contains("killed at its time limit"));
         let never = BinaryResult::parse("policy", &tests, "", None);
         assert_eq!(never.notes, "policy: did not run");
+    }
+
+    #[test]
+    fn a_verdict_pushed_to_its_own_line_by_a_childs_output_still_counts() {
+        let out = "running 2 tests\ntest a ... ok\ntest b ... Exception in thread T:\n\
+                   BlockingIOError: [Errno 11]\nok\n\n\
+                   test result: ok. 2 passed; 0 failed; 0 ignored\n";
+        let tests: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        let r = BinaryResult::parse("fast_path", &tests, out, Some(0));
+        assert_eq!((r.passed, r.failed.len()), (2, 0));
+        // The same output from a binary that failed proves nothing about b.
+        let r = BinaryResult::parse("fast_path", &tests, out, Some(101));
+        assert_eq!(r.failed, ["fast_path::b"]);
+        // Nor does a test that never started.
+        let r = BinaryResult::parse(
+            "fast_path",
+            &tests,
+            "test a ... ok\ntest result: ok.",
+            Some(0),
+        );
+        assert_eq!(r.failed, ["fast_path::b"]);
     }
 
     #[test]

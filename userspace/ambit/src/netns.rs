@@ -180,14 +180,17 @@ impl Netns {
         Ok(gateways)
     }
 
-    /// A new non-blocking TCP socket inside this netns.
+    /// A new non-blocking, close-on-exec TCP socket inside this netns. Both flags are given to
+    /// socket() itself (socket2 adds `SOCK_CLOEXEC`): setting them afterwards cost three
+    /// `fcntl`s per delivery, a tenth of a delivery's syscalls.
     pub fn socket(&self, domain: socket2::Domain) -> Result<socket2::Socket> {
-        let socket = self.run(|| {
-            socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
-        })??;
-        socket.set_nonblocking(true)?;
-        socket.set_cloexec(true)?;
-        Ok(socket)
+        Ok(self.run(|| {
+            socket2::Socket::new(
+                domain,
+                socket2::Type::STREAM.nonblocking(),
+                Some(socket2::Protocol::TCP),
+            )
+        })??)
     }
 }
 
@@ -279,6 +282,26 @@ pub fn socket_netns_cookie(fd: BorrowedFd<'_>) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_netns_socket_is_non_blocking_and_close_on_exec_from_the_start() {
+        if unsafe { libc::geteuid() } != 0 {
+            return; // setns needs CAP_SYS_ADMIN, even into the thread's own netns
+        }
+        let netns = Netns::open(Path::new("/proc/self/ns/net")).unwrap();
+        let socket = netns.socket(socket2::Domain::IPV6).unwrap();
+        let fd = socket.as_raw_fd();
+        // SAFETY: fcntl reads the flags of an fd we own.
+        let (status, fd_flags) = unsafe {
+            (
+                libc::fcntl(fd, libc::F_GETFL),
+                libc::fcntl(fd, libc::F_GETFD),
+            )
+        };
+        assert_ne!(status & libc::O_NONBLOCK, 0);
+        assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
+        assert_eq!(socket.r#type().unwrap(), socket2::Type::STREAM);
+    }
 
     #[test]
     fn ipv4_default_gateways_are_read_from_proc_net_route() {

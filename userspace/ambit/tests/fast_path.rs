@@ -206,3 +206,44 @@ fn with_the_fast_path_off_no_socket_is_added() {
     }
     assert!(t.log("n1").contains("fast_path=\"-\""));
 }
+
+/// The client's pod leaves the mesh with a fast-path connection open. Connections in flight run
+/// to completion (PodTunnel): its two sockets stay in the map until it ends (taking a live
+/// socket out would drop its unread bytes), it ends intact, and the pod's next connections
+/// are neither captured nor on its node's fast path.
+#[test]
+fn a_client_pod_leaving_the_mesh_keeps_its_open_connection_whole() {
+    let mut t = fast_path_lab();
+    t.start_sink("c", 9000);
+    let slow = t.slow_transfer(9000, "5");
+    wait_until(
+        SECONDS_10,
+        "the slow connection on both fast-path hops",
+        || loopback_sockets(&t, "n1") == 2 && loopback_sockets(&t, "n2") == 2,
+    )
+    .unwrap();
+    t.set_enrolled("n1", &["c"]);
+    t.wait_log("n1", "pod un-enrolled", 1);
+    assert_eq!(loopback_sockets(&t, "n1"), 2, "a live socket left the map");
+    let (intact, line) = common::completed_intact(slow);
+    assert!(intact, "{line}");
+    wait_until(SECONDS_10, "the sockets to leave the maps", || {
+        loopback_sockets(&t, "n1") == 0 && loopback_sockets(&t, "n2") == 0
+    })
+    .unwrap();
+    // a's next connections: straight to c (no tunnel on n1, so no access-log line there), and
+    // no socket of n1 on the fast path.
+    let completed = |t: &TestLab| t.log("n1").matches("connection complete").count();
+    let (added, logged) = (
+        counter(&t.inspect("n1"), "fast_path_sockets_added"),
+        completed(&t),
+    );
+    let lines = run_stream_checks(&t, "a");
+    assert!(lines.contains("ok reset\n"), "{lines}");
+    assert_eq!(
+        counter(&t.inspect("n1"), "fast_path_sockets_added"),
+        added,
+        "a pod outside the mesh put a socket on the fast path"
+    );
+    assert_eq!(completed(&t), logged, "n1 still tunnels a's connections");
+}

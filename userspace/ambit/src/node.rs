@@ -415,7 +415,6 @@ fn xds_settings(args: &NodeArgs) -> XdsSettings {
     }
 }
 
-/// Each captured connection holds a few sockets: raise the soft fd limit to the hard one.
 /// The fast path needs the tunnel's own sockets seen by sock_ops: attach it to the node
 /// process's cgroup (a DaemonSet container's; the lab gives each node one). In the host's root
 /// cgroup it would run for every process on the host, so the node refuses to start there
@@ -433,6 +432,7 @@ fn attach_to_own_cgroup(datapath: &mut Datapath) -> Result<()> {
     datapath.attach_tunnel_cgroup(&dir, &path)
 }
 
+/// Each captured connection holds a few sockets: raise the soft fd limit to the hard one.
 fn raise_fd_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

@@ -56,6 +56,14 @@ fn logged_with(t: &TestLab, node: &str, value: &str) -> usize {
         .count()
 }
 
+/// Waits until each node's sockhash holds `count` sockets.
+fn wait_for_sockets(t: &TestLab, count: usize, what: &str) {
+    wait_until(SECONDS_10, what, || {
+        loopback_sockets(t, "n1") == count && loopback_sockets(t, "n2") == count
+    })
+    .unwrap();
+}
+
 /// Entries of the fast path's sockhash of a lab node's `ambit node` process. The map is not
 /// pinned: it is the one sockhash named LOOPBACK_SOCKS among the maps that process holds open
 /// (`map_id` in /proc/<pid>/fdinfo).
@@ -153,19 +161,11 @@ fn sockets_leave_the_map_when_their_connections_close_and_a_killed_node_fails_cl
     t.start_sink("c", 9000);
     // One long connection open: its two sockets are in each node's map.
     let slow = t.slow_transfer(9000, "4");
-    wait_until(
-        SECONDS_10,
-        "the slow connection on both fast-path hops",
-        || loopback_sockets(&t, "n1") == 2 && loopback_sockets(&t, "n2") == 2,
-    )
-    .unwrap();
+    wait_for_sockets(&t, 2, "the slow connection on both fast-path hops");
     let (intact, line) = common::completed_intact(slow);
     assert!(intact, "{line}");
     // Closed: both maps empty again.
-    wait_until(SECONDS_10, "the sockets to leave the maps", || {
-        loopback_sockets(&t, "n1") == 0 && loopback_sockets(&t, "n2") == 0
-    })
-    .unwrap();
+    wait_for_sockets(&t, 0, "the sockets to leave the maps");
 
     // A node killed with a fast-path connection open: the app's connection ends (it is never
     // handed to anything else), and new connections are refused until a node runs again.
@@ -216,21 +216,13 @@ fn a_client_pod_leaving_the_mesh_keeps_its_open_connection_whole() {
     let mut t = fast_path_lab();
     t.start_sink("c", 9000);
     let slow = t.slow_transfer(9000, "5");
-    wait_until(
-        SECONDS_10,
-        "the slow connection on both fast-path hops",
-        || loopback_sockets(&t, "n1") == 2 && loopback_sockets(&t, "n2") == 2,
-    )
-    .unwrap();
+    wait_for_sockets(&t, 2, "the slow connection on both fast-path hops");
     t.set_enrolled("n1", &["c"]);
     t.wait_log("n1", "pod un-enrolled", 1);
     assert_eq!(loopback_sockets(&t, "n1"), 2, "a live socket left the map");
     let (intact, line) = common::completed_intact(slow);
     assert!(intact, "{line}");
-    wait_until(SECONDS_10, "the sockets to leave the maps", || {
-        loopback_sockets(&t, "n1") == 0 && loopback_sockets(&t, "n2") == 0
-    })
-    .unwrap();
+    wait_for_sockets(&t, 0, "the sockets to leave the maps");
     // a's next connections: straight to c (no tunnel on n1, so no access-log line there), and
     // no socket of n1 on the fast path.
     let completed = |t: &TestLab| t.log("n1").matches("connection complete").count();

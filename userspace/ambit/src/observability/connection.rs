@@ -121,6 +121,17 @@ pub enum FastPathUse {
     No,
 }
 
+impl FastPathUse {
+    /// Its name in the access log and in `ambit_fast_path_connections`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FastPathUse::Yes => "yes",
+            FastPathUse::FellBack => "fell_back",
+            FastPathUse::No => "no",
+        }
+    }
+}
+
 /// What is known of a connection when it opens.
 pub struct Opened {
     pub reporter: Reporter,
@@ -174,16 +185,11 @@ impl ConnectionRecord {
             Reporter::Source => "outbound",
             Reporter::Destination => "inbound",
         };
-        let label = match fast_path {
-            FastPathUse::Yes => "yes",
-            FastPathUse::FellBack => "fell_back",
-            FastPathUse::No => "no",
-        };
         self.metrics
             .fast_path
             .get_or_create(&FastPathLabels {
                 hop,
-                fast_path: label,
+                fast_path: fast_path.as_str(),
             })
             .inc();
         self.fast_path = Some(fast_path);
@@ -264,12 +270,7 @@ impl ConnectionRecord {
             response_flags = flag.as_str(),
             policy = decision,
             error = error.unwrap_or("-"),
-            fast_path = match self.fast_path {
-                None => "-",
-                Some(FastPathUse::Yes) => "yes",
-                Some(FastPathUse::FellBack) => "fell_back",
-                Some(FastPathUse::No) => "no",
-            },
+            fast_path = self.fast_path.map_or("-", FastPathUse::as_str),
             "connection complete"
         );
     }

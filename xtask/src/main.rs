@@ -221,7 +221,8 @@ fn test(lint: bool, vm: bool, cargo_args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Network namespaces, cgroups and bpffs pins whose names start with `prefix`.
+/// Network namespaces, cgroups, bpffs pins and handover sockets whose names start with
+/// `prefix`.
 fn leftovers(prefix: &str) -> Result<Vec<String>> {
     let cgroup_root = ambit_lab::cgroup2_root()?;
     let mut found = Vec::new();
@@ -229,6 +230,7 @@ fn leftovers(prefix: &str) -> Result<Vec<String>> {
         std::path::PathBuf::from("/run/netns"),
         cgroup_root,
         std::path::PathBuf::from("/sys/fs/bpf/ambit"),
+        std::path::PathBuf::from(ambit_lab::HANDOVER_SOCKET_DIR),
     ] {
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {

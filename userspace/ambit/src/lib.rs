@@ -20,6 +20,7 @@ pub mod drain;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handle;
+pub mod handover;
 pub mod hbone;
 pub mod inspect;
 pub mod netns;

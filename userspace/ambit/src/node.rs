@@ -24,6 +24,7 @@ use crate::{
     cgroup,
     datapath::Datapath,
     drain::Drain,
+    handover,
     hbone::{client::HboneClient, HboneSettings},
     observability::{
         admin::{self, Addresses, AdminContext, SetLogLevel},
@@ -53,6 +54,9 @@ pub struct Node {
     _admin: Vec<JoinHandle<()>>,
     /// The CNI plugin's socket server (`--cni-socket`).
     _cni: Option<JoinHandle<()>>,
+    /// The handover socket a successor takes the node over on, and what it asks.
+    handover: handover::Server,
+    handover_requests: mpsc::Receiver<handover::Request>,
 }
 
 impl Node {
@@ -61,6 +65,14 @@ impl Node {
     /// state. Returns once the node is ready.
     pub async fn build(args: NodeArgs, set_log_level: SetLogLevel) -> Result<Node> {
         check_root()?;
+        // Before anything is touched: a node process running for this node hands over to this
+        // one, or (if it cannot) is left alone.
+        let handover_socket = args.handover_socket_path();
+        let predecessor = handover::Predecessor::find(&handover_socket)?;
+        if let Some(p) = &predecessor {
+            info!(version = p.version(), socket = %handover_socket.display(),
+                "a node process runs for this node: taking over from it");
+        }
         let cgroup_root = match &args.cgroup_root {
             Some(root) => root.clone(),
             None => cgroup::cgroup2_root()?,
@@ -161,7 +173,19 @@ impl Node {
             },
         )
         .await?;
+        if let Some(predecessor) = &predecessor {
+            agent.adopt_listeners(predecessor.take_listeners()?);
+        }
         agent.apply(&initial).await?;
+        if predecessor.is_some() {
+            wait_until_taken_over(&mut agent, &initial, args.handover_timeout).await?;
+        }
+        let (requests, handover_requests) = mpsc::channel(4);
+        let handover = handover::Server::start(&handover_socket, requests)?;
+        if let Some(predecessor) = predecessor {
+            predecessor.drain()?;
+            info!("took over every pod: the previous node process drains and exits");
+        }
         let cni = match (&args.cni_socket, directory) {
             (None, _) => None,
             (Some(socket), Some(directory)) => Some(
@@ -197,6 +221,8 @@ impl Node {
             proxy,
             _admin: admin,
             _cni: cni,
+            handover,
+            handover_requests,
         })
     }
 
@@ -210,6 +236,8 @@ impl Node {
             proxy,
             _admin,
             _cni,
+            handover,
+            mut handover_requests,
         } = self;
         let (updates_tx, mut updates) = mpsc::channel(4);
         let _watch = source.watch(updates_tx);
@@ -222,10 +250,39 @@ impl Node {
         let mut renew = tokio::time::interval(
             (args.cert_lifetime / 10).clamp(Duration::from_millis(200), Duration::from_secs(60)),
         );
+        // Set while a successor takes the node over: the kernel's state is its to change.
+        let mut handing_over = false;
+        let mut handed_over = false;
         loop {
             tokio::select! {
+                Some(request) = handover_requests.recv() => match request {
+                    handover::Request::TakeListeners(reply) if !handing_over => {
+                        handing_over = true;
+                        let pods = agent.listeners_for_handover();
+                        info!(pods = pods.len(), "handing the pods' listeners to the successor");
+                        let _ = reply.send(pods);
+                    }
+                    // A second successor while one takes over: refused (the sender dropped).
+                    handover::Request::TakeListeners(_) => {}
+                    handover::Request::Drain => {
+                        handed_over = true;
+                        break;
+                    }
+                    handover::Request::Abandoned => {
+                        handing_over = false;
+                        warn!("the successor gave up taking over: this node goes on");
+                        let state = state_tx.borrow().clone();
+                        if let Err(e) = agent.apply(&state).await {
+                            error!("applying config: {e:#}");
+                        }
+                    }
+                },
                 Some(state) = updates.recv() => {
                     state_tx.send_replace(state.clone());
+                    if handing_over {
+                        // Applied by the successor from its own source (or here if it gives up).
+                        continue;
+                    }
                     match agent.apply(&state).await {
                         Ok(()) => info!(enrolled = state.enrolled.len(), "config applied"),
                         Err(e) => error!("applying config: {e:#}"),
@@ -235,21 +292,39 @@ impl Node {
                         info!(closed, "connections closed: the new policy denies them");
                     }
                 }
-                _ = retry.tick(), if agent.has_failed_pods() => {
+                _ = retry.tick(), if agent.has_failed_pods() && !handing_over => {
                     let state = state_tx.borrow().clone();
                     if let Err(e) = agent.apply(&state).await {
                         error!("retrying enrollment: {e:#}");
                     }
                 }
                 _ = renew.tick() => agent.refresh_certificates(),
-                _ = vanished.tick() => {
+                _ = vanished.tick(), if !handing_over => {
                     agent.release_vanished_pods().await;
                 }
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
             }
         }
+        handover.stop();
         drain(&args, &mut agent, &proxy, &mut sigterm, &mut sigint).await;
+        if handed_over {
+            info!("node stopped; its successor serves the node");
+            if args.wait_after_handover {
+                info!("waiting for SIGTERM (--wait-after-handover)");
+                tokio::select! {
+                    _ = sigterm.recv() => {}
+                    _ = sigint.recv() => {}
+                }
+            }
+        } else if args.detach_on_exit {
+            agent.unenroll_all().await;
+            info!("capture detached; node stopped");
+        } else {
+            info!(
+                "node stopped; capture stays attached and refuses new connections until the next start"
+            );
+        }
         Ok(())
     }
 }
@@ -283,13 +358,28 @@ async fn drain(
         _ = sigterm.recv() => warn!(open = drain.open(), "second SIGTERM: cutting open connections"),
         _ = sigint.recv() => warn!(open = drain.open(), "second SIGINT: cutting open connections"),
     }
-    if args.detach_on_exit {
-        agent.unenroll_all().await;
-        info!("capture detached; node stopped");
-    } else {
-        info!(
-            "node stopped; capture stays attached and refuses new connections until the next start"
-        );
+}
+
+/// After the pods a predecessor handed over were enrolled once: retries those that failed until
+/// every one is enrolled with its handed-over listeners, or gives up after `timeout` (the
+/// predecessor then goes on serving).
+async fn wait_until_taken_over(agent: &mut Agent, state: &State, timeout: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let missing = agent.pods_not_taken_over();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "pods {missing:?} could not be taken over within {timeout:?} \
+                 (--handover-timeout): giving up; the running node process goes on serving"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Err(e) = agent.apply(state).await {
+            warn!("taking over: {e:#}");
+        }
     }
 }
 

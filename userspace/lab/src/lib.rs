@@ -37,7 +37,7 @@ mod topology;
 mod ztunnel;
 
 pub use config::LabConfig;
-pub use lifecycle::{sweep, Lab};
+pub use lifecycle::{sweep, Lab, HANDOVER_SOCKET_DIR};
 pub use processes::{join_cgroup, open_fds, rss_kib, vm_rss_kib, NODE_LOG_WITH_CONNECTION_STARTS};
 pub use system::{
     cgroup2_root, cores, ensure_bpffs, ip, require_root, timeout_scale, wait_until,

@@ -159,7 +159,10 @@ impl Drop for Lab {
     }
 }
 
-/// Removes every process, pin, netns and cgroup of labs whose prefix starts with `prefix`.
+/// Where `ambit node` makes its handover socket by default (`<node>.handover.sock`).
+pub const HANDOVER_SOCKET_DIR: &str = "/var/run/ambit";
+
+/// Removes every process, pin, netns, cgroup and handover socket of labs whose prefix starts with `prefix`.
 pub fn sweep(prefix: &str) -> Result<()> {
     let cgroup_root = cgroup2_root()?;
     // Processes first (they hold cgroups and may hold namespaces).
@@ -181,6 +184,10 @@ pub fn sweep(prefix: &str) -> Result<()> {
     }
     for dir in matching(&cgroup_root, prefix) {
         remove_cgroup_tree(&dir)?;
+    }
+    // Handover sockets (`ambit node --handover-socket`'s default) of killed nodes.
+    for socket in matching(Path::new(HANDOVER_SOCKET_DIR), prefix) {
+        fs::remove_file(&socket).with_context(|| format!("removing {}", socket.display()))?;
     }
     Ok(())
 }

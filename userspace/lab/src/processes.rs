@@ -113,6 +113,18 @@ impl Lab {
         })
     }
 
+    /// Gives a running process another name (e.g. a node process being replaced by a new
+    /// one that takes its name).
+    pub fn rename(&mut self, what: &str, to: &str) -> Result<()> {
+        let child = self
+            .children
+            .iter_mut()
+            .find(|(w, _)| w == what)
+            .with_context(|| format!("no process named {what}"))?;
+        child.0 = to.to_owned();
+        Ok(())
+    }
+
     /// The pid of a running process the lab started, by the name it was started under (`spawn`).
     pub fn pid(&self, what: &str) -> Option<u32> {
         self.children

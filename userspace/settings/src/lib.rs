@@ -184,6 +184,20 @@ pub struct NodeArgs {
     /// below the pod's terminationGracePeriodSeconds.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// The unix socket on which a running node hands its pods' listeners to the next node
+    /// process for the same node (an upgrade), and on which a starting node looks for one to
+    /// take over from. Default: `/var/run/ambit/<node>.handover.sock`.
+    #[arg(long)]
+    pub handover_socket: Option<PathBuf>,
+    /// How long a node taking over waits for the pods it took over to be enrolled before it
+    /// gives up (and exits with an error; the running node goes on serving).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub handover_timeout: Duration,
+    /// After handing over to a successor and draining, wait for SIGTERM instead of exiting.
+    /// For a DaemonSet: the kubelet restarts a container that exits on its own, and the
+    /// restarted process would take the node back from its successor.
+    #[arg(long)]
+    pub wait_after_handover: bool,
     /// Tokio worker threads of the tunnel (default: one per CPU).
     #[arg(long)]
     pub worker_threads: Option<usize>,
@@ -345,6 +359,13 @@ struct NodeCommand {
 }
 
 impl NodeArgs {
+    /// `--handover-socket`, or its default for this node.
+    pub fn handover_socket_path(&self) -> PathBuf {
+        self.handover_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/var/run/ambit/{}.handover.sock", self.node)))
+    }
+
     /// The clap command `ambit node` parses: its flags, values, defaults and environment
     /// variables.
     pub fn command() -> clap::Command {

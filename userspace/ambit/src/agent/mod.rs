@@ -36,6 +36,7 @@ use crate::{
     agent::kubernetes::discovery::ProcLocator,
     cgroup,
     datapath::{self, Datapath},
+    handover::{HandedListeners, PodListenerFds},
     netns::Netns,
     proxy::{PodListeners, PodTunnel, ProxyContext},
     routing,
@@ -145,6 +146,8 @@ pub struct Agent {
     node_addresses: Vec<IpAddr>,
     /// `--proc-root`: pods' sysctls are written through it.
     proc_root: PathBuf,
+    /// Listeners a predecessor handed over, per pod, until the pod is enrolled with them.
+    handed: HandedListeners,
 }
 
 impl Agent {
@@ -161,6 +164,7 @@ impl Agent {
             capture_all: false,
             node_addresses: Vec::new(),
             proc_root: PathBuf::from("/proc"),
+            handed: HandedListeners::new(),
             report: watch::Sender::new(EnrollmentReport::default()),
         }
     }
@@ -168,6 +172,38 @@ impl Agent {
     /// The procfs through which pods' sysctls are written (`--proc-root`).
     pub fn set_proc_root(&mut self, proc_root: PathBuf) {
         self.proc_root = proc_root;
+    }
+
+    /// Listeners a predecessor handed over: each pod listed is enrolled with them (if it is
+    /// still in the same netns) instead of with new ones, which could not be bound while the
+    /// predecessor holds these.
+    pub fn adopt_listeners(&mut self, handed: HandedListeners) {
+        self.handed = handed;
+    }
+
+    /// Pods whose handed-over listeners are not in use yet (their enrollment failed so far).
+    /// Empty once the takeover is complete.
+    pub fn pods_not_taken_over(&self) -> Vec<PodKey> {
+        self.handed.keys().cloned().collect()
+    }
+
+    /// Every enrolled pod's listeners (copies), for a successor.
+    pub fn listeners_for_handover(&self) -> Vec<PodListenerFds> {
+        self.pods
+            .iter()
+            .filter_map(|(key, pod)| match pod.tunnel.listener_fds() {
+                Ok(fds) => Some(PodListenerFds {
+                    pod: key.clone(),
+                    netns_cookie: pod.netns.cookie(),
+                    fds,
+                }),
+                Err(e) => {
+                    // The successor opens the pod's listeners anew once this node is gone.
+                    error!(pod = %key, "copying the pod's listeners for the successor: {e}");
+                    None
+                }
+            })
+            .collect()
     }
 
     /// The enrollment report, updated after every change.
@@ -317,6 +353,10 @@ impl Agent {
                 }
             }
         }
+        // Handed-over listeners of pods no longer wanted are closed here (the predecessor
+        // still serves them until it drains).
+        self.handed
+            .retain(|key, _| state.enrolled.contains_key(key));
         self.remove_orphans()
     }
 
@@ -370,7 +410,18 @@ impl Agent {
         let cgroup = cgroup::PodCgroup::open(&cgroup_path)?;
 
         netns.ensure_loopback_up()?;
-        let listeners = PodListeners::open(&netns)?;
+        let listeners = match self.handed.get(&spec.key) {
+            // Copies: should the enrollment fail below, the next try takes them again.
+            Some(handed) if handed.netns_cookie == netns.cookie() => PodListeners::adopt(
+                handed
+                    .fds
+                    .iter()
+                    .map(|fd| fd.try_clone())
+                    .collect::<std::io::Result<_>>()?,
+            )
+            .context("adopting the listeners handed over")?,
+            _ => PodListeners::open(&netns)?,
+        };
         let inbound: Vec<(IpAddr, i32)> = spec
             .ips
             .iter()
@@ -430,9 +481,11 @@ impl Agent {
             spec.identity.clone(),
             netns.clone(),
             listeners,
-        );
+        )?;
         self.datapath
             .enroll_netns(netns.cookie(), self.enrolled_value())?;
+        // Taken over (or the pod moved to another netns, where new listeners serve it).
+        self.handed.remove(&spec.key);
         let fwmark_reflect = setup.keep();
         Ok(Enrolled {
             spec: spec.clone(),

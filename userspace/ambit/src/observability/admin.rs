@@ -55,17 +55,31 @@ impl Default for Addresses {
     }
 }
 
-/// Binds the three endpoints (failing if a port is taken) and serves them in the background.
+/// Binds one endpoint. SO_REUSEPORT: while one node process takes over from another
+/// (`handover`) both serve their endpoints; in a DaemonSet each has a netns of its own, but
+/// where both share one (a node run by hand, the lab) the newcomer's would be refused.
+fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket
+        .bind(&addr.into())
+        .and_then(|()| socket.listen(128))
+        .with_context(|| format!("binding {addr}"))?;
+    Ok(TcpListener::from_std(socket.into())?)
+}
+
+/// Binds the three endpoints (failing if a port is taken, but by another node process) and
+/// serves them in the background.
 pub async fn start(ctx: AdminContext, addrs: &Addresses) -> Result<Vec<JoinHandle<()>>> {
-    let bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))
-    };
     let (metrics, readiness, admin) = (
-        bind(addrs.metrics).await?,
-        bind(addrs.readiness).await?,
-        bind(addrs.admin).await?,
+        bind(addrs.metrics)?,
+        bind(addrs.readiness)?,
+        bind(addrs.admin)?,
     );
     let m = ctx.metrics.clone();
     let r = ctx.ready.clone();

@@ -22,6 +22,7 @@ pub mod tracker;
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd as _, OwnedFd},
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -88,6 +89,10 @@ impl ProxyContext {
 /// captured connections to this pod fail closed); connections in flight run to completion.
 pub struct PodTunnel {
     accept_loops: Vec<JoinHandle<()>>,
+    /// The listening sockets the accept loops serve, for handing them to a successor
+    /// (`handover`); closed with the accept loops, or the listeners would stay open with
+    /// nobody accepting.
+    listener_fds: Vec<OwnedFd>,
     /// Dropped with the tunnel: tells the pod's HBONE connections to take no more streams
     /// (GOAWAY), so that idle pooled connections from other nodes let go of the pod's netns.
     _gone: watch::Sender<()>,
@@ -103,6 +108,7 @@ pub struct PodListeners {
 }
 
 impl PodListeners {
+    /// Opens the pod's listeners in its netns.
     pub fn open(netns: &Netns) -> Result<Self> {
         let mut outbound = vec![listen(netns, (Ipv4Addr::LOCALHOST, OUTBOUND_PORT).into())?];
         let inbound_v4 = Some(listen(
@@ -126,6 +132,45 @@ impl PodListeners {
             hbone,
         })
     }
+
+    /// The listeners a predecessor handed over (the same sockets it serves), told apart by
+    /// their local addresses.
+    pub fn adopt(fds: Vec<OwnedFd>) -> Result<Self> {
+        let mut listeners = Self {
+            outbound: Vec::new(),
+            inbound_v4: None,
+            inbound_v6: None,
+            hbone: Vec::new(),
+        };
+        for fd in fds {
+            let addr = crate::handover::listener_address(&fd)?;
+            let listener = std::net::TcpListener::from(fd);
+            listener.set_nonblocking(true)?;
+            let listener = TcpListener::from_std(listener)?;
+            match addr.port() {
+                OUTBOUND_PORT => listeners.outbound.push(listener),
+                INBOUND_PLAINTEXT_PORT if addr.is_ipv4() => listeners.inbound_v4 = Some(listener),
+                INBOUND_PLAINTEXT_PORT => listeners.inbound_v6 = Some(listener),
+                HBONE_PORT => listeners.hbone.push(listener),
+                _ => anyhow::bail!("a handed-over listener on {addr} is none of the tunnel's"),
+            }
+        }
+        if listeners.outbound.is_empty()
+            || listeners.inbound_v4.is_none()
+            || listeners.hbone.is_empty()
+        {
+            anyhow::bail!("the handed-over listeners miss one of the tunnel's IPv4 ports");
+        }
+        Ok(listeners)
+    }
+
+    fn all(&self) -> impl Iterator<Item = &TcpListener> {
+        self.outbound
+            .iter()
+            .chain(&self.inbound_v4)
+            .chain(&self.inbound_v6)
+            .chain(&self.hbone)
+    }
 }
 
 fn listen(netns: &Netns, addr: SocketAddr) -> Result<TcpListener> {
@@ -144,15 +189,22 @@ fn listen(netns: &Netns, addr: SocketAddr) -> Result<TcpListener> {
 impl PodTunnel {
     /// Closes the listeners (connections in flight go on): the first step of draining.
     pub fn close_listeners(&mut self) {
+        self.listener_fds.clear();
         for task in self.accept_loops.drain(..) {
             task.abort();
         }
+    }
+
+    /// Copies of the listening sockets, for a successor (`handover`).
+    pub fn listener_fds(&self) -> std::io::Result<Vec<OwnedFd>> {
+        self.listener_fds.iter().map(|fd| fd.try_clone()).collect()
     }
 
     /// Stops the accept loops and returns once their listeners are closed, so that a
     /// re-enrollment can bind the same ports right away (aborting a task only schedules its
     /// cancellation; until then its listener still holds the port).
     pub async fn stop(mut self) {
+        self.listener_fds.clear();
         let tasks: Vec<JoinHandle<()>> = self.accept_loops.drain(..).collect();
         for task in &tasks {
             task.abort();
@@ -168,7 +220,12 @@ impl PodTunnel {
         identity: Identity,
         netns: Arc<Netns>,
         listeners: PodListeners,
-    ) -> Self {
+    ) -> Result<Self> {
+        let listener_fds = listeners
+            .all()
+            .map(|l| l.as_fd().try_clone_to_owned())
+            .collect::<std::io::Result<_>>()
+            .context("copying the pod's listeners")?;
         let mut accept_loops = Vec::new();
         let (gone, gone_rx) = watch::channel(());
         let delivery = Arc::new(delivery::AppDelivery::new(ctx.clone(), netns.clone()));
@@ -197,10 +254,11 @@ impl PodTunnel {
             );
             accept_loops.push(tokio::spawn(accept::serve(listener, Arc::new(server))));
         }
-        Self {
+        Ok(Self {
             accept_loops,
+            listener_fds,
             _gone: gone,
-        }
+        })
     }
 }
 

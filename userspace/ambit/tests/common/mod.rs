@@ -387,6 +387,35 @@ impl TestLab {
         self.logs.insert(node.to_owned(), log);
     }
 
+    /// Starts a new `ambit node` process for `node` beside the running one, which hands the
+    /// node over to it; returns once the new one is ready. The new process takes the running
+    /// one's name (`ambit node <node>`) and log; the one replaced goes on draining under the
+    /// name returned (its log stays readable under that name).
+    pub fn replace_node(&mut self, node: &str, log_name: &str) -> String {
+        let running = format!("ambit node {node}");
+        let replaced = format!("{running} (replaced by {log_name})");
+        self.lab.rename(&running, &replaced).unwrap();
+        let old_log = self.logs[node].clone();
+        self.logs.insert(replaced.clone(), old_log);
+        let log = self.dir.join(log_name);
+        let args: Vec<&str> = self.node_args.iter().map(String::as_str).collect();
+        self.lab
+            .start_node(Path::new(AMBIT), node, &self.config, &log, &args)
+            .unwrap();
+        self.logs.insert(node.to_owned(), log);
+        replaced
+    }
+
+    /// Starts tools/echo.py in a pod and waits until it listens.
+    pub fn start_echo(&mut self, pod: &str, port: u16) {
+        let mut echo = self.lab.pod_command(pod, "python3");
+        echo.arg(tool("echo.py")).arg(port.to_string());
+        self.lab.spawn(&format!("echo in {pod}"), echo).unwrap();
+        self.lab
+            .wait_listening(pod, port, "echo listening")
+            .unwrap();
+    }
+
     /// Restarts a node with other flags (replacing the lab's `--ca-dir` etc.) and optionally
     /// another config file.
     pub fn restart_node_with(

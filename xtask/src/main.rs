@@ -193,6 +193,8 @@ fn test(lint: bool, vm: bool, cargo_args: &[String]) -> Result<()> {
                 "security",
                 "--test",
                 "policy",
+                "--test",
+                "handover",
                 // Not interop: its half-close step (a blocking server that half-closes first,
                 // then reads) meets a kernel limit of the fast path, a blocking recv() that
                 // returns EAGAIN (docs/fast-path.md, "Kernel limits").

@@ -8,6 +8,9 @@
 //!   concurrent connections (fds, map entries, memory back to the baseline; counters balance);
 //! - soak: `stress::a_mixed_load_holds_steady_over_time` for `--soak-seconds` (bulk transfers,
 //!   churn and a latency probe at once; latency and memory must not grow);
+//! - upgrade: `handover::replacing_the_node_process_three_times_refuses_and_resets_nothing`
+//!   with `--handovers` replacements in a row (no refused or reset connection, transfers
+//!   intact, nothing left behind), and the SIGKILL case with its measured gap;
 //! - faults: every test in `lifecycle` (drain, deadline, crash, unreachable peer, vanished netns
 //!   or cgroup, out of file descriptors, pins), each a row;
 //! - hostile: every test in `security` (tunnel ports, Fast Open, unfinished handshakes) and
@@ -39,14 +42,18 @@ pub struct Args {
     /// Seconds of mixed load in the soak test.
     #[arg(long, default_value_t = 300)]
     soak_seconds: u64,
+    /// Node-process replacements in a row in the upgrade test.
+    #[arg(long, default_value_t = 10)]
+    handovers: usize,
     /// Seconds of fuzzing per fuzz target (cargo-fuzz, nightly); 0 skips fuzzing.
     #[arg(long, default_value_t = 60)]
     fuzz_seconds: u64,
 }
 
 /// The test files run here, and the kind of row their tests make.
-const SUITES: [(&str, &str); 4] = [
+const SUITES: [(&str, &str); 5] = [
     ("stress", "load"),
+    ("handover", "upgrade"),
     ("lifecycle", "fault"),
     ("security", "hostile"),
     ("abuse", "hostile"),
@@ -104,6 +111,7 @@ fn run_suite(args: &Args, test: &str, kind: &str, rows: &mut Vec<String>) -> Res
         .env("AMBIT_STRESS_CHURN", args.churn.to_string())
         .env("AMBIT_STRESS_CONCURRENT", args.concurrent.to_string())
         .env("AMBIT_STRESS_SOAK_SECONDS", args.soak_seconds.to_string())
+        .env("AMBIT_STRESS_HANDOVERS", args.handovers.to_string())
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("running cargo test --test {test}"))?;
@@ -129,6 +137,8 @@ fn table_row(line: &str, kind: &str) -> Option<String> {
     if name.starts_with("churned_")
         || name.starts_with("many_concurrent")
         || name.starts_with("a_mixed_load")
+        || name.starts_with("replacing_the_node_process")
+        || name.starts_with("after_a_sigkill")
     {
         return None; // reported by their own row
     }

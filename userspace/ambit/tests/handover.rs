@@ -188,11 +188,14 @@ fn replacing_the_node_process_three_times_refuses_and_resets_nothing() {
 
     // New connections both ways at a steady rate, and a long transfer each way, across every
     // replacement of node 1's process (a's node: its outbound and its inbound).
-    let interval = Duration::from_millis(1500);
+    // Under emulation (vm-tests) everything is slower: a longer window, fewer connections.
+    let scale = ambit_lab::timeout_scale();
+    let interval = Duration::from_secs_f64(1.5 * scale);
+    let rate = (20.0 / scale).max(2.0) as u32;
     let window = interval.as_secs_f64() * (handovers as f64 + 1.0);
     let clients = [
-        steady(&t, "a", "c", window + 1.0, 20),
-        steady(&t, "c", "a", window + 1.0, 20),
+        steady(&t, "a", "c", window + 1.0, rate),
+        steady(&t, "c", "a", window + 1.0, rate),
     ];
     let transfers = [
         slow_transfer(&t, "a", "c", window),
@@ -229,7 +232,7 @@ fn replacing_the_node_process_three_times_refuses_and_resets_nothing() {
     for name in &replaced {
         let status = t
             .lab
-            .wait_exit(name, Duration::from_secs(20))
+            .wait_exit(name, Duration::from_secs_f64(20.0 * scale))
             .unwrap_or_else(|| panic!("{name} still running: {}", t.log(name)));
         assert!(status.success(), "{name} exited with {status}");
         let log = t.log(name);
@@ -259,8 +262,8 @@ fn replacing_the_node_process_three_times_refuses_and_resets_nothing() {
     );
     let slowest = took.iter().max().unwrap();
     println!(
-        "| upgrade | node process replaced {handovers}× under 2 × 20 new conn/s + a long transfer \
-         each way | 0 refused, 0 reset, transfers intact; slowest takeover {slowest:.1?} | \
+        "| upgrade | node process replaced {handovers}× under 2 × {rate} new conn/s + a long \
+         transfer each way | 0 refused, 0 reset, transfers intact; slowest takeover {slowest:.1?} | \
          pins, links, map entries, listeners, fds as before |"
     );
 }
@@ -275,8 +278,9 @@ fn now() -> f64 {
 #[test]
 fn after_a_sigkill_connections_are_refused_until_the_next_process_serves() {
     let mut t = lab();
-    let client = steady(&t, "a", "c", 6.0, 50);
-    std::thread::sleep(Duration::from_secs(1));
+    let scale = ambit_lab::timeout_scale();
+    let client = steady(&t, "a", "c", 6.0 * scale, (50.0 / scale) as u32);
+    std::thread::sleep(Duration::from_secs_f64(scale));
 
     let killed = now();
     t.lab.signal("ambit node n1", libc::SIGKILL).unwrap();
@@ -318,4 +322,39 @@ fn after_a_sigkill_connections_are_refused_until_the_next_process_serves() {
          in plaintext while down |",
         s.refused
     );
+}
+
+#[test]
+fn a_successor_that_gives_up_half_way_leaves_the_running_node_serving() {
+    let mut t = lab();
+    let socket = format!(
+        "{}/{}.handover.sock",
+        ambit_lab::HANDOVER_SOCKET_DIR,
+        t.lab.node_name("n1")
+    );
+    // It takes a's listeners (outbound, inbound plaintext, HBONE; IPv4 and IPv6), then hangs up.
+    let out = std::process::Command::new("python3")
+        .arg(tool("successor.py"))
+        .arg(&socket)
+        .output()
+        .unwrap();
+    common::assert_ok(&out, "successor.py");
+    assert_eq!(stdout(&out).trim(), "pods=1 fds=6");
+    t.wait_log("n1", "the successor gave up taking over: this node goes on", 1);
+
+    // The running node still serves both ways, and still follows its source.
+    for (from, to) in [("a", "c"), ("c", "a")] {
+        let s = steady_outcome(steady(&t, from, to, 1.0, 10), "after the successor gave up");
+        assert_eq!(s.failed(), 0, "{from} → {to}: {s:?}");
+    }
+    t.set_enrolled("n1", &["c"]);
+    t.wait_log("n1", "pod un-enrolled", 1);
+    t.set_enrolled("n1", &["a", "c"]);
+    t.wait_log("n1", "pod enrolled", 2);
+
+    // And a real successor takes over from it.
+    t.replace_node("n1", "n1-2.log");
+    assert!(t.log("n1").contains("took over every pod"), "{}", t.log("n1"));
+    let s = steady_outcome(steady(&t, "a", "c", 1.0, 10), "after the takeover");
+    assert_eq!(s.failed(), 0, "{s:?}");
 }

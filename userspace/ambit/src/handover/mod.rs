@@ -320,3 +320,72 @@ pub fn listener_address(fd: &OwnedFd) -> Result<std::net::SocketAddr> {
         .as_socket()
         .context("a handed listener without an IP address")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::testutil::TempDir;
+
+    /// A stand-in for a running node at a fresh socket path that answers hello with
+    /// `map_abi`, then reports what it received next.
+    fn fake_predecessor(map_abi: u32) -> (TempDir, std::thread::JoinHandle<String>) {
+        let dir = TempDir::new();
+        let path = dir.path().join("handover.sock");
+        let socket = Socket::new(Domain::UNIX, Type::SEQPACKET, None).unwrap();
+        socket.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        socket.listen(1).unwrap();
+        let thread = std::thread::spawn(move || {
+            let (accepted, _) = socket.accept().unwrap();
+            let c = Conversation::with_timeout(accepted, MESSAGE_TIMEOUT).unwrap();
+            c.receive().unwrap().unwrap();
+            let hello = Message::Hello {
+                version: "0.0.9".into(),
+                map_abi,
+            };
+            c.send(&hello, &[]).unwrap();
+            format!("{:?}", c.receive().unwrap().map(|(m, _)| m))
+        });
+        (dir, thread)
+    }
+
+    #[test]
+    fn a_running_node_with_another_map_abi_is_left_alone_and_the_error_says_why() {
+        let (dir, predecessor) = fake_predecessor(ambit_abi::ABI_VERSION + 1);
+        let err = Predecessor::find(&dir.path().join("handover.sock"))
+            .err()
+            .expect("a map ABI mismatch is refused");
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("map ABI") && err.contains("0.0.9") && err.contains("goes on serving"),
+            "{err}"
+        );
+        // It hung up after hello: the running node was never asked for its listeners.
+        assert_eq!(predecessor.join().unwrap(), "None");
+    }
+
+    #[test]
+    fn no_running_node_is_none_even_with_a_crashed_ones_socket_left() {
+        let dir = TempDir::new();
+        let path = dir.path().join("handover.sock");
+        assert!(Predecessor::find(&path).unwrap().is_none());
+        // A socket file nobody listens on (its node was killed).
+        let socket = Socket::new(Domain::UNIX, Type::SEQPACKET, None).unwrap();
+        socket.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        drop(socket);
+        assert!(Predecessor::find(&path).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_same_map_abi_proceeds_to_taking_the_listeners() {
+        let (dir, predecessor) = fake_predecessor(ambit_abi::ABI_VERSION);
+        let found = Predecessor::find(&dir.path().join("handover.sock"))
+            .unwrap()
+            .expect("a predecessor");
+        assert_eq!(found.version(), "0.0.9");
+        found
+            .conversation
+            .send(&Message::TakeListeners, &[])
+            .unwrap();
+        assert_eq!(predecessor.join().unwrap(), "Some(TakeListeners)");
+    }
+}

@@ -13,7 +13,7 @@ pub mod config;
 pub mod identity;
 pub mod manager;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 mod verify;
 pub(crate) use verify::uri_sans;
 

@@ -19,10 +19,10 @@ use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 use super::config::dummy_server_name;
 
 /// A directory under the system temp dir, removed on drop.
-pub(super) struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
-    pub(super) fn new() -> TempDir {
+    pub(crate) fn new() -> TempDir {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let path = std::env::temp_dir().join(format!(
             "ambit-tls-test-{}-{}",
@@ -33,7 +33,7 @@ impl TempDir {
         TempDir(path)
     }
 
-    pub(super) fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }

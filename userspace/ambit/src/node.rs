@@ -307,10 +307,18 @@ impl Node {
             }
         }
         handover.stop();
-        drain(&args, &mut agent, &proxy, &mut sigterm, &mut sigint).await;
+        let signalled = drain(
+            &args,
+            &mut agent,
+            &proxy,
+            &mut sigterm,
+            &mut sigint,
+            handed_over,
+        )
+        .await;
         if handed_over {
             info!("node stopped; its successor serves the node");
-            if args.wait_after_handover {
+            if args.wait_after_handover && !signalled {
                 info!("waiting for SIGTERM (--wait-after-handover)");
                 tokio::select! {
                     _ = sigterm.recv() => {}
@@ -329,15 +337,19 @@ impl Node {
     }
 }
 
-/// No new connections (listeners closed, capture stays attached and refuses them); the
-/// open ones may finish until the deadline; a second signal cuts them now.
+/// No new connections (listeners closed: capture stays attached and refuses them, or the
+/// successor accepts them); the open ones may finish until the deadline; a second signal cuts
+/// them now. After a handover the first signal is only noted: the kubelet sends it as soon as
+/// the successor's pod is ready, which is when this drain has just begun. Returns whether a
+/// signal came.
 async fn drain(
     args: &NodeArgs,
     agent: &mut Agent,
     proxy: &ProxyContext,
     sigterm: &mut Signal,
     sigint: &mut Signal,
-) {
+    handed_over: bool,
+) -> bool {
     agent.close_listeners();
     proxy.drain.start();
     proxy.hbone.stop_pooling();
@@ -348,15 +360,39 @@ async fn drain(
         deadline = ?args.drain_timeout,
         "draining: listeners closed, waiting for open connections"
     );
-    tokio::select! {
-        () = drain.idle() => info!("drained: every connection finished"),
-        () = tokio::time::sleep(args.drain_timeout) => warn!(
+    let deadline = tokio::time::sleep(args.drain_timeout);
+    tokio::pin!(deadline);
+    let mut signalled = false;
+    loop {
+        let name = tokio::select! {
+            () = drain.idle() => {
+                info!("drained: every connection finished");
+                return signalled;
+            }
+            () = &mut deadline => {
+                warn!(
+                    open = drain.open(),
+                    hbone_connections = drain.open_hbone(),
+                    "drain deadline reached: cutting the connections still open"
+                );
+                return signalled;
+            }
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sigint.recv() => "SIGINT",
+        };
+        if handed_over && !signalled {
+            info!(
+                open = drain.open(),
+                "{name} while draining after the handover: draining on"
+            );
+            signalled = true;
+            continue;
+        }
+        warn!(
             open = drain.open(),
-            hbone_connections = drain.open_hbone(),
-            "drain deadline reached: cutting the connections still open"
-        ),
-        _ = sigterm.recv() => warn!(open = drain.open(), "second SIGTERM: cutting open connections"),
-        _ = sigint.recv() => warn!(open = drain.open(), "second SIGINT: cutting open connections"),
+            "second {name}: cutting open connections"
+        );
+        return true;
     }
 }
 

@@ -88,23 +88,25 @@ fn slow_transfer(t: &TestLab, from: &str, to: &str, seconds: f64) -> Child {
         .unwrap()
 }
 
-/// A lab with a (node 1) and c (node 2) enrolled, an echo server and a sink in both. Idle
-/// pooled HBONE connections go after about a second, so that fds come back to the baseline
-/// without waiting five minutes.
-fn lab() -> TestLab {
+/// A lab with a (node 1) and c (node 2) enrolled, an echo server and a sink in both, and
+/// `extra` node flags. Idle pooled HBONE connections go after about a second, so that fds come
+/// back to the baseline without waiting five minutes.
+fn lab(extra: &[&str]) -> TestLab {
+    let mut args = vec![
+        "--drain-timeout",
+        "60s",
+        "--hbone-idle-timeout",
+        "1s",
+        "--hbone-ping-interval",
+        "1s",
+    ];
+    args.extend(extra);
     let mut t = TestLab::start_with(
         &ambit_lab::LabConfig {
             enrolled: &["a", "c"],
             ..Default::default()
         },
-        &[
-            "--drain-timeout",
-            "60s",
-            "--hbone-idle-timeout",
-            "1s",
-            "--hbone-ping-interval",
-            "1s",
-        ],
+        &args,
     );
     for p in ["a", "c"] {
         t.start_echo(p, ECHO_PORT);
@@ -177,7 +179,9 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn replacing_the_node_process_three_times_refuses_and_resets_nothing() {
     let handovers = common::scale("AMBIT_STRESS_HANDOVERS", 3);
-    let mut t = lab();
+    // As in the DaemonSet: a replaced process waits for its SIGTERM, which the kubelet sends as
+    // soon as the new pod is ready, while the old one is still draining.
+    let mut t = lab(&["--wait-after-handover"]);
     // The idle baseline, after one exchange each way (pooled connections made and let go).
     for (from, to) in [("a", "c"), ("c", "a")] {
         let s = steady_outcome(steady(&t, from, to, 0.5, 4), "warm-up");
@@ -206,8 +210,10 @@ fn replacing_the_node_process_three_times_refuses_and_resets_nothing() {
     for i in 0..handovers {
         std::thread::sleep(interval);
         let started = Instant::now();
-        replaced.push(t.replace_node("n1", &format!("n1-{}.log", i + 1)));
+        let old = t.replace_node("n1", &format!("n1-{}.log", i + 1));
         took.push(started.elapsed());
+        t.lab.signal(&old, libc::SIGTERM).unwrap();
+        replaced.push(old);
         assert!(
             t.log("n1").contains("took over every pod"),
             "{}",
@@ -229,7 +235,7 @@ fn replacing_the_node_process_three_times_refuses_and_resets_nothing() {
         assert!(intact, "{what}: the long transfer broke: {line}");
     }
     // Every replaced process drained (nothing cut at a deadline) and exited on its own.
-    for name in &replaced {
+    for (i, name) in replaced.iter().enumerate() {
         let status = t
             .lab
             .wait_exit(name, Duration::from_secs_f64(20.0 * scale))
@@ -241,6 +247,13 @@ fn replacing_the_node_process_three_times_refuses_and_resets_nothing() {
                 && log.contains("its successor serves the node"),
             "{name}: {log}"
         );
+        // The first one carries the long transfers: its SIGTERM comes while it drains them.
+        if i == 0 {
+            assert!(
+                log.contains("SIGTERM while draining after the handover: draining on"),
+                "{name}: {log}"
+            );
+        }
     }
 
     // Nothing left behind: the same pins, links, map entries and listeners as before, and
@@ -277,7 +290,7 @@ fn now() -> f64 {
 
 #[test]
 fn after_a_sigkill_connections_are_refused_until_the_next_process_serves() {
-    let mut t = lab();
+    let mut t = lab(&[]);
     let scale = ambit_lab::timeout_scale();
     let client = steady(&t, "a", "c", 6.0 * scale, (50.0 / scale) as u32);
     std::thread::sleep(Duration::from_secs_f64(scale));
@@ -326,7 +339,7 @@ fn after_a_sigkill_connections_are_refused_until_the_next_process_serves() {
 
 #[test]
 fn a_successor_that_gives_up_half_way_leaves_the_running_node_serving() {
-    let mut t = lab();
+    let mut t = lab(&[]);
     let socket = format!(
         "{}/{}.handover.sock",
         ambit_lab::HANDOVER_SOCKET_DIR,
@@ -340,7 +353,11 @@ fn a_successor_that_gives_up_half_way_leaves_the_running_node_serving() {
         .unwrap();
     common::assert_ok(&out, "successor.py");
     assert_eq!(stdout(&out).trim(), "pods=1 fds=6");
-    t.wait_log("n1", "the successor gave up taking over: this node goes on", 1);
+    t.wait_log(
+        "n1",
+        "the successor gave up taking over: this node goes on",
+        1,
+    );
 
     // The running node still serves both ways, and still follows its source.
     for (from, to) in [("a", "c"), ("c", "a")] {
@@ -352,9 +369,19 @@ fn a_successor_that_gives_up_half_way_leaves_the_running_node_serving() {
     t.set_enrolled("n1", &["a", "c"]);
     t.wait_log("n1", "pod enrolled", 2);
 
-    // And a real successor takes over from it.
-    t.replace_node("n1", "n1-2.log");
-    assert!(t.log("n1").contains("took over every pod"), "{}", t.log("n1"));
+    // And a real successor takes over from it, which then drains and exits on its own.
+    let old = t.replace_node("n1", "n1-2.log");
+    assert!(
+        t.log("n1").contains("took over every pod"),
+        "{}",
+        t.log("n1")
+    );
     let s = steady_outcome(steady(&t, "a", "c", 1.0, 10), "after the takeover");
     assert_eq!(s.failed(), 0, "{s:?}");
+    let status = t.lab.wait_exit(&old, Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{old}: {status:?}: {}",
+        t.log(&old)
+    );
 }

@@ -913,7 +913,9 @@ spec:
                     (
                         a.clone(),
                         NodeFlag {
-                            takes_value: true,
+                            // A switch is followed by the next flag, or by nothing.
+                            takes_value: i == usize::MAX
+                                || args.get(i + 1).is_some_and(|v| !v.starts_with("--")),
                             default,
                             env: None,
                         },
@@ -937,7 +939,9 @@ spec:
             ("daemonset", "        - SYS_PTRACE\n", "", "DaemonSet ambit (deploy/daemonset.yaml): containers[ambit].securityContext.capabilities.add: does not add SYS_PTRACE"),
             ("daemonset", "- --bpffs\n", "- --bpf-fs\n", "containers[ambit].args: passes --bpf-fs, which `ambit node` does not have"),
             ("daemonset", "/healthz/ready\n            port: 15021", "/healthz/ready\n            port: 15022", "containers[ambit].readinessProbe must be httpGet /healthz/ready on port 15021"),
-            ("daemonset", "maxSurge: 0", "maxSurge: 1", "spec.updateStrategy.rollingUpdate.maxSurge must be 0"),
+            ("daemonset", "maxSurge: 1", "maxSurge: 0", "spec.updateStrategy.rollingUpdate must be maxSurge 1, maxUnavailable 0"),
+            ("daemonset", "        - --wait-after-handover\n", "", "--wait-after-handover is missing"),
+            ("daemonset", "terminationGracePeriodSeconds: 30", "terminationGracePeriodSeconds: 15", "terminationGracePeriodSeconds (15) must exceed --drain-timeout (20 s)"),
             ("daemonset", "mountPath: /host/proc\n        # The container", "mountPath: /host/proc\n          readOnly: true\n        # The container", "containers[ambit].volumeMounts: --proc-root /host/proc: mount must be writable"),
             ("daemonset", "        - --token-file\n", "        - --ca-dir\n        - /var/run/secrets/istio\n        - --token-file\n", "containers[ambit].args: --ca-dir puts the mesh CA's key on every node"),
             ("daemonset", "audience: istio-ca", "audience: kubernetes", "--token-file /var/run/secrets/tokens/istio-token: volume istio-token must be token:istio-ca"),

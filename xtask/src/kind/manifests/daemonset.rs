@@ -157,6 +157,7 @@ pub(super) fn check_daemonset(
     check_init_container(pod, agent, &passed, &mut r);
     check_capabilities(root, agent, &mut r);
     check_policy(ds, pod, &mut r);
+    check_rollout(ds, pod, &passed, &mut r);
     let installer = installer::check_installer(pod, agent, passed.value("--cni-socket"), &mut r);
     format!(
         "DaemonSet consistent with `ambit node` ({} flags, ports {}, {} mounts, capabilities {}); {installer}",
@@ -583,19 +584,40 @@ fn rust_sources(dir: &Path) -> String {
     text
 }
 
+/// The rollout the handover makes possible: the new agent pod beside the old one (surge 1,
+/// unavailable 0), the old one waiting for its SIGTERM after handing over, and a grace period
+/// longer than the drain.
+fn check_rollout(ds: &DaemonSet, pod: &PodSpec, passed: &Passed, r: &mut Report) {
+    let rolling = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.update_strategy.as_ref()?.rolling_update.as_ref());
+    let max_surge = rolling
+        .and_then(|u| u.max_surge.as_ref())
+        .map(int_or_string);
+    let max_unavailable = rolling
+        .and_then(|u| u.max_unavailable.as_ref())
+        .map(int_or_string);
+    if max_surge.as_deref() != Some("1") || max_unavailable.as_deref() != Some("0") {
+        r.add("spec.updateStrategy.rollingUpdate must be maxSurge 1, maxUnavailable 0: the new agent takes the node over from the old one (handover), which needs both running");
+    }
+    if !passed.0.contains_key("--wait-after-handover") {
+        r.add("containers[ambit].args: --wait-after-handover is missing: an agent that exits after handing over is restarted by the kubelet and takes the node back");
+    }
+    let drain = passed
+        .value("--drain-timeout")
+        .map(|d| d.trim_end_matches('s').parse::<i64>().unwrap_or(i64::MAX))
+        .unwrap_or(20);
+    let grace = pod.termination_grace_period_seconds.unwrap_or(30);
+    if grace <= drain {
+        r.add(format!(
+            "spec.template.spec.terminationGracePeriodSeconds ({grace}) must exceed --drain-timeout ({drain} s): the kubelet would kill the draining agent"
+        ));
+    }
+}
+
 /// The policy deploy/daemonset.yaml's comments explain.
 fn check_policy(ds: &DaemonSet, pod: &PodSpec, r: &mut Report) {
-    let max_surge = ds.spec.as_ref().and_then(|s| {
-        s.update_strategy
-            .as_ref()?
-            .rolling_update
-            .as_ref()?
-            .max_surge
-            .as_ref()
-    });
-    if max_surge.map(int_or_string).as_deref() != Some("0") {
-        r.add("spec.updateStrategy.rollingUpdate.maxSurge must be 0: two agents for one node must not run at once");
-    }
     let tolerates_all = list(&pod.tolerations)
         .iter()
         .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none());

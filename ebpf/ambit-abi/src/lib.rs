@@ -7,8 +7,10 @@
 //! an IPv6 socket finds the same entry as a plain IPv4 one.
 #![no_std]
 
-/// Bumped whenever a map's key, value or type changes. Maps are pinned under a directory named
-/// after it, so that a new Ambit never adopts a pinned map whose layout it does not understand.
+/// Bumped whenever a map's key, value or type changes. Two node processes built with different
+/// values cannot share the pinned maps: a new one refuses to take a node over from a running
+/// one (the handover's hello says both), and the release that bumps it says how to upgrade
+/// (docs/upgrades.md).
 pub const ABI_VERSION: u32 = 1;
 
 /// Map names, as the eBPF object declares them and as they are pinned.

@@ -279,13 +279,13 @@ impl Node {
                 },
                 Some(state) = updates.recv() => {
                     state_tx.send_replace(state.clone());
-                    if handing_over {
-                        // Applied by the successor from its own source (or here if it gives up).
-                        continue;
-                    }
-                    match agent.apply(&state).await {
-                        Ok(()) => info!(enrolled = state.enrolled.len(), "config applied"),
-                        Err(e) => error!("applying config: {e:#}"),
+                    // While a successor takes over, the kernel's state is its to change (from
+                    // its own source); this node applies it only if the successor gives up.
+                    if !handing_over {
+                        match agent.apply(&state).await {
+                            Ok(()) => info!(enrolled = state.enrolled.len(), "config applied"),
+                            Err(e) => error!("applying config: {e:#}"),
+                        }
                     }
                     let closed = proxy.tracker.recheck(&state);
                     if closed > 0 {

@@ -156,7 +156,7 @@ pub(super) fn check_daemonset(
     check_mounts(pod, agent, &passed, &mut r);
     check_init_container(pod, agent, &passed, &mut r);
     check_capabilities(root, agent, &mut r);
-    check_policy(ds, pod, &mut r);
+    check_policy(pod, &mut r);
     check_rollout(ds, pod, &passed, &mut r);
     let installer = installer::check_installer(pod, agent, passed.value("--cni-socket"), &mut r);
     format!(
@@ -617,7 +617,7 @@ fn check_rollout(ds: &DaemonSet, pod: &PodSpec, passed: &Passed, r: &mut Report)
 }
 
 /// The policy deploy/daemonset.yaml's comments explain.
-fn check_policy(ds: &DaemonSet, pod: &PodSpec, r: &mut Report) {
+fn check_policy(pod: &PodSpec, r: &mut Report) {
     let tolerates_all = list(&pod.tolerations)
         .iter()
         .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none());

@@ -151,6 +151,14 @@ fn footprint(t: &TestLab, node: &str, pod: &str) -> String {
     )
 }
 
+fn fwmark_reflect(t: &TestLab, pod: &str) -> String {
+    let out = t
+        .lab
+        .run_in_pod(pod, "sysctl", &["-n", "net.ipv4.fwmark_reflect"])
+        .unwrap();
+    stdout(&out).trim().to_owned()
+}
+
 /// Node 1's process's open fds once idle: down to `expected` (pooled connections closed), or
 /// whatever they are after ten seconds.
 fn idle_fds(t: &TestLab, expected: usize) -> usize {
@@ -273,6 +281,17 @@ fn replacing_the_node_process_three_times_refuses_and_resets_nothing() {
         fds, baseline_fds,
         "fds of node 1's process: {baseline_fds} before, {fds} after {handovers} handovers"
     );
+    // The last process knows what the first one changed in the pod: a leaving the mesh gets
+    // its own fwmark_reflect back.
+    assert_eq!(fwmark_reflect(&t, "a"), "1", "on while a is enrolled");
+    t.set_enrolled("n1", &["c"]);
+    t.wait_log("n1", "pod un-enrolled", 1);
+    assert_eq!(
+        fwmark_reflect(&t, "a"),
+        "0",
+        "a's own value, back after it left"
+    );
+
     let slowest = took.iter().max().unwrap();
     println!(
         "| upgrade | node process replaced {handovers}× under 2 × {rate} new conn/s + a long \

@@ -53,6 +53,27 @@ impl FwmarkReflect {
         Ok(Self { changed })
     }
 
+    /// The pod's own values this process is to put back, by sysctl name: handed to a
+    /// successor, which finds the sysctls already on.
+    pub fn to_restore(&self) -> Vec<(String, String)> {
+        self.changed
+            .iter()
+            .map(|(name, before)| (name.to_string(), before.clone()))
+            .collect()
+    }
+
+    /// Takes over the values a predecessor was to put back (see `to_restore`).
+    pub fn inherit(&mut self, values: &[(String, String)]) {
+        for (name, before) in values {
+            let known = SYSCTLS.iter().find(|s| **s == name.as_str());
+            if let Some(name) = known {
+                if !self.changed.iter().any(|(n, _)| n == name) {
+                    self.changed.push((name, before.clone()));
+                }
+            }
+        }
+    }
+
     /// Puts back the pod's own values (it leaves the mesh; not on node shutdown, when the pod
     /// stays enrolled).
     pub fn restore(&self, netns: &Netns, proc_root: &Path) -> Result<()> {

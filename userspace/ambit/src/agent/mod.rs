@@ -196,6 +196,7 @@ impl Agent {
                     pod: key.clone(),
                     netns_cookie: pod.netns.cookie(),
                     fds,
+                    restore_sysctls: pod.fwmark_reflect.to_restore(),
                 }),
                 Err(e) => {
                     // The successor opens the pod's listeners anew once this node is gone.
@@ -410,7 +411,8 @@ impl Agent {
         let cgroup = cgroup::PodCgroup::open(&cgroup_path)?;
 
         netns.ensure_loopback_up()?;
-        let listeners = match self.handed.get(&spec.key) {
+        let handed = self.handed.get(&spec.key);
+        let listeners = match handed {
             // Copies: should the enrollment fail below, the next try takes them again.
             Some(handed) if handed.netns_cookie == netns.cookie() => PodListeners::adopt(
                 handed
@@ -448,10 +450,12 @@ impl Agent {
             routes: false,
         };
         if from_clients {
-            setup.fwmark_reflect = Some(fwmark_reflect::FwmarkReflect::enable(
-                &netns,
-                &self.proc_root,
-            )?);
+            let mut reflect = fwmark_reflect::FwmarkReflect::enable(&netns, &self.proc_root)?;
+            // A predecessor turned it on: its values are the pod's own.
+            if let Some(handed) = handed.filter(|h| h.netns_cookie == netns.cookie()) {
+                reflect.inherit(&handed.restore_sysctls);
+            }
+            setup.fwmark_reflect = Some(reflect);
             setup.routes = true; // a half-made rule is removed as well
             let node_addresses: BTreeSet<IpAddr> = self
                 .proxy

@@ -65,6 +65,8 @@ pub struct PodListenerFds {
     /// (it was re-created in between) opens new ones there instead.
     pub netns_cookie: u64,
     pub fds: Vec<OwnedFd>,
+    /// Sysctls changed in the pod, with the values to put back when it leaves the mesh.
+    pub restore_sysctls: Vec<(String, String)>,
 }
 
 /// What a successor received: each pod's listeners.
@@ -130,13 +132,21 @@ impl Predecessor {
         let mut pods = HandedListeners::new();
         loop {
             match self.conversation.receive()? {
-                Some((Message::Pod { pod, netns_cookie }, fds)) => {
+                Some((
+                    Message::Pod {
+                        pod,
+                        netns_cookie,
+                        restore_sysctls,
+                    },
+                    fds,
+                )) => {
                     pods.insert(
                         pod.clone(),
                         PodListenerFds {
                             pod,
                             netns_cookie,
                             fds,
+                            restore_sysctls,
                         },
                     );
                 }
@@ -296,6 +306,7 @@ fn send_listeners_and_wait(conversation: &Conversation, pods: &[PodListenerFds])
             &Message::Pod {
                 pod: pod.pod.clone(),
                 netns_cookie: pod.netns_cookie,
+                restore_sysctls: pod.restore_sysctls.clone(),
             },
             &fds,
         )?;

@@ -24,8 +24,14 @@ pub enum Message {
     /// Successor: "send me your pods' listeners"; the predecessor stops changing the kernel's
     /// state from here on (its successor now does).
     TakeListeners,
-    /// Predecessor: one pod's listeners (attached), and the netns they live in.
-    Pod { pod: String, netns_cookie: u64 },
+    /// Predecessor: one pod's listeners (attached), the netns they live in, and the sysctls
+    /// it changed in the pod with the values to put back when the pod leaves the mesh.
+    Pod {
+        pod: String,
+        netns_cookie: u64,
+        #[serde(default)]
+        restore_sysctls: Vec<(String, String)>,
+    },
     /// Predecessor: that was every pod.
     ListenersSent { pods: usize },
     /// Successor: "I am ready; drain and go". Without it (the successor died or gave up),
@@ -190,6 +196,7 @@ mod tests {
         let message = Message::Pod {
             pod: "default/a".into(),
             netns_cookie: 42,
+            restore_sysctls: vec![("net/ipv4/fwmark_reflect".into(), "0".into())],
         };
         use std::os::fd::AsFd as _;
         a.send(&message, &[listener.as_fd()]).unwrap();

@@ -415,6 +415,7 @@ impl Agent {
         let listeners = match handed {
             // Copies: should the enrollment fail below, the next try takes them again.
             Some(handed) if handed.netns_cookie == netns.cookie() => PodListeners::adopt(
+                &netns,
                 handed
                     .fds
                     .iter()

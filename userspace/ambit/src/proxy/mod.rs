@@ -134,8 +134,8 @@ impl PodListeners {
     }
 
     /// The listeners a predecessor handed over (the same sockets it serves), told apart by
-    /// their local addresses.
-    pub fn adopt(fds: Vec<OwnedFd>) -> Result<Self> {
+    /// their local addresses; each must live in `netns`.
+    pub fn adopt(netns: &Netns, fds: Vec<OwnedFd>) -> Result<Self> {
         let mut listeners = Self {
             outbound: Vec::new(),
             inbound_v4: None,
@@ -144,6 +144,13 @@ impl PodListeners {
         };
         for fd in fds {
             let addr = crate::handover::listener_address(&fd)?;
+            let cookie = crate::netns::socket_netns_cookie(fd.as_fd())?;
+            if cookie != netns.cookie() {
+                anyhow::bail!(
+                    "a handed-over listener on {addr} is in netns {cookie}, not the pod's ({})",
+                    netns.cookie()
+                );
+            }
             let listener = std::net::TcpListener::from(fd);
             listener.set_nonblocking(true)?;
             let listener = TcpListener::from_std(listener)?;

@@ -97,10 +97,13 @@ fn main() -> Result<()> {
             if let Some(n) = args.worker_threads {
                 runtime.worker_threads(n.max(1));
             }
-            runtime
-                .enable_all()
-                .build()?
-                .block_on(async { Node::build(*args, set_log_level).await?.run().await })
+            let runtime = runtime.enable_all().build()?;
+            let result =
+                runtime.block_on(async { Node::build(*args, set_log_level).await?.run().await });
+            // The node's work is done: do not wait for blocking threads still talking to a
+            // successor that has not hung up yet (it takes over without this process).
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
         }
         Command::ControlPlane(args) => {
             let _ = init_logging(false);

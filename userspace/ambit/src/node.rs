@@ -307,6 +307,9 @@ impl Node {
             }
         }
         handover.stop();
+        // Stopped while a successor takes over: it holds the listeners and owns the kernel's
+        // state now, so nothing may be detached here whatever --detach-on-exit says.
+        let handed_over = handed_over || handing_over;
         let signalled = drain(
             &args,
             &mut agent,

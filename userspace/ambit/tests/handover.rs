@@ -404,3 +404,34 @@ fn a_successor_that_gives_up_half_way_leaves_the_running_node_serving() {
         t.log(&old)
     );
 }
+
+#[test]
+fn a_node_stopped_while_a_successor_takes_over_detaches_nothing() {
+    // --detach-on-exit: a node stopped on its own detaches its capture; one stopped while a
+    // successor holds its listeners and re-attaches the programs must not.
+    let mut t = lab(&["--detach-on-exit"]);
+    let socket = format!(
+        "{}/{}.handover.sock",
+        ambit_lab::HANDOVER_SOCKET_DIR,
+        t.lab.node_name("n1")
+    );
+    let mut successor = std::process::Command::new("python3");
+    successor.arg(tool("successor.py")).arg(&socket).arg("30");
+    t.lab.spawn("successor.py", successor).unwrap();
+    t.wait_log("n1", "handing the pods' listeners to the successor", 1);
+
+    t.lab.signal("ambit node n1", libc::SIGTERM).unwrap();
+    let status = t.lab.wait_exit("ambit node n1", Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {}",
+        t.log("n1")
+    );
+    assert!(!t.log("n1").contains("capture detached"), "{}", t.log("n1"));
+    let links = t
+        .bpftool(&["cgroup", "show", t.lab.pod_cgroup("a").to_str().unwrap()])
+        .matches("ambit_")
+        .count();
+    assert_eq!(links, 5, "a's programs stay attached for the successor");
+    t.lab.stop("successor.py").unwrap();
+}

@@ -103,6 +103,9 @@ impl Datapath {
         let paths: Vec<(&str, std::path::PathBuf)> =
             m::ALL.iter().map(|name| (*name, pins.map(name))).collect();
         let mut loader = EbpfLoader::new();
+        // The kernel's BTF the probe parsed: without it the loader reads and parses
+        // /sys/kernel/btf/vmlinux (megabytes) a second time, a good part of a restart's gap.
+        loader.btf(features.btf.as_ref());
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }

@@ -302,11 +302,16 @@ impl TestLab {
 
     /// Starts tools/sink.py in a pod (see there) and waits until it listens.
     pub fn start_sink(&mut self, pod: &str, port: u16) {
+        self.start_server(pod, "sink", port);
+    }
+
+    /// Starts tools/<name>.py in a pod as a server on `port`, and waits until it listens.
+    fn start_server(&mut self, pod: &str, name: &str, port: u16) {
         let mut cmd = self.lab.pod_command(pod, "python3");
-        cmd.arg(tool("sink.py")).arg(port.to_string());
-        self.lab.spawn(&format!("sink in {pod}"), cmd).unwrap();
+        cmd.arg(tool(&format!("{name}.py"))).arg(port.to_string());
+        self.lab.spawn(&format!("{name} in {pod}"), cmd).unwrap();
         self.lab
-            .wait_listening(pod, port, "sink listening")
+            .wait_listening(pod, port, &format!("{name} listening"))
             .unwrap();
     }
 
@@ -408,12 +413,7 @@ impl TestLab {
 
     /// Starts tools/echo.py in a pod and waits until it listens.
     pub fn start_echo(&mut self, pod: &str, port: u16) {
-        let mut echo = self.lab.pod_command(pod, "python3");
-        echo.arg(tool("echo.py")).arg(port.to_string());
-        self.lab.spawn(&format!("echo in {pod}"), echo).unwrap();
-        self.lab
-            .wait_listening(pod, port, "echo listening")
-            .unwrap();
+        self.start_server(pod, "echo", port);
     }
 
     /// Restarts a node with other flags (replacing the lab's `--ca-dir` etc.) and optionally

@@ -353,7 +353,7 @@ async fn drain(
     sigint: &mut Signal,
     handed_over: bool,
 ) -> bool {
-    agent.close_listeners();
+    agent.close_listeners().await;
     proxy.drain.start();
     proxy.hbone.stop_pooling();
     let drain = &proxy.drain;

@@ -435,3 +435,44 @@ fn a_node_stopped_while_a_successor_takes_over_detaches_nothing() {
     assert_eq!(links, 5, "a's programs stay attached for the successor");
     t.lab.stop("successor.py").unwrap();
 }
+
+#[test]
+fn a_connection_still_in_its_handshake_when_the_drain_begins_is_waited_for() {
+    // A predecessor drains right after it hands over, and may have just accepted a peer's
+    // HBONE connection that is still in its TLS handshake: the drain must wait for it, not
+    // exit under it. Held here on purpose: a connection to a's 15008 that sends nothing, from
+    // d (outside the mesh, so not captured itself).
+    let mut t = lab(&[]);
+    let mut held = t
+        .lab
+        .pod_command("d", "python3")
+        .arg(tool("idle_open.py"))
+        .args([pod("a").ip, "15008", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead as _;
+    std::io::BufReader::new(held.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "open 1");
+    std::thread::sleep(Duration::from_millis(300));
+
+    t.lab.signal("ambit node n1", libc::SIGTERM).unwrap();
+    t.wait_log("n1", "draining: listeners closed", 1);
+    assert!(
+        t.log("n1").contains("hbone_connections=1"),
+        "the handshaking connection is counted: {}",
+        t.log("n1")
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!t.log("n1").contains("drained"), "{}", t.log("n1"));
+
+    drop(held.stdin.take());
+    held.wait().unwrap();
+    let status = t.lab.wait_exit("ambit node n1", Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(t.log("n1").contains("drained: every connection finished"));
+}

@@ -600,11 +600,11 @@ impl Agent {
     /// Closes every pod's listeners and leaves capture attached: new connections from and to
     /// enrolled pods are refused (fail closed) while those in flight go on. Draining.
     /// The node is not ready from here on.
-    pub fn close_listeners(&mut self) {
+    pub async fn close_listeners(&mut self) {
         self.draining = true;
         self.update_readiness();
         for pod in self.pods.values_mut() {
-            pod.tunnel.close_listeners();
+            pod.tunnel.close_listeners().await;
         }
     }
 

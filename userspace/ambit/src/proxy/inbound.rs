@@ -105,8 +105,6 @@ impl HboneServer {
             .handshake::<_, Bytes>(tls)
             .await
             .context("HTTP/2 handshake")?;
-        // Held until h2 has written the last frame and closed the connection.
-        let _open = self.ctx.drain.track_hbone();
         let mut draining = false;
         let mut pod_gone = self.pod_gone.clone();
         let unanswered =
@@ -277,7 +275,18 @@ impl accept::Handler for HboneServer {
         &self.pod
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<()> {
-        self.serve_connection(stream, peer).await
+    fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl std::future::Future<Output = Result<()>> + Send {
+        // Counted from the accept on (through the TLS and HTTP/2 handshakes) until h2 has
+        // written the last frame and closed the connection: a connection still in its
+        // handshake when the drain begins gets its GOAWAY and its streams served too.
+        let open = self.ctx.drain.track_hbone();
+        async move {
+            let _open = open;
+            self.serve_connection(stream, peer).await
+        }
     }
 }

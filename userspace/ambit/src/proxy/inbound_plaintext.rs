@@ -32,7 +32,6 @@ impl InboundPlaintext {
     }
 
     async fn handle(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {
-        let _open = self.ctx.drain.track();
         // sk_lookup keeps the destination the client used as our local address.
         let original = stream.local_addr()?;
         if TUNNEL_PORTS.contains(&original.port()) {
@@ -107,7 +106,16 @@ impl accept::Handler for InboundPlaintext {
         &self.pod
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<()> {
-        self.handle(stream, peer).await
+    fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl std::future::Future<Output = Result<()>> + Send {
+        // Counted from the accept on, not from the task's first poll (see `accept::Handler`).
+        let open = self.ctx.drain.track();
+        async move {
+            let _open = open;
+            self.handle(stream, peer).await
+        }
     }
 }

@@ -195,10 +195,15 @@ fn listen(netns: &Netns, addr: SocketAddr) -> Result<TcpListener> {
 
 impl PodTunnel {
     /// Closes the listeners (connections in flight go on): the first step of draining.
-    pub fn close_listeners(&mut self) {
+    pub async fn close_listeners(&mut self) {
         self.listener_fds.clear();
-        for task in self.accept_loops.drain(..) {
+        let tasks: Vec<JoinHandle<()>> = self.accept_loops.drain(..).collect();
+        for task in &tasks {
             task.abort();
+        }
+        // Once they have stopped, every connection they accepted is counted by the drain.
+        for task in tasks {
+            let _ = task.await;
         }
     }
 

@@ -37,7 +37,6 @@ impl Outbound {
     }
 
     async fn handle(&self, stream: TcpStream, peer: SocketAddr) -> Result<()> {
-        let _open = self.ctx.drain.track();
         let original = match self.ctx.capture {
             Capture::Ebpf => self
                 .ctx
@@ -202,7 +201,16 @@ impl accept::Handler for Outbound {
         &self.pod
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<()> {
-        self.handle(stream, peer).await
+    fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl std::future::Future<Output = Result<()>> + Send {
+        // Counted from the accept on, not from the task's first poll (see `accept::Handler`).
+        let open = self.ctx.drain.track();
+        async move {
+            let _open = open;
+            self.handle(stream, peer).await
+        }
     }
 }

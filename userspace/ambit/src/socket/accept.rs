@@ -22,7 +22,10 @@ pub trait Handler: Send + Sync + 'static {
     /// The pod the listener serves, for log lines.
     fn pod(&self) -> &str;
 
-    /// Serves one accepted connection to its end.
+    /// Serves one accepted connection to its end. Called in the accept loop the moment the
+    /// connection is accepted; the future it returns runs in a task of its own. Whatever
+    /// counts the connection as open (the drain) is done before the future is returned, so
+    /// that a drain beginning right after the accept waits for this connection too.
     fn connection(
         self: Arc<Self>,
         stream: TcpStream,
@@ -43,9 +46,11 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>) {
             Ok((stream, peer)) => {
                 let span =
                     tracing::info_span!("connection", listener = listener_name, pod, src = %peer);
-                let handler = handler.clone();
+                // Called here, not in the task: the handler counts the connection as open at
+                // once, so a drain that begins now waits for it.
+                let served = handler.clone().connection(stream, peer);
                 let connection = async move {
-                    if let Err(e) = handler.connection(stream, peer).await {
+                    if let Err(e) = served.await {
                         warn!(error = %format!("{e:#}"), "{listener_name} connection failed");
                     }
                 };

@@ -23,7 +23,7 @@ use super::{
     ProxyContext,
 };
 use crate::{
-    drain::Drain,
+    drain::{Drain, Tracked},
     hbone::{
         bridge::bridge,
         keepalive,
@@ -275,18 +275,14 @@ impl accept::Handler for HboneServer {
         &self.pod
     }
 
-    fn connection(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-    ) -> impl std::future::Future<Output = Result<()>> + Send {
-        // Counted from the accept on (through the TLS and HTTP/2 handshakes) until h2 has
-        // written the last frame and closed the connection: a connection still in its
-        // handshake when the drain begins gets its GOAWAY and its streams served too.
-        let open = self.ctx.drain.track_hbone();
-        async move {
-            let _open = open;
-            self.serve_connection(stream, peer).await
-        }
+    /// Through the TLS and HTTP/2 handshakes until h2 has written the last frame and closed
+    /// the connection: one still in its handshake when the drain begins gets its GOAWAY and
+    /// its streams served too.
+    fn track(&self) -> Tracked {
+        self.ctx.drain.track_hbone()
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<()> {
+        self.serve_connection(stream, peer).await
     }
 }

@@ -16,6 +16,7 @@ use super::{
     ProxyContext,
 };
 use crate::{
+    drain::Tracked,
     observability::{Outcome, ResponseFlag},
     socket::{accept, relay},
 };
@@ -106,16 +107,11 @@ impl accept::Handler for InboundPlaintext {
         &self.pod
     }
 
-    fn connection(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-    ) -> impl std::future::Future<Output = Result<()>> + Send {
-        // Counted from the accept on, not from the task's first poll (see `accept::Handler`).
-        let open = self.ctx.drain.track();
-        async move {
-            let _open = open;
-            self.handle(stream, peer).await
-        }
+    fn track(&self) -> Tracked {
+        self.ctx.drain.track()
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<()> {
+        self.handle(stream, peer).await
     }
 }

@@ -15,6 +15,7 @@ use super::{
 use crate::{
     config::Protocol,
     datapath::Capture,
+    drain::Tracked,
     hbone::{
         bridge::{bridge, BridgeError},
         client::is_tls_failure,
@@ -201,16 +202,11 @@ impl accept::Handler for Outbound {
         &self.pod
     }
 
-    fn connection(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-    ) -> impl std::future::Future<Output = Result<()>> + Send {
-        // Counted from the accept on, not from the task's first poll (see `accept::Handler`).
-        let open = self.ctx.drain.track();
-        async move {
-            let _open = open;
-            self.handle(stream, peer).await
-        }
+    fn track(&self) -> Tracked {
+        self.ctx.drain.track()
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Result<()> {
+        self.handle(stream, peer).await
     }
 }

@@ -8,6 +8,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tracing::{warn, Instrument as _};
 
+use crate::drain::Tracked;
+
 /// How long accepting pauses when the process is out of resources. The waiting connections stay
 /// in the kernel's queue and are taken once resources are free again.
 const OUT_OF_RESOURCES_PAUSE: Duration = Duration::from_millis(100);
@@ -22,10 +24,11 @@ pub trait Handler: Send + Sync + 'static {
     /// The pod the listener serves, for log lines.
     fn pod(&self) -> &str;
 
-    /// Serves one accepted connection to its end. Called in the accept loop the moment the
-    /// connection is accepted; the future it returns runs in a task of its own. Whatever
-    /// counts the connection as open (the drain) is done before the future is returned, so
-    /// that a drain beginning right after the accept waits for this connection too.
+    /// Counts one connection as open for the drain, from the moment the accept loop takes it
+    /// until its task ends: a drain beginning right after the accept waits for it too.
+    fn track(&self) -> Tracked;
+
+    /// Serves one accepted connection to its end.
     fn connection(
         self: Arc<Self>,
         stream: TcpStream,
@@ -46,11 +49,12 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>) {
             Ok((stream, peer)) => {
                 let span =
                     tracing::info_span!("connection", listener = listener_name, pod, src = %peer);
-                // Called here, not in the task: the handler counts the connection as open at
-                // once, so a drain that begins now waits for it.
-                let served = handler.clone().connection(stream, peer);
+                // Counted here, not in the task: a drain that begins now waits for it.
+                let open = handler.track();
+                let handler = handler.clone();
                 let connection = async move {
-                    if let Err(e) = served.await {
+                    let _open = open;
+                    if let Err(e) = handler.connection(stream, peer).await {
                         warn!(error = %format!("{e:#}"), "{listener_name} connection failed");
                     }
                 };

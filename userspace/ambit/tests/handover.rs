@@ -443,21 +443,7 @@ fn a_connection_still_in_its_handshake_when_the_drain_begins_is_waited_for() {
     // exit under it. Held here on purpose: a connection to a's 15008 that sends nothing, from
     // d (outside the mesh, so not captured itself).
     let mut t = lab(&[]);
-    let mut held = t
-        .lab
-        .pod_command("d", "python3")
-        .arg(tool("idle_open.py"))
-        .args([pod("a").ip, "15008", "1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    use std::io::BufRead as _;
-    std::io::BufReader::new(held.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "open 1");
+    let mut held = t.hold_idle_connections("d", pod("a").ip, 15008, 1);
     std::thread::sleep(Duration::from_millis(300));
 
     t.lab.signal("ambit node n1", libc::SIGTERM).unwrap();

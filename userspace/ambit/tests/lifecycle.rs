@@ -4,10 +4,7 @@
 
 mod common;
 
-use std::{
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use ambit_lab::pod;
 use common::TestLab;
@@ -298,22 +295,7 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
     assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
 
     // 120 connections from a: node 1 can accept about 40; the rest wait in the kernel's queue.
-    let mut idle = t
-        .lab
-        .pod_command("a", "python3")
-        .arg(common::tool("idle_open.py"))
-        .args([pod("c").ip, "8080", "120"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(idle.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "open 120");
+    let mut idle = t.hold_idle_connections("a", pod("c").ip, 8080, 120);
     t.wait_log("n1", "out of file descriptors", 1);
 
     // Backing off: little CPU and few log lines while the queue cannot be served.

@@ -411,6 +411,35 @@ impl TestLab {
         replaced
     }
 
+    /// Runs tools/idle_open.py in `pod`: `n` connections to `host:port` that send nothing,
+    /// held until the returned process's stdin is closed; returns once every connect()
+    /// returned.
+    pub fn hold_idle_connections(
+        &self,
+        pod: &str,
+        host: &str,
+        port: u16,
+        n: usize,
+    ) -> std::process::Child {
+        let mut idle = self
+            .lab
+            .pod_command(pod, "python3")
+            .arg(tool("idle_open.py"))
+            .args([host, &port.to_string(), &n.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(idle.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), format!("open {n}"));
+        idle
+    }
+
     /// Starts tools/echo.py in a pod and waits until it listens.
     pub fn start_echo(&mut self, pod: &str, port: u16) {
         self.start_server(pod, "echo", port);
